@@ -1,0 +1,23 @@
+"""tilpass: parameter-efficient fine-tuning with PEFT-compatible adapter files.
+
+The public API mirrors Hugging Face PEFT's, so PEFT code ports by changing the import.
+"""
+
+from tilpass.config import AdapterConfig
+from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
+from tilpass.methods.lora import LoraConfig
+from tilpass.model import AdaptedModel, PeftModel, get_peft_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptedModel",
+    "AdapterConfig",
+    "AdapterFileError",
+    "AdapterNameError",
+    "LoraConfig",
+    "PeftModel",
+    "TargetModulesError",
+    "TilpassError",
+    "get_peft_model",
+]

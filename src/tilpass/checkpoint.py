@@ -1,0 +1,98 @@
+"""Adapter files: safetensors only, written atomically, validated on load, hashed.
+
+An adapter directory is PEFT's: `adapter_config.json` + `adapter_model.safetensors`. Pickle
+files (`adapter_model.bin`) are refused unless the caller opts in, and even then they are read
+with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tilpass.errors import AdapterFileError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` via a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> None:
+    """Save a safetensors file atomically (contiguous CPU copies; shared storage is split)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(plain, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_tensors(directory: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Read the adapter weights of `directory`, with errors that name the file."""
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterFileError(
+                f"{path}: cannot be read as safetensors ({exc}); the file is truncated or "
+                "corrupt: save the adapter again or copy it anew"
+            ) from exc
+    pickled = directory / PICKLE_NAME
+    if pickled.is_file():
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{pickled}: pickle files are not loaded by default, since unpickling can run "
+                "arbitrary code. Convert it to adapter_model.safetensors, or pass "
+                "allow_pickle=True if you trust its source (it is then read with "
+                "torch.load(weights_only=True))."
+            )
+        try:
+            data = torch.load(pickled, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterFileError(f"{pickled}: cannot be read ({exc})") from exc
+        if not isinstance(data, dict):
+            raise AdapterFileError(f"{pickled}: expected a dict of tensors")
+        return data
+    raise AdapterFileError(
+        f"{directory}: no {WEIGHTS_NAME} found; an adapter directory holds adapter_config.json "
+        f"and {WEIGHTS_NAME}"
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, streamed (adapter files and base weights can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,98 @@
+"""Adapter configs: a dataclass per method, round-tripped through PEFT's `adapter_config.json`.
+
+Field names are PEFT's, so a file written by either library reads in the other without a
+translation table. Unknown fields in a file are warned about and ignored, as PEFT does, so a
+file from a newer PEFT still loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from tilpass.errors import AdapterFileError
+
+CONFIG_NAME = "adapter_config.json"
+
+C = TypeVar("C", bound="AdapterConfig")
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Fields every method shares; a method's config subclasses this and sets `PEFT_TYPE`."""
+
+    PEFT_TYPE: ClassVar[str] = ""
+
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    @property
+    def peft_type(self) -> str:
+        """The method's name as PEFT writes it (`"LORA"`)."""
+        return self.PEFT_TYPE
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict, with `peft_type` added as PEFT writes it."""
+        out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["peft_type"] = self.PEFT_TYPE
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any], source: str = "config") -> C:
+        """Build from a dict; unknown keys warn and are dropped (PEFT's behaviour)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        unknown = sorted(k for k in data if k not in names and k != "peft_type")
+        # PEFT writes many fields for features tilpass lacks; they are only worth a warning when
+        # set to something other than their "off" value.
+        active = [k for k in unknown if data[k] not in (None, False, {}, [], "", 16)]
+        if active:
+            warnings.warn(
+                f"{source}: ignoring fields tilpass does not know: {', '.join(active)}",
+                stacklevel=2,
+            )
+        try:
+            return cls(**known)
+        except (TypeError, ValueError) as exc:
+            raise AdapterFileError(f"{source}: {exc}") from exc
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `adapter_config.json` atomically into `directory`."""
+        from tilpass.checkpoint import atomic_write_bytes
+
+        path = Path(directory) / CONFIG_NAME
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(path, text.encode())
+        return path
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    return value
+
+
+def read_config_dict(directory: str | Path) -> dict[str, Any]:
+    """Read and minimally validate `adapter_config.json` in `directory`."""
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise AdapterFileError(f"{directory}: no such adapter directory")
+    if not path.is_file():
+        raise AdapterFileError(
+            f"{path}: missing. An adapter directory holds adapter_config.json and "
+            "adapter_model.safetensors (the PEFT layout); was it saved with save_pretrained?"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    if "peft_type" not in data:
+        raise AdapterFileError(f'{path}: no \'peft_type\' key; expected e.g. "peft_type": "LORA"')
+    return data

@@ -1,0 +1,22 @@
+"""Exceptions a user can act on; each message names the file, key or module at fault."""
+
+from __future__ import annotations
+
+
+class TilpassError(Exception):
+    """Base class for errors raised by tilpass about user input."""
+
+
+class AdapterFileError(TilpassError, ValueError):
+    """An adapter directory or file is missing, corrupt, or does not fit the model."""
+
+
+class TargetModulesError(TilpassError, ValueError):
+    """A `target_modules` entry matches nothing, or matches a module tilpass cannot adapt."""
+
+
+class AdapterNameError(TilpassError, KeyError):
+    """An adapter name is unknown, or already taken."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,228 @@
+"""Find the modules a config targets and wrap them in adapter layers.
+
+Matching follows PEFT's rules so configs mean the same in both libraries:
+- a list of names matches a module whose full name equals an entry or ends with `.entry`;
+- a string is a regex matched against the whole module name;
+- "all-linear" is every Linear / Conv1D except the model's output head.
+Unlike PEFT, every entry of a list must match something: a typo ("q_porj") is an error that
+lists the module names that exist, instead of a silently smaller adapter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+
+from torch import nn
+
+from tilpass.errors import TargetModulesError
+from tilpass.methods.lora import LAYER_TYPES, AdapterSpec, LoraConfig, LoraLayer, make_layer
+from tilpass.routing import Router
+from tilpass.saved_modules import ModulesToSave
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None  # type: ignore[assignment,misc]
+
+ALL_LINEAR = "all-linear"
+_WRAPPERS = (*LAYER_TYPES, ModulesToSave)
+
+
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """`named_modules` of the base model, not descending into tilpass's own wrappers."""
+    skip: tuple[str, ...] = ()
+    for name, module in model.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        if isinstance(module, _WRAPPERS):
+            skip = (*skip, name + ".")
+        yield name, module
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Every LoRA layer in `model`, found by type, with its module path."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    """Every `modules_to_save` wrapper in `model`, with its module path."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, LoraLayer):
+        return hasattr(module, "in_features")
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+def _name_matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def _matches(name: str, spec: list[str] | str | None) -> bool:
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(_name_matches(name, entry) for entry in spec)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    names = {n for n, m in model.named_modules() if head is not None and m is head}
+    return names or {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
+
+
+def _in_layers(name: str, config: LoraConfig) -> bool:
+    wanted = config.layers_to_transform
+    if wanted is None:
+        return True
+    patterns = config.layers_pattern
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    regexes = [rf".*\.{p}\.(\d+)\." for p in patterns] if patterns else [r".*\.[^.]*\.(\d+)\."]
+    for regex in regexes:
+        found = re.match(regex, name)
+        if found:
+            index = int(found.group(1))
+            return index == wanted if isinstance(wanted, int) else index in wanted
+    return False
+
+
+def describe_modules(model: nn.Module) -> str:
+    """Leaf module names grouped by kind, for error messages ("Linear: q_proj, v_proj; ...")."""
+    kinds: dict[str, set[str]] = defaultdict(set)
+    for name, module in base_modules(model):
+        if name and (not list(module.children()) or isinstance(module, _WRAPPERS)):
+            kind = "Linear" if _is_linear(module) else type(module).__name__
+            kinds[kind].add(name.split(".")[-1])
+    return "; ".join(f"{kind}: {', '.join(sorted(names))}" for kind, names in sorted(kinds.items()))
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules `config` adapts; raises if an entry matches nothing."""
+    spec = config.target_modules
+    if spec is None:
+        raise TargetModulesError(
+            f"target_modules is not set; say which modules to adapt, e.g. ['q_proj', 'v_proj'] "
+            f"or 'all-linear'. This model has: {describe_modules(model)}"
+        )
+    modules = [(n, m) for n, m in base_modules(model) if n]
+    if spec == ALL_LINEAR:
+        heads = _output_head_names(model)
+        found = [n for n, m in modules if _is_linear(m) and n not in heads]
+    else:
+        found = [n for n, _ in modules if _matches(n, spec)]
+        entries = [spec] if isinstance(spec, str) else list(spec)
+        missing = [
+            e
+            for e in entries
+            if not any(
+                (_matches(n, e) if isinstance(spec, str) else _name_matches(n, e))
+                for n, _ in modules
+            )
+        ]
+        if missing:
+            raise TargetModulesError(
+                f"target_modules entry {', '.join(map(repr, missing))} matches no module of "
+                f"{type(model).__name__}. Modules by kind: {describe_modules(model)}"
+            )
+    found = [n for n in found if not _matches(n, config.exclude_modules) and _in_layers(n, config)]
+    if not found:
+        raise TargetModulesError(
+            f"target_modules={spec!r} with exclude_modules={config.exclude_modules!r} and "
+            f"layers_to_transform={config.layers_to_transform!r} leaves no module to adapt"
+        )
+    return found
+
+
+def _pattern_value(patterns: dict, name: str, default: float) -> float:
+    for key, value in patterns.items():  # PEFT's rule: first key that matches a dotted suffix
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def spec_for(name: str, config: LoraConfig) -> AdapterSpec:
+    """The adapter settings for module `name` after `rank_pattern` / `alpha_pattern`."""
+    return AdapterSpec(
+        r=int(_pattern_value(config.rank_pattern, name, config.r)),
+        alpha=float(_pattern_value(config.alpha_pattern, name, config.lora_alpha)),
+        dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        init=config.init_lora_weights,
+    )
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter_name: str, router: Router) -> list[str]:
+    """Add adapter `adapter_name` to every targeted module, wrapping the ones not yet wrapped.
+
+    Returns:
+        The adapted module names.
+    """
+    names = find_targets(model, config)
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            try:
+                module = make_layer(module, router)
+            except TypeError as exc:
+                raise TargetModulesError(
+                    f"target_modules matched {name!r} ({type(module).__name__}): {exc}. "
+                    "Name the Linear layers inside it instead."
+                ) from exc
+            _replace(model, name, module)
+        if config.use_dora and getattr(module, "transposed", None) is None:
+            raise TargetModulesError(f"{name}: DoRA applies to Linear / Conv1D layers only")
+        module.add(adapter_name, spec_for(name, config))  # type: ignore[operator]
+    for name in find_saved(model, config.modules_to_save):
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module, router)
+            _replace(model, name, module)
+        module.add(adapter_name)
+    return names
+
+
+def find_saved(model: nn.Module, entries: list[str] | None) -> list[str]:
+    """Modules named by `modules_to_save` (dotted-suffix match); raises for an unmatched entry."""
+    if not entries:
+        return []
+    modules = [n for n, _ in base_modules(model) if n]
+    found = []
+    for entry in entries:
+        hits = [n for n in modules if _name_matches(n, entry)]
+        if not hits:
+            raise TargetModulesError(
+                f"modules_to_save entry {entry!r} matches no module. "
+                f"Modules by kind: {describe_modules(model)}"
+            )
+        found += hits
+    return found
+
+
+def unwrap_all(model: nn.Module, merge: bool) -> nn.Module:
+    """Replace every adapter layer by its base module (merging first if `merge`)."""
+    for name, layer in list(adapter_layers(model)):
+        if merge:
+            layer.merge(list(layer.active))
+        else:
+            layer.unmerge()
+        _replace(model, name, layer.unwrap())
+    for name, wrapper in list(saved_modules(model)):
+        _replace(model, name, wrapper.unwrap(merge))
+    return model

@@ -1,0 +1,533 @@
+"""LoRA (with rsLoRA scaling and the DoRA option) over Linear, GPT-2 Conv1D and Embedding.
+
+For a frozen weight W (out, in) and each active adapter with A (r, in), B (out, r):
+
+    y = W x + b + s * B A dropout(x),        s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+DoRA (Linear and Conv1D) rescales each output row by a learned magnitude m:
+
+    y = m / ||W + s B A||_row * (W x + s B A x) + b     (the norm is detached, as in the paper)
+
+The layer keeps the base weight under its own key (`q_proj.weight`, not `base_layer.weight`),
+so the adapted model's base keys are the base model's. Merging adds `s B A` into W in place;
+unmerging subtracts it again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tilpass.config import AdapterConfig
+from tilpass.routing import Router, grouped_b, grouped_lora
+
+try:  # GPT-2's transposed linear layer; optional so non-transformers models need nothing.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None  # type: ignore[assignment,misc]
+
+
+@dataclasses.dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA settings, with PEFT's field names and meanings.
+
+    Attributes:
+        r: rank of the update.
+        lora_alpha: scale numerator; the update is scaled by alpha / r.
+        lora_dropout: dropout on the layer input of the LoRA branch, in [0, 1).
+        target_modules: module names (exact or dotted suffix), a regex matched against the
+            full name, or "all-linear" (every Linear/Conv1D except the output head).
+        exclude_modules: names or regex to leave out, same matching as target_modules.
+        use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA).
+        use_dora: weight-decomposed LoRA (Linear and Conv1D).
+        init_lora_weights: True = Kaiming A and zero B; "gaussian" = N(0, 1/r) A and zero B;
+            False = both random (only for tests: the adapter changes the model from step 0).
+        rank_pattern / alpha_pattern: per-module overrides, keys matched like target_modules.
+    """
+
+    PEFT_TYPE = "LORA"
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    modules_to_save: list[str] | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        _check(
+            isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}"
+        )
+        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
+        _check(
+            0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"
+        )
+        _check(
+            self.init_lora_weights in (True, False, "gaussian"),
+            f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}",
+        )
+        if self.bias != "none":
+            raise NotImplementedError(
+                f"bias={self.bias!r} is not supported by tilpass yet; use bias='none' "
+                "(the base biases stay frozen)"
+            )
+        for key, value in self.rank_pattern.items():
+            _check(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}] must be > 0")
+        for key, value in self.alpha_pattern.items():
+            _check(value > 0, f"alpha_pattern[{key!r}] must be > 0")
+        if self.r < 4 or any(v < 4 for v in self.rank_pattern.values()):
+            warnings.warn(
+                f"LoRA rank r={self.r} is very low: ranks of 1-2 tend to underfit; "
+                "r=8 is a good start",
+                stacklevel=3,
+            )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """One adapter's settings as resolved for one layer (after rank/alpha patterns)."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: bool | str = True
+
+    @property
+    def scale(self) -> float:
+        """The factor in front of B A."""
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraLayer(nn.Module):
+    """State shared by the LoRA layer kinds: named adapters, activation, merging, routing."""
+
+    A_KEY = "lora_A"
+    B_KEY = "lora_B"
+
+    def __init__(self, base: nn.Module, router: Router | None) -> None:
+        super().__init__()
+        # The base module keeps its configuration (sizes, padding_idx); its parameters move
+        # here under the same names, so state-dict keys do not change. It is held in a tuple
+        # so that it is not registered as a child (its parameters would show up twice).
+        self._shell: tuple[nn.Module] = (base,)
+        self.weight = base.weight
+        self.bias = getattr(base, "bias", None)
+        del base._parameters["weight"]
+        if "bias" in base._parameters:
+            del base._parameters["bias"]
+        self.router = router
+        self.specs: dict[str, AdapterSpec] = {}
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._merge_norms: dict[str, torch.Tensor] = {}
+        self._stack_cache: tuple[Any, tuple[torch.Tensor, ...]] | None = None
+
+    # -- what each kind provides ------------------------------------------------------------
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def lora_a(self) -> nn.ParameterDict:
+        return getattr(self, self.A_KEY)
+
+    @property
+    def lora_b(self) -> nn.ParameterDict:
+        return getattr(self, self.B_KEY)
+
+    # -- adapters ---------------------------------------------------------------------------
+    def unwrap(self) -> nn.Module:
+        """Give the base module its parameters back and return it (used by `unload`)."""
+        base = self._shell[0]
+        base.weight = self.weight
+        if self.bias is not None:
+            base.bias = self.bias
+        return base
+
+    def delete(self, name: str) -> None:
+        """Remove every trace of adapter `name` from this layer."""
+        if name in self.merged:
+            raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge it first")
+        for store in (self.lora_a, self.lora_b, self.lora_magnitude_vector):
+            if name in store:
+                del store[name]
+        self.specs.pop(name, None)
+        self.active = [a for a in self.active if a != name]
+        self._stack_cache = None
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """This layer's tensors of adapter `name`, keyed as PEFT's files key them."""
+        if name not in self.specs:
+            return {}
+        out = {
+            self.file_key(self.A_KEY): self.lora_a[name],
+            self.file_key(self.B_KEY): self.lora_b[name],
+        }
+        if name in self.lora_magnitude_vector:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return out
+
+    def file_key(self, key: str) -> str:
+        """PEFT's file suffix for a parameter: Linear's are modules (`lora_A.weight`)."""
+        return f"{key}.weight"
+
+    @torch.no_grad()
+    def load_adapter_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy file tensors into adapter `name`; shapes were checked by the caller."""
+        targets = self.adapter_tensors(name)
+        for key, value in tensors.items():
+            targets[key].copy_(value)
+        self._stack_cache = None
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_forward(x)
+        if self.disabled:
+            return result
+        router = self.router
+        if router is not None and router.row_ids is not None:
+            plan = router.plan(result.numel() // result.shape[-1], result.device)
+            if plan.single is None:
+                return self.mixed_forward(x, result, plan)
+            names = [router.names[plan.single]] if plan.single >= 0 else []
+        else:
+            names = self.active
+        for name in names:
+            if name in self.specs and name not in self.merged:
+                result = self.add_lora(x, result, name)
+        return result
+
+    def add_lora(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(A^T, (s B)^T) of every router adapter stacked by global id; zeros where absent.
+
+        Derived state: cached under no-grad, keyed on the adapters' tensor versions so an
+        optimizer step or a reload rebuilds it.
+        """
+        assert self.router is not None
+        names = self.router.names
+        params = [p for n in names if n in self.specs for p in (self.lora_a[n], self.lora_b[n])]
+        key = (tuple(names), tuple(p._version for p in params), tuple(map(id, params)), dtype)
+        use_cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        if use_cache and self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
+        stacks = self.build_stack(names, dtype)
+        self._stack_cache = (key, stacks) if use_cache else None
+        return stacks
+
+    def build_stack(self, names: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        rank = max((self.specs[n].r for n in names if n in self.specs), default=1)
+        a_list, b_list = [], []
+        for n in names:
+            a, b = self.stack_pair(n, rank, dtype)
+            a_list.append(a)
+            b_list.append(b)
+        return torch.stack(a_list), torch.stack(b_list)
+
+    def stack_pair(
+        self, name: str, rank: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One adapter's (A^T, (s B)^T), zero-padded to `rank`; zeros if absent here."""
+        raise NotImplementedError  # pragma: no cover
+
+    # -- merging ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Add the adapters' updates into the base weight; merging twice is a no-op."""
+        for name in self.active if names is None else names:
+            if name not in self.specs or name in self.merged:
+                continue
+            delta = self.delta_weight(name)
+            if self.specs[name].use_dora:
+                norm = self.dora_norm(delta)
+                self._merge_norms[name] = norm
+                factor = self.dora_factor(self.lora_magnitude_vector[name] / norm)
+                self.weight.data = (factor * (self.weight.float() + delta)).to(self.weight.dtype)
+            else:
+                self.weight.data += delta.to(self.weight.dtype)
+            self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged update again, last merged first."""
+        while self.merged:
+            name = self.merged.pop()
+            delta = self.delta_weight(name)
+            if self.specs[name].use_dora:
+                norm = self._merge_norms.pop(name)
+                factor = self.dora_factor(self.lora_magnitude_vector[name] / norm)
+                self.weight.data = (self.weight.float() / factor - delta).to(self.weight.dtype)
+            else:
+                self.weight.data -= delta.to(self.weight.dtype)
+
+    def dora_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+    def dora_factor(self, per_output: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+
+class LoraLinear(LoraLayer):
+    """LoRA over `nn.Linear` (W is (out, in)) or GPT-2's `Conv1D` (W is (in, out)).
+
+    y = x W^T + b + s * dropout(x) A^T B^T, with DoRA's per-row rescaling when enabled.
+    """
+
+    def __init__(self, base: nn.Module, router: Router | None = None) -> None:
+        super().__init__(base, router)
+        self.transposed = Conv1D is not None and isinstance(base, Conv1D)
+        w = self.weight
+        self.in_features, self.out_features = (
+            (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        )
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:  # exactly Conv1D.forward, so disabled == base bit for bit
+            shape = (*x.shape[:-1], self.out_features)
+            return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
+        return F.linear(x, self.weight, self.bias)
+
+    def add(self, name: str, spec: AdapterSpec) -> None:
+        """Create adapter `name` with fresh A, B (and magnitude for DoRA) on the weight's device."""
+        w = self.weight
+        kw: dict[str, Any] = {
+            "device": w.device,
+            "dtype": w.dtype if w.is_floating_point() else None,
+        }
+        a = torch.empty(spec.r, self.in_features, **kw)
+        b = torch.empty(self.out_features, spec.r, **kw)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if spec.init == "gaussian":
+            nn.init.normal_(a, std=1 / spec.r)
+        if spec.init is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.specs[name] = spec
+        if spec.use_dora:
+            with torch.no_grad():
+                norm = self.dora_norm(self.delta_weight(name))
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(a.dtype))
+        self._stack_cache = None
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * B A in the base weight's layout, computed in float32 at least."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        delta = (b.to(dtype) @ a.to(dtype)) * self.specs[name].scale  # (out, in)
+        return delta.T if self.transposed else delta
+
+    def dora_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """||W + delta|| per output row, in float32."""
+        w = self.weight.to(delta.dtype) + delta
+        return torch.linalg.norm(w, dim=0 if self.transposed else 1)  # (out,)
+
+    def dora_factor(self, per_output: torch.Tensor) -> torch.Tensor:
+        return per_output.view(1, -1) if self.transposed else per_output.view(-1, 1)
+
+    def add_lora(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        spec = self.specs[name]
+        a, b = self.lora_A[name], self.lora_B[name]
+        xd = F.dropout(x, spec.dropout, self.training) if spec.dropout and self.training else x
+        if spec.use_dora:
+            return self._add_dora(x, xd, result, name)
+        h = F.linear(xd.to(a.dtype), a)  # (..., r)
+        if result.is_contiguous() and result.dtype == h.dtype:
+            flat = result.view(-1, self.out_features)
+            flat.addmm_(h.reshape(-1, spec.r), b.T, alpha=spec.scale)  # one fused kernel
+            return result
+        return result + F.linear(h, b).to(result.dtype) * spec.scale
+
+    def _add_dora(
+        self, x: torch.Tensor, xd: torch.Tensor, result: torch.Tensor, name: str
+    ) -> torch.Tensor:
+        spec = self.specs[name]
+        a, b = self.lora_A[name], self.lora_B[name]
+        norm = self.dora_norm(self.delta_weight(name).detach()).detach()  # paper, section 4.3
+        mag = (self.lora_magnitude_vector[name] / norm).to(result.dtype)  # (out,)
+        lora = F.linear(F.linear(xd.to(a.dtype), a), b).to(result.dtype) * spec.scale
+        if xd is x:
+            base = result if self.bias is None else result - self.bias
+        else:  # with dropout, the base term is recomputed on the dropped input (as PEFT does)
+            w = self.weight.T if self.transposed else self.weight
+            base = F.linear(xd, w)
+        return result + (mag - 1) * base + mag * lora
+
+    def stack_pair(
+        self, name: str, rank: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.weight
+        a_t = w.new_zeros(self.in_features, rank, dtype=dtype)
+        b_t = w.new_zeros(rank, self.out_features, dtype=dtype)
+        if name in self.specs:
+            spec = self.specs[name]
+            if spec.use_dora:
+                raise NotImplementedError(
+                    f"adapter {name!r} uses DoRA, which mixed batches (adapter_names=...) do not "
+                    "support yet; merge it, or run its rows in a batch of their own"
+                )
+            a_t = torch.cat([self.lora_A[name].T.to(dtype), a_t[:, spec.r :]], dim=1)
+            b_t = torch.cat([(self.lora_B[name].T * spec.scale).to(dtype), b_t[spec.r :]], dim=0)
+        return a_t, b_t
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
+        a_t, b_t = self.stacked(x.dtype)
+        x2d = x.reshape(-1, self.in_features)  # (n, in)
+        if self.training:
+            x2d = _token_dropout(x2d, self, plan)
+        flat = result.view(-1, self.out_features) if result.is_contiguous() else None
+        if flat is None:
+            flat = result.reshape(-1, self.out_features).clone()
+        grouped_lora(x2d, a_t, b_t, plan, flat)
+        return flat.view(result.shape)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA over `nn.Embedding`: y = W[ids] + s * A^T[ids] B^T (A is (r, vocab), B (dim, r))."""
+
+    A_KEY = "lora_embedding_A"
+    B_KEY = "lora_embedding_B"
+
+    def __init__(self, base: nn.Embedding, router: Router | None = None) -> None:
+        super().__init__(base, router)
+        self.num_embeddings, self.embedding_dim = self.weight.shape
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self._shell[0]
+        return F.embedding(
+            ids,
+            table,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._embed(x, self.weight)
+
+    def file_key(self, key: str) -> str:
+        return key  # PEFT stores embedding LoRA factors as bare parameters
+
+    def add(self, name: str, spec: AdapterSpec) -> None:
+        """Create adapter `name`: A zero and B normal (PEFT's embedding init), or both random."""
+        if spec.use_dora:
+            raise NotImplementedError(
+                "DoRA is supported for Linear and Conv1D layers, not Embedding"
+            )
+        kw: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
+        a = torch.randn(spec.r, self.num_embeddings, **kw)
+        b = torch.randn(self.embedding_dim, spec.r, **kw)
+        if spec.init is not False:
+            nn.init.zeros_(a)
+        self.lora_embedding_A[name] = nn.Parameter(a)
+        self.lora_embedding_B[name] = nn.Parameter(b)
+        self.specs[name] = spec
+        self._stack_cache = None
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        return (b.to(dtype) @ a.to(dtype)).T * self.specs[name].scale  # (vocab, dim)
+
+    def add_lora(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        h = self._embed(x, a.T)  # (..., r)
+        return result + F.linear(h, b).to(result.dtype) * self.specs[name].scale
+
+    def stack_pair(
+        self, name: str, rank: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a_t = self.weight.new_zeros(self.num_embeddings, rank, dtype=dtype)
+        b_t = self.weight.new_zeros(rank, self.embedding_dim, dtype=dtype)
+        if name in self.specs:
+            spec = self.specs[name]
+            a_t = torch.cat([self.lora_embedding_A[name].T.to(dtype), a_t[:, spec.r :]], dim=1)
+            b_t = torch.cat([(self.lora_embedding_B[name].T * spec.scale).to(dtype), b_t[spec.r :]])
+        return a_t, b_t
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
+        a_t, b_t = self.stacked(result.dtype)  # (G, vocab, r), (G, r, dim)
+        ids = x.reshape(-1)
+        h = a_t[plan.token_ids.clamp(min=0), ids]  # (n, r): each token's own adapter row
+        flat = result.reshape(-1, self.embedding_dim)
+        if not result.is_contiguous():
+            flat = flat.clone()
+        grouped_b(h, b_t, plan, flat)
+        return flat.view(result.shape)
+
+    def dora_norm(self, delta: torch.Tensor) -> torch.Tensor:  # pragma: no cover - guarded
+        raise NotImplementedError
+
+
+def _token_dropout(x2d: torch.Tensor, layer: LoraLayer, plan: Any) -> torch.Tensor:
+    """Dropout on the LoRA input with each token's own adapter's rate (training only)."""
+    assert layer.router is not None
+    rates = torch.tensor(
+        [layer.specs[n].dropout if n in layer.specs else 0.0 for n in layer.router.names] + [0.0],
+        device=x2d.device,
+        dtype=x2d.dtype,
+    )
+    if not bool(rates.any()):
+        return x2d
+    p = rates[plan.token_ids].unsqueeze(1)  # (n, 1); id -1 picks the trailing 0
+    keep = (torch.rand_like(x2d) >= p).to(x2d.dtype)
+    return x2d * keep / (1 - p)
+
+
+def make_layer(module: nn.Module, router: Router | None) -> LoraLayer:
+    """Wrap a supported module in its LoRA layer, or raise naming the unsupported type."""
+    if isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
+        return LoraLinear(module, router)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module, router)
+    raise TypeError(
+        f"LoRA supports torch.nn.Linear, transformers Conv1D and torch.nn.Embedding, "
+        f"not {type(module).__name__}"
+    )
+
+
+LAYER_TYPES: tuple[type[LoraLayer], ...] = (LoraLinear, LoraEmbedding)
+LayerKind = Literal["linear", "embedding"]

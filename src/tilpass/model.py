@@ -1,0 +1,422 @@
+"""`AdaptedModel`: a base model plus named adapters, with PEFT's `PeftModel` method names.
+
+The base model's modules are wrapped in place (principle 1: base weights are never copied);
+each wrapper holds every named adapter of that module. This class is the API edge: adapter
+names (strings) become integer ids here before they reach a layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tilpass.checkpoint import WEIGHTS_NAME, load_tensors, save_tensors
+from tilpass.config import AdapterConfig, read_config_dict
+from tilpass.errors import AdapterFileError, AdapterNameError
+from tilpass.inject import _replace, adapter_layers, inject, saved_modules, unwrap_all
+from tilpass.methods import CONFIGS
+from tilpass.methods.lora import LoraConfig, LoraLayer
+from tilpass.routing import BASE, Router
+
+PREFIX = "base_model.model."  # PEFT's key prefix for a model's adapter tensors
+DEFAULT = "default"
+LARGE_ADAPTER_FRACTION = 0.10
+
+
+class AdaptedModel(nn.Module):
+    """A base model with named adapters; `forward` and `generate` pass through to the base.
+
+    Args:
+        model: any `torch.nn.Module`; a Hugging Face model is the main case.
+        config: if given, an adapter is added under `adapter_name` and activated.
+        adapter_name: the name of that first adapter.
+    """
+
+    def __init__(
+        self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = DEFAULT
+    ) -> None:
+        super().__init__()
+        self.base_model = model
+        self.router = Router()
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self._active: list[str] = []
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    # -- passing through ----------------------------------------------------------------------
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the base model; `adapter_names` (one per row) routes rows to adapters."""
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self._routing(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's `generate`, with optional per-row adapters."""
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self._routing(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped model (with adapter layers in place; `unload` removes them)."""
+        return self.base_model
+
+    @property
+    def config(self) -> Any:
+        """The base model's config (for code that reads `model.config`)."""
+        return getattr(self.base_model, "config", None)
+
+    @contextlib.contextmanager
+    def _routing(self, names: list[str], batch: int | None) -> Iterator[None]:
+        if isinstance(names, str):
+            raise TypeError("adapter_names must be a list with one adapter name per row")
+        if batch is not None and len(names) != batch:
+            raise ValueError(
+                f"adapter_names has {len(names)} entries but the batch has {batch} rows; "
+                f"pass one name per row ({BASE!r} for the base model)"
+            )
+        ids = self.router.ids_for(names)
+        merged = sorted({n for _, layer in adapter_layers(self) for n in layer.merged})
+        if merged:
+            raise RuntimeError(
+                f"adapters {merged} are merged into the weights, so rows cannot be routed; "
+                "call unmerge_adapter() first"
+            )
+        self.router.begin(ids)
+        try:
+            yield
+        finally:
+            self.router.end()
+
+    # -- adapters -----------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Add a new adapter (not activated; see `set_adapter`)."""
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(f"an adapter named {adapter_name!r} already exists")
+        if adapter_name == BASE or not adapter_name or "." in adapter_name:
+            raise AdapterNameError(
+                f"invalid adapter name {adapter_name!r}: use a non-empty name without dots, "
+                f"other than {BASE!r}"
+            )
+        if not isinstance(config, LoraConfig):
+            raise TypeError(f"unsupported config type {type(config).__name__}")
+        config = copy.deepcopy(config)  # the caller's config stays as it was
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(self.config, "name_or_path", None) or None
+        try:
+            inject(self.base_model, config, adapter_name, self.router)
+        except Exception:
+            self._remove_traces(adapter_name)
+            raise
+        if any(getattr(layer, "transposed", False) for _, layer in adapter_layers(self)):
+            config.fan_in_fan_out = True  # GPT-2's Conv1D layout, as PEFT records it
+        self.peft_config[adapter_name] = config
+        self.router.names = list(self.peft_config)
+        self._set_trainable(adapter_name, not config.inference_mode)
+
+    def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
+        for p in self.adapter_parameters(adapter_name):
+            p.requires_grad_(trainable)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The parameters of one adapter (LoRA factors, magnitudes, saved-module copies)."""
+        params: list[nn.Parameter] = []
+        for _, layer in adapter_layers(self):
+            for store in (layer.lora_a, layer.lora_b, layer.lora_magnitude_vector):
+                if adapter_name in store:
+                    params.append(store[adapter_name])
+        for _, wrapper in saved_modules(self):
+            if adapter_name in wrapper.modules_to_save:
+                params += list(wrapper.modules_to_save[adapter_name].parameters())
+        return params
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter, or several whose updates then add up."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            self._check_name(name)
+        self._active = names
+        for _, module in [*adapter_layers(self), *saved_modules(self)]:
+            module.active = list(names)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the active adapters."""
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active, as in PEFT)."""
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.peft_config:
+            known = ", ".join(self.peft_config) or "(none)"
+            raise AdapterNameError(f"no adapter named {name!r}; loaded adapters: {known}")
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere; layers left without adapters become base modules."""
+        self._check_name(adapter_name)
+        self._remove_traces(adapter_name)
+        del self.peft_config[adapter_name]
+        self.router.names = list(self.peft_config)
+        remaining = [a for a in self._active if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self.set_adapter(remaining) if remaining else setattr(self, "_active", [])
+
+    def _remove_traces(self, adapter_name: str) -> None:
+        for name, layer in list(adapter_layers(self)):
+            layer.delete(adapter_name)
+            if not layer.specs:
+                _replace(self.base_model, name, layer.unwrap())
+        for name, wrapper in list(saved_modules(self)):
+            wrapper.delete(adapter_name)
+            if not len(wrapper.modules_to_save):
+                _replace(self.base_model, name, wrapper.unwrap(merge=False))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model is the base model; merged adapters are unmerged first."""
+        merged = {id(layer): list(layer.merged) for _, layer in adapter_layers(self)}
+        modules = [m for _, m in [*adapter_layers(self), *saved_modules(self)]]
+        for module in modules:
+            if isinstance(module, LoraLayer):
+                module.unmerge()
+            module.disabled = True
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.disabled = False
+                if isinstance(module, LoraLayer) and merged[id(module)]:
+                    module.merge(merged[id(module)])
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights; idempotent."""
+        names = self._active if adapter_names is None else adapter_names
+        for name in names:
+            self._check_name(name)
+        for _, layer in adapter_layers(self):
+            layer.merge(list(names))
+
+    def unmerge_adapter(self) -> None:
+        """Take every merged adapter back out of the base weights."""
+        for _, layer in adapter_layers(self):
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapters and return the plain base model (no wrappers left)."""
+        for _, layer in adapter_layers(self):
+            layer.unmerge()  # so only the active adapters end up in the weights
+            layer.active = list(self._active)
+        return unwrap_all(self.base_model, merge=True)
+
+    def unload(self) -> nn.Module:
+        """Return the base model as it was: adapters removed, nothing merged."""
+        return unwrap_all(self.base_model, merge=False)
+
+    # -- counting -----------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; shared (tied) tensors count once."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's line: trainable params: N || all params: M || trainable%: P."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    # -- files --------------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's keys (`base_model.model.<path>.lora_A.weight`)."""
+        self._check_name(adapter_name)
+        out: dict[str, torch.Tensor] = {}
+        for path, module in [*adapter_layers(self.base_model), *saved_modules(self.base_model)]:
+            for key, tensor in module.adapter_tensors(adapter_name).items():
+                out[f"{PREFIX}{path}.{key}"] = tensor
+        return out
+
+    def save_pretrained(
+        self, save_directory: str | Path, selected_adapters: list[str] | None = None
+    ) -> None:
+        """Write each adapter as PEFT does: `default` in the directory, others in `dir/<name>/`."""
+        names = list(self.peft_config) if selected_adapters is None else selected_adapters
+        for name in names:
+            self._check_name(name)
+            target = Path(save_directory) if name == DEFAULT else Path(save_directory) / name
+            tensors = self.adapter_state_dict(name)
+            self._warn_if_large(name, tensors)
+            save_tensors(target / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+            config = copy.deepcopy(self.peft_config[name])
+            config.inference_mode = True
+            config.save(target)
+
+    def _warn_if_large(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        base = sum(p.numel() * p.element_size() for p in self.base_model.parameters()) - size
+        if size <= LARGE_ADAPTER_FRACTION * max(base, 1):
+            return
+        per_module: dict[str, int] = {}
+        for path, module in [*adapter_layers(self.base_model), *saved_modules(self.base_model)]:
+            parts = module.adapter_tensors(name).values()
+            per_module[path] = sum(t.numel() * t.element_size() for t in parts)
+        top = sorted(per_module.items(), key=lambda kv: -kv[1])[:5]
+        warnings.warn(
+            f"adapter {name!r} is {size / 2**20:.1f} MiB, {100 * size / base:.0f}% of the base "
+            f"model; the largest parts: {', '.join(f'{m} ({b / 2**20:.1f} MiB)' for m, b in top)}. "
+            "Embedding or output-head layers in target_modules / modules_to_save make adapters "
+            "large; leave them out unless the task needs them.",
+            stacklevel=3,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = DEFAULT,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        allow_partial: bool = False,
+    ) -> AdaptedModel:
+        """Wrap `model` and load the adapter saved in `model_id` (a local directory)."""
+        adapted = cls(model)
+        adapted.load_adapter(model_id, adapter_name, is_trainable, allow_pickle, allow_partial)
+        adapted.set_adapter(adapter_name)
+        return adapted
+
+    def load_adapter(
+        self,
+        model_id: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        allow_pickle: bool = False,
+        allow_partial: bool = False,
+    ) -> None:
+        """Load an adapter directory under `adapter_name`; strict unless `allow_partial`.
+
+        The adapter is added, filled from the file and checked key by key; on any mismatch it
+        is removed again, so a failed load leaves the model as it was.
+        """
+        directory = Path(model_id)
+        data = read_config_dict(directory)
+        config_path = directory / "adapter_config.json"
+        config_cls = CONFIGS.get(str(data["peft_type"]))
+        if config_cls is None:
+            raise AdapterFileError(
+                f"{config_path}: peft_type {data['peft_type']!r} is not supported by tilpass "
+                f"(supported: {', '.join(CONFIGS)})"
+            )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LoRA rank")
+            config = config_cls.from_dict(data, source=str(config_path))
+        config.inference_mode = not is_trainable
+        tensors = load_tensors(directory, allow_pickle=allow_pickle)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._fill(adapter_name, tensors, directory, allow_partial)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _fill(
+        self, name: str, tensors: dict[str, torch.Tensor], directory: Path, allow_partial: bool
+    ) -> None:
+        expected = self.adapter_state_dict(name)
+        tensors = self._drop_unchanged_embeddings(tensors, directory)
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        where = directory / WEIGHTS_NAME
+        for key in sorted(set(expected) & set(tensors)):
+            if tuple(expected[key].shape) != tuple(tensors[key].shape):
+                raise AdapterFileError(
+                    f"{where}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
+                    f"{tuple(expected[key].shape)}; was the adapter trained on another base "
+                    "model or with another rank_pattern?"
+                )
+        if (missing or unexpected) and not allow_partial:
+            raise AdapterFileError(
+                f"{where} does not match the model: {_key_report(missing, unexpected)}. "
+                "Was it trained on another base model? Refusing to load part of an adapter; "
+                "pass allow_partial=True to load the matching keys anyway."
+            )
+        if missing or unexpected:
+            warnings.warn(
+                f"{where}: partial load, {_key_report(missing, unexpected)}", stacklevel=3
+            )
+        with torch.no_grad():
+            for key in set(expected) & set(tensors):
+                expected[key].copy_(tensors[key])
+        for _, layer in adapter_layers(self):
+            layer._stack_cache = None
+
+    def _drop_unchanged_embeddings(
+        self, tensors: dict[str, torch.Tensor], directory: Path
+    ) -> dict[str, torch.Tensor]:
+        """PEFT also saves the base embedding matrix when embeddings are adapted; accept it
+        when it equals ours, refuse it otherwise (tilpass never overwrites base weights)."""
+        out = {}
+        for key, value in tensors.items():
+            if key.startswith(PREFIX) and key.endswith(".base_layer.weight"):
+                path = key[len(PREFIX) : -len(".base_layer.weight")]
+                try:
+                    ours = self.base_model.get_submodule(path).weight
+                except AttributeError:
+                    out[key] = value
+                    continue
+                if ours.shape != value.shape or not torch.equal(ours.to(value.dtype), value):
+                    raise AdapterFileError(
+                        f"{directory / WEIGHTS_NAME}: {key} carries a modified copy of the base "
+                        "weight (e.g. resized embeddings); tilpass does not overwrite base "
+                        "weights. Load the matching base model instead."
+                    )
+                continue
+            out[key] = value
+        return out
+
+
+def _key_report(missing: list[str], unexpected: list[str], limit: int = 5) -> str:
+    parts = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            shown = ", ".join(keys[:limit]) + (
+                f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            )
+            parts.append(f"{len(keys)} {label} keys: {shown}")
+    return "; ".join(parts)
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
+
+
+def get_peft_model(
+    model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT
+) -> AdaptedModel:
+    """Wrap `model` with a new adapter: the base is frozen, the adapter trains."""
+    return AdaptedModel(model, config, adapter_name)
+
+
+PeftModel = AdaptedModel
