@@ -203,6 +203,15 @@ def test_multi_turn_chat_every_assistant_turn_has_loss(tiny_tokenizer: Any) -> N
     ]
 
 
+def test_leading_assistant_greeting_is_context(tiny_tokenizer: Any) -> None:
+    greeting = {"role": "assistant", "content": "hei verden"}
+    record = {"messages": [greeting, *CHAT["messages"]]}
+    ex = tokenize_record(record, tiny_tokenizer, 256)
+    assert [text for loss, text in runs(tiny_tokenizer, ex) if loss] == [
+        "The answer is four." + END
+    ]
+
+
 def test_prompt_completion_mask(tiny_tokenizer: Any) -> None:
     ex = tokenize_record(PC, tiny_tokenizer, 256)
     assert runs(tiny_tokenizer, ex) == [
@@ -382,7 +391,7 @@ BAD_JSONL = [
         json.dumps({"prompt": "hi", "completion": 3}),
         'expected "completion" to be a string, got a number',
     ),
-    (json.dumps(["prompt", "completion"]), "expected an object"),
+    (json.dumps(["prompt", "completion"]), "expected a JSON object, got a list"),
 ]
 
 

@@ -177,11 +177,11 @@ class AdaptedModel(nn.Module):
         self.set_adapter(remaining) if remaining else setattr(self, "_active", [])
 
     def _remove_traces(self, adapter_name: str) -> None:
-        for name, layer in list(adapter_layers(self)):
+        for name, layer in list(adapter_layers(self.base_model)):
             layer.delete(adapter_name)
             if not layer.specs:
                 _replace(self.base_model, name, layer.unwrap())
-        for name, wrapper in list(saved_modules(self)):
+        for name, wrapper in list(saved_modules(self.base_model)):
             wrapper.delete(adapter_name)
             if not len(wrapper.modules_to_save):
                 _replace(self.base_model, name, wrapper.unwrap(merge=False))

@@ -138,8 +138,9 @@ class LoraLayer(nn.Module):
         self._shell: tuple[nn.Module] = (base,)
         self.weight = base.weight
         self.bias = getattr(base, "bias", None)
+        self._bias_slot = "bias" in base._parameters  # Linear(bias=False) registers None
         del base._parameters["weight"]
-        if "bias" in base._parameters:
+        if self._bias_slot:
             del base._parameters["bias"]
         self.router = router
         self.specs: dict[str, AdapterSpec] = {}
@@ -170,8 +171,8 @@ class LoraLayer(nn.Module):
         """Give the base module its parameters back and return it (used by `unload`)."""
         base = self._shell[0]
         base.weight = self.weight
-        if self.bias is not None:
-            base.bias = self.bias
+        if self._bias_slot:
+            base.register_parameter("bias", self.bias)
         return base
 
     def delete(self, name: str) -> None:
@@ -277,7 +278,9 @@ class LoraLayer(nn.Module):
                 norm = self.dora_norm(delta)
                 self._merge_norms[name] = norm
                 factor = self.dora_factor(self.lora_magnitude_vector[name] / norm)
-                self.weight.data = (factor * (self.weight.float() + delta)).to(self.weight.dtype)
+                self.weight.data = (factor * (self.weight.to(delta.dtype) + delta)).to(
+                    self.weight.dtype
+                )
             else:
                 self.weight.data += delta.to(self.weight.dtype)
             self.merged.append(name)
@@ -291,7 +294,9 @@ class LoraLayer(nn.Module):
             if self.specs[name].use_dora:
                 norm = self._merge_norms.pop(name)
                 factor = self.dora_factor(self.lora_magnitude_vector[name] / norm)
-                self.weight.data = (self.weight.float() / factor - delta).to(self.weight.dtype)
+                self.weight.data = (self.weight.to(delta.dtype) / factor - delta).to(
+                    self.weight.dtype
+                )
             else:
                 self.weight.data -= delta.to(self.weight.dtype)
 

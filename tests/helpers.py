@@ -1,0 +1,61 @@
+"""Tiny random models built from configs (no downloads) and adapter helpers for tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import tilpass
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A 2-layer Llama with hidden size 32, identical for the same seed."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2 (Conv1D layers) with hidden size 32."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=VOCAB,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def lora(**overrides: object) -> tilpass.LoraConfig:
+    """A LoRA config with random (non-zero) A and B, so no test passes vacuously."""
+    settings: dict = {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "init_lora_weights": False,
+    }
+    settings.update(overrides)
+    return tilpass.LoraConfig(**settings)
+
+
+def tokens(batch: int = 4, length: int = 6, seed: int = 1) -> torch.Tensor:
+    """Random token ids (no padding token)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)

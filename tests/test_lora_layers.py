@@ -1,0 +1,218 @@
+"""LoRA layers against the float64 references, and the layer invariants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tests.reference import lora_ref
+from tilpass.methods.lora import AdapterSpec, LoraEmbedding, LoraLinear, make_layer
+
+# One tolerance table for every comparison: (atol, rtol) per dtype.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+
+
+def randomize(layer: LoraLinear | LoraEmbedding, name: str) -> None:
+    """Non-zero A and B so no test can pass with a zero update."""
+    with torch.no_grad():
+        layer.lora_a[name].normal_(0, 0.3)
+        layer.lora_b[name].normal_(0, 0.3)
+
+
+def linear_layer(
+    dtype: torch.dtype, bias: bool = True, spec: AdapterSpec | None = None
+) -> LoraLinear:
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(12, 10, bias=bias, dtype=dtype))
+    layer.add("a", spec or AdapterSpec(r=4, alpha=8))
+    randomize(layer, "a")
+    layer.active = ["a"]
+    return layer
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_linear_matches_reference(dtype: torch.dtype, bias: bool, rslora: bool) -> None:
+    layer = linear_layer(dtype, bias, AdapterSpec(r=4, alpha=8, use_rslora=rslora))
+    x = torch.randn(3, 5, 12, dtype=dtype)
+    scale = 8 / (math.sqrt(4) if rslora else 4)
+    assert layer.specs["a"].scale == scale
+    expected = lora_ref.linear(
+        x, layer.weight, layer.bias, layer.lora_A["a"], layer.lora_B["a"], scale
+    )
+    close(layer(x), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv1d_matches_reference(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    base = Conv1D(10, 12).to(dtype)  # nf=out=10, nx=in=12: weight (12, 10)
+    with torch.no_grad():
+        base.bias.normal_()
+    layer = make_layer(base, None)
+    assert isinstance(layer, LoraLinear) and layer.transposed
+    layer.add("a", AdapterSpec(r=4, alpha=8))
+    randomize(layer, "a")
+    layer.active = ["a"]
+    x = torch.randn(2, 3, 12, dtype=dtype)
+    expected = lora_ref.conv1d(
+        x, layer.weight, layer.bias, layer.lora_A["a"], layer.lora_B["a"], 2.0
+    )
+    close(layer(x), expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_embedding_matches_reference(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    layer = LoraEmbedding(nn.Embedding(30, 8, dtype=dtype))
+    layer.add("a", AdapterSpec(r=4, alpha=4))
+    randomize(layer, "a")
+    layer.active = ["a"]
+    ids = torch.randint(0, 30, (3, 6))
+    a, b = layer.lora_embedding_A["a"], layer.lora_embedding_B["a"]
+    close(layer(ids), lora_ref.embedding(ids, layer.weight, a, b, 1.0), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_dora_matches_reference(dtype: torch.dtype) -> None:
+    layer = linear_layer(dtype, True, AdapterSpec(r=4, alpha=8, use_dora=True))
+    with torch.no_grad():
+        layer.lora_magnitude_vector["a"].uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 12, dtype=dtype)
+    a, b, m = layer.lora_A["a"], layer.lora_B["a"], layer.lora_magnitude_vector["a"]
+    close(layer(x), lora_ref.dora(x, layer.weight, layer.bias, a, b, 2.0, m), dtype)
+
+
+def test_dora_magnitude_starts_at_row_norms() -> None:
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(12, 10, dtype=torch.float64))
+    layer.add("a", AdapterSpec(r=4, alpha=8, use_dora=True, init=False))
+    a, b = layer.lora_A["a"], layer.lora_B["a"]
+    close(
+        layer.lora_magnitude_vector["a"],
+        lora_ref.dora_magnitude_init(layer.weight, a, b, 2.0),
+        torch.float64,
+    )
+
+
+def test_init_modes() -> None:
+    layer = LoraLinear(nn.Linear(64, 32))
+    layer.add("kaiming", AdapterSpec(r=8, alpha=8, init=True))
+    layer.add("gauss", AdapterSpec(r=8, alpha=8, init="gaussian"))
+    layer.add("random", AdapterSpec(r=8, alpha=8, init=False))
+    assert torch.count_nonzero(layer.lora_B["kaiming"]) == 0
+    assert torch.count_nonzero(layer.lora_B["gauss"]) == 0
+    assert torch.count_nonzero(layer.lora_B["random"]) == layer.lora_B["random"].numel()
+    bound = 1 / math.sqrt(64)  # kaiming_uniform(a=sqrt(5)) bound for fan_in 64
+    assert layer.lora_A["kaiming"].abs().max() <= bound
+    assert abs(layer.lora_A["gauss"].std().item() - 1 / 8) < 0.03
+    emb = LoraEmbedding(nn.Embedding(20, 6))
+    emb.add("default", AdapterSpec(r=4, alpha=4))
+    assert torch.count_nonzero(emb.lora_embedding_A["default"]) == 0  # PEFT: A zero, B normal
+    assert torch.count_nonzero(emb.lora_embedding_B["default"]) == 24
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "embedding", "dora"])
+def test_merge_equals_unmerged_and_unmerge_restores(dtype: torch.dtype, kind: str) -> None:
+    torch.manual_seed(0)
+    if kind == "embedding":
+        layer = LoraEmbedding(nn.Embedding(30, 8, dtype=dtype))
+        x = torch.randint(0, 30, (3, 6))
+    else:
+        base = Conv1D(10, 12).to(dtype) if kind == "conv1d" else nn.Linear(12, 10, dtype=dtype)
+        layer = make_layer(base, None)
+        x = torch.randn(3, 5, 12, dtype=dtype)
+    layer.add("a", AdapterSpec(r=4, alpha=8, use_dora=kind == "dora"))
+    layer.add("b", AdapterSpec(r=2, alpha=3))
+    randomize(layer, "a")
+    randomize(layer, "b")
+    layer.active = ["a", "b"]  # merging while several adapters are active merges all of them
+    original = layer.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        layer.merge()  # idempotent
+        assert layer.merged == ["a", "b"]
+        merged = layer(x)
+        assert not torch.equal(layer.weight, original)
+        layer.unmerge()
+        layer.unmerge()
+    close(merged, unmerged, dtype)
+    close(layer.weight, original, dtype)
+    assert layer.merged == []
+
+
+def test_disabled_is_base_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    for base, x in [
+        (nn.Linear(12, 10), torch.randn(4, 12)),
+        (Conv1D(10, 12), torch.randn(2, 3, 12)),
+        (nn.Embedding(30, 8, padding_idx=0), torch.randint(0, 30, (3, 5))),
+    ]:
+        expected = base(x)
+        layer = make_layer(base, None)
+        layer.add("a", AdapterSpec(r=4, alpha=8, init=False))
+        layer.active = ["a"]
+        assert not torch.equal(layer(x), expected)
+        layer.disabled = True
+        assert torch.equal(layer(x), expected)
+
+
+def test_base_weight_keeps_its_key_and_unwrap_restores_module() -> None:
+    base = nn.Linear(12, 10)
+    weight = base.weight
+    layer = LoraLinear(base)
+    layer.add("a", AdapterSpec(r=4, alpha=8))
+    keys = set(layer.state_dict())
+    assert {"weight", "bias", "lora_A.a", "lora_B.a"} == keys
+    restored = layer.unwrap()
+    assert restored is base and restored.weight is weight
+    assert set(restored.state_dict()) == {"weight", "bias"}
+
+
+def test_gradients_reach_only_adapter_parameters() -> None:
+    layer = linear_layer(torch.float32)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    layer(torch.randn(4, 12)).pow(2).sum().backward()
+    assert layer.weight.grad is None and layer.bias.grad is None
+    assert layer.lora_A["a"].grad is not None and layer.lora_A["a"].grad.abs().sum() > 0
+    assert layer.lora_B["a"].grad is not None and layer.lora_B["a"].grad.abs().sum() > 0
+
+
+def test_dropout_applies_in_training_only() -> None:
+    layer = linear_layer(torch.float64, True, AdapterSpec(r=4, alpha=8, dropout=0.5))
+    x = torch.randn(6, 12, dtype=torch.float64)
+    layer.eval()
+    expected = lora_ref.linear(
+        x, layer.weight, layer.bias, layer.lora_A["a"], layer.lora_B["a"], 2.0
+    )
+    close(layer(x), expected, torch.float64)
+    layer.train()
+    torch.manual_seed(3)
+    trained = layer(x)
+    assert not torch.allclose(trained, expected)
+    torch.manual_seed(3)
+    keep = torch.nn.functional.dropout(torch.ones_like(x), 0.5, True)
+    expected_dropped = (
+        x @ layer.weight.T
+        + layer.bias
+        + 2.0 * ((x * keep) @ layer.lora_A["a"].T) @ layer.lora_B["a"].T
+    )
+    close(trained, expected_dropped, torch.float64)
+
+
+def test_unsupported_module_type_is_named() -> None:
+    with pytest.raises(TypeError, match="LayerNorm"):
+        make_layer(nn.LayerNorm(4), None)
