@@ -22,8 +22,8 @@ _CORPUS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def _tiny_tokenizer_json() -> str:
+def build_tokenizer_json() -> str:
+    """Train the tiny byte-level BPE tokenizer in memory and return it as JSON."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -37,6 +37,11 @@ def _tiny_tokenizer_json() -> str:
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
     return tok.to_str()
+
+
+@pytest.fixture(scope="session")
+def _tiny_tokenizer_json() -> str:
+    return build_tokenizer_json()
 
 
 @pytest.fixture

@@ -1,0 +1,291 @@
+"""The `tilpass` command: quickstart, train, eval, generate, chat.
+
+Argument parsing and printing only; the work is in `tilpass.run` and the modules it calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tilpass.errors import TilpassError
+
+QUICKSTART_TASK = "map a patient's symptom description to the medical specialty that treats it"
+# Settings for the quickstart, measured to fit the 10-minute budget on 2 CPU cores
+# (docs/dataset.md has the numbers behind them).
+QUICKSTART = {
+    "task": QUICKSTART_TASK,
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+    "data": {"max_length": 128},
+    "training": {
+        "learning_rate": 2e-3,
+        "batch_size": 8,
+        "max_steps": 120,
+        "warmup_steps": 10,
+        "lr_scheduler": "cosine",
+        "logging_steps": 10,
+        "eval_batch_size": 25,
+        "eval_max_new_tokens": 8,
+        "eval_generation_samples": 0,
+        "save_steps": 60,
+    },
+}
+
+
+def shipped_data(name: str) -> str:
+    """Path of a dataset file that ships inside the package (`tilpass/data/`)."""
+    return str(resources.files("tilpass.data") / name)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`--a.b value` / `--a.b=value` pairs into a nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    items = list(items)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if not item.startswith("--") or len(item) == 2:
+            raise ValueError(f"expected --key.sub value, got {item!r}")
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(items) or items[i + 1].startswith("--"):
+                raise ValueError(f"--{key} needs a value (e.g. --{key} 16)")
+            value = items[i + 1]
+            i += 1
+        i += 1
+        node = out
+        parts = key.replace("-", "_").split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--{key}: {part} is a value, not a section")
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: `extra` wins; nested sections merge key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _train_help() -> str:
+    from tilpass.run import field_help
+
+    lines = ["fields (set in the YAML file, or override with --section.key value):"]
+    for key, default, text in field_help():
+        lines.append(f"  {key:<40} {default!r:<22} {text}")
+    return "\n".join(lines)
+
+
+def _print_table(before: dict[str, Any], after: dict[str, Any]) -> None:
+    keys = [k for k in ("exact_match", "loss", "perplexity") if k in before or k in after]
+    print(f"\n{'metric':<14}{'base model':>14}{'with adapter':>16}")
+    for key in keys:
+        b, a = before.get(key), after.get(key)
+        fmt = (lambda v: f"{100 * v:.1f}%") if key == "exact_match" else (lambda v: f"{v:.3f}")
+        print(
+            f"{key:<14}{fmt(b) if b is not None else '-':>14}{fmt(a) if a is not None else '-':>16}"
+        )
+
+
+def _usage_hint(adapter_dir: Path, model: str) -> None:
+    print(
+        f"\nadapter saved in {adapter_dir} (adapter_model.safetensors, README.md, "
+        "tilpass_record.json)"
+    )
+    print("try it:")
+    print(
+        f'  tilpass generate --model {model} --adapter {adapter_dir} "I have had chest pain '
+        'and palpitations for two weeks."'
+    )
+    print("in Python:")
+    print("  from tilpass import AdaptedModel")
+    print("  from tilpass.models import load_model")
+    print(f'  base, tokenizer = load_model("{model}")')
+    print(f'  model = AdaptedModel.from_pretrained(base, "{adapter_dir}")')
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from tilpass.run import build_config, run
+
+    values: dict[str, Any] = {}
+    args.config = extra.pop(0) if extra and not extra[0].startswith("-") else None
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such config file")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a YAML mapping at the top level")
+    values = merge(values, parse_overrides(extra))
+    if args.skip_bad_rows:
+        values = merge(values, {"data": {"skip_bad_rows": True}})
+    config = build_config(values, source=str(args.config or "command line"))
+    result = run(config, resume=args.resume)
+    _print_table(result.before, result.after)
+    _usage_hint(result.adapter_dir, config.model)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
+    from tilpass.run import build_config, run
+
+    values = merge(
+        QUICKSTART,
+        {
+            "output_dir": args.output,
+            "data": {
+                "train": shipped_data("specialty_train.jsonl"),
+                "eval": shipped_data("specialty_test.jsonl"),
+            },
+        },
+    )
+    values = merge(values, parse_overrides(extra))
+    config = build_config(values, "quickstart")
+    print(f"tilpass quickstart: LoRA on {config.model}, task: {QUICKSTART_TASK}")
+    result = run(config, resume=args.resume)
+    _print_table(result.before, result.after)
+    for example in result.examples[:3]:
+        print(f"  e.g. expected {example.get('reference')!r}, got {example.get('prediction')!r}")
+    _usage_hint(result.adapter_dir, config.model)
+    return 0
+
+
+def _load(model: str, adapter: str | None) -> tuple[Any, Any]:
+    from tilpass.model import AdaptedModel
+    from tilpass.models import load_model
+
+    base, tokenizer = load_model(model)
+    if adapter is None:
+        return base, tokenizer
+    return AdaptedModel.from_pretrained(base, adapter), tokenizer
+
+
+def _reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int) -> str:
+    import torch
+
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(
+            **ids,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    model, tokenizer = _load(args.model, args.adapter)
+    print(_reply(model, tokenizer, [{"role": "user", "content": args.prompt}], args.max_new_tokens))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
+    model, tokenizer = _load(args.model, args.adapter)
+    history: list[dict[str, str]] = []
+    print("chat with the model; an empty line or Ctrl-D quits.")
+    for line in sys.stdin:
+        text = line.strip()
+        if not text:
+            break
+        history.append({"role": "user", "content": text})
+        answer = _reply(model, tokenizer, history, args.max_new_tokens)
+        history.append({"role": "assistant", "content": answer})
+        print(f"assistant: {answer}", flush=True)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from tilpass.data import build_dataset, load_records
+    from tilpass.run import RunConfig, build_config, evaluate_all
+
+    config: RunConfig = build_config(parse_overrides(extra), "command line")
+    model, tokenizer = _load(args.model, args.adapter)
+    dataset = build_dataset(args.data, tokenizer, max_length=config.data.max_length)
+    records = load_records(args.data)[0]
+    metrics = evaluate_all(model, tokenizer, dataset, records, config)
+    metrics.pop("examples", None)
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tilpass", description=__doc__.splitlines()[0])
+    from tilpass import __version__
+
+    parser.add_argument("--version", action="version", version=f"tilpass {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from tilpass.models import DEFAULT_MODEL
+
+    p = sub.add_parser("quickstart", help="train a LoRA on the shipped dataset, show before/after")
+    p.add_argument("--output", default="runs/quickstart", help="output directory")
+    p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    p.set_defaults(func=cmd_quickstart)
+
+    p = sub.add_parser(
+        "train",
+        help="train an adapter from a YAML config",
+        usage="tilpass train [CONFIG.yaml] [--section.key value ...] [--resume R]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_train_help(),
+    )
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint) or a checkpoint path")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows")
+    p.set_defaults(func=cmd_train)
+
+    for name, func, text in (
+        ("generate", cmd_generate, "answer one prompt"),
+        ("chat", cmd_chat, "interactive chat (reads stdin)"),
+        ("eval", cmd_eval, "score a model or adapter on a dataset"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--model", default=DEFAULT_MODEL, help="model name or local directory")
+        p.add_argument("--adapter", default=None, help="adapter directory (PEFT layout)")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        if name == "generate":
+            p.add_argument("prompt")
+        if name == "eval":
+            p.add_argument("--data", required=True, help="dataset file")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `tilpass` console script."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tilpass never reaches for a model hub
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("train", "quickstart", "eval"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return int(args.func(args, extra))
+    except (TilpassError, ValueError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"tilpass {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "interrupted; rerun with --resume auto to continue from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
