@@ -335,5 +335,5 @@ def test_override_parsing() -> None:
     }
     with pytest.raises(ValueError, match="needs a value"):
         parse_overrides(["--lora.r"])
-    with pytest.raises(ValueError, match="expected --key.sub value"):
+    with pytest.raises(ValueError, match=r"expected --key\.sub value"):
         parse_overrides(["lora.r", "3"])

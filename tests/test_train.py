@@ -150,6 +150,10 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"lr": 1.0})
     assert TrainConfig.__dataclass_fields__["seed"].metadata["help"]
+    parsed = TrainConfig.from_dict({"learning_rate": "1e-3", "max_steps": "5", "num_epochs": 2})
+    assert (parsed.learning_rate, parsed.max_steps, parsed.num_epochs) == (1e-3, 5, 2.0)
+    with pytest.raises(ValueError, match="learning_rate must be a number"):
+        TrainConfig(learning_rate="fast")
 
 
 # ------------------------------------------------------------------------------ numerics
@@ -164,8 +168,11 @@ def test_accumulation_equals_big_batch(tmp_path: Path) -> None:
         train(model, items, None, collate, c, tmp_path / f"run{bs}")
         runs.append(trainable(model))
     assert_same(runs[0], runs[1], atol=1e-10)
-    assert any(not torch.equal(v, tiny_lora(dtype=torch.float64).state_dict()[k])
-               for k, v in runs[0].items() if "lora_B" in k)  # fmt: skip
+    assert any(
+        not torch.equal(v, tiny_lora(dtype=torch.float64).state_dict()[k])
+        for k, v in runs[0].items()
+        if "lora_B" in k
+    )
 
 
 @pytest.mark.parametrize("kind", ["lora", "full"])
@@ -220,7 +227,8 @@ def test_gradient_checkpointing_same_result(tmp_path: Path) -> None:
     results = []
     for gc in (False, True):
         model = tiny_lora(dtype=torch.float64)
-        train(model, make_items(), None, collate, cfg(gradient_checkpointing=gc), tmp_path / str(gc))
+        c = cfg(gradient_checkpointing=gc)
+        train(model, make_items(), None, collate, c, tmp_path / str(gc))
         results.append(trainable(model))
     assert_same(results[0], results[1], atol=1e-10)
     assert model.get_base_model().is_activation_checkpointing
@@ -233,12 +241,13 @@ def test_unused_trainable_parameter_is_named(tmp_path: Path) -> None:
         train(model, make_items(), None, collate, cfg(), tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
 def test_reentrant_checkpointing_with_frozen_inputs_is_caught(tmp_path: Path) -> None:
     # The classic bug: reentrant checkpointing cuts the graph when no input requires grad,
     # so LoRA inside the checkpointed layers never trains (only lm_head's LoRA would).
     model = tiny_lora(targets=("q_proj", "v_proj", "lm_head"))
     base = model.get_base_model()
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
     base.disable_input_require_grads()
     with pytest.raises(GradientFlowError, match="q_proj"):
         train(model, make_items(), None, collate, cfg(), tmp_path)
@@ -278,8 +287,10 @@ def test_outputs_checkpoints_and_metrics(tmp_path: Path) -> None:
     load_trainable(tmp_path / "checkpoint-6", named)
     other = tiny_lora(targets=("q_proj",))
     with pytest.raises(ValueError, match="unexpected"):
-        load_trainable(tmp_path / "checkpoint-6", [(n, p) for n, p in other.named_parameters()
-                                                   if p.requires_grad])  # fmt: skip
+        load_trainable(
+            tmp_path / "checkpoint-6",
+            [(n, p) for n, p in other.named_parameters() if p.requires_grad],
+        )
 
 
 def test_full_finetuning_reduces_loss(tmp_path: Path) -> None:
@@ -310,7 +321,7 @@ class _StopAt:
 
 
 def test_resume_in_process_matches_uninterrupted(tmp_path: Path) -> None:
-    items = make_items(20)  # 5 batches of 4, accumulation 2: 3 steps per epoch (ragged end)
+    items = make_items(28)  # 7 batches of 4, accumulation 2: 4 steps per epoch (ragged end)
     c = cfg(max_steps=6, save_steps=3, gradient_accumulation_steps=2, max_grad_norm=1.0)
     straight = tiny_lora(dropout=0.1)
     train(straight, items, items[:4], collate, c, tmp_path / "a")
@@ -350,6 +361,7 @@ train(tiny_lora(dropout=0.1), make_items(), None, collate,
 """
 
 
+@pytest.mark.slow
 def test_resume_after_killed_process(tmp_path: Path) -> None:
     out = tmp_path / "run"
     script = tmp_path / "crash.py"
@@ -373,3 +385,35 @@ def test_resume_after_killed_process(tmp_path: Path) -> None:
     assert_same(trainable(straight), trainable(resumed), atol=1e-6)
     steps = [e["step"] for e in events(out) if e["event"] == "train"]
     assert steps == list(range(1, 9))  # events of the lost step 5 were dropped
+
+
+def test_with_data_module_and_generation_eval(tmp_path: Path, tiny_tokenizer: Any) -> None:
+    from functools import partial
+
+    from tilpass.data import build_dataset, load_records
+    from tilpass.data import collate as data_collate
+
+    path = tmp_path / "qa.jsonl"
+    rows = [{"prompt": f"What is {i} plus {i}? ", "completion": str(2 * i)} for i in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = build_dataset(path, tiny_tokenizer, max_length=64)
+    records, _ = load_records(path)
+    get_peft_model, lora_config = peft_api()
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(tiny_tokenizer),
+        )
+    )
+    model = get_peft_model(base, lora_config(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    coll = partial(data_collate, pad_token_id=tiny_tokenizer.pad_token_id)
+    c = cfg(max_steps=2, eval_max_new_tokens=3, eval_generation_samples=4)
+    result = train(model, dataset, dataset, coll, c, tmp_path / "out", tiny_tokenizer, records)
+    ev = result.eval_metrics
+    assert ev["exact_match_n"] == 4 and 0.0 <= ev["exact_match"] <= 1.0
+    assert ev["examples"][0]["reference"] == "0" and ev["eval_tokens"] > 0

@@ -134,8 +134,9 @@ def write_card(adapter_dir: str | Path, change: ChangeRecord) -> Path:
         "",
         "## What was adapted",
         "",
-        f"- method: {change.method}, rank r={config.get('r')}, lora_alpha={config.get('lora_alpha')}"
-        f", dropout={config.get('lora_dropout')}, rsLoRA={config.get('use_rslora')}, "
+        f"- method: {change.method}, rank r={config.get('r')}, "
+        f"lora_alpha={config.get('lora_alpha')}, dropout={config.get('lora_dropout')}, "
+        f"rsLoRA={config.get('use_rslora')}, "
         f"DoRA={config.get('use_dora')}",
         f"- target modules: {targets}",
         f"- trainable parameters: {change.trainable_parameters:,d} of "

@@ -33,8 +33,6 @@ METHODS = ("lora", "full")
 
 
 def _opt(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -57,11 +55,18 @@ class LoraSection:
     r: int = _opt(8, "Rank of the update.")
     lora_alpha: float = _opt(16, "Scale numerator: the update is scaled by alpha / r.")
     lora_dropout: float = _opt(0.05, "Dropout on the LoRA branch input.")
-    target_modules: Any = _opt(["q_proj", "v_proj"], "Names, a regex, or 'all-linear'.")
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        metadata={"help": "Names, a regex, or 'all-linear'."},
+    )
     use_rslora: bool = _opt(False, "Scale by alpha / sqrt(r).")
     use_dora: bool = _opt(False, "Weight-decomposed LoRA.")
-    init_lora_weights: Any = _opt(True, "True (Kaiming A, zero B) | gaussian.")
-    modules_to_save: Any = _opt(None, "Whole modules to train and save (e.g. [lm_head]).")
+    init_lora_weights: bool | str = field(
+        default=True, metadata={"help": "True (Kaiming A, zero B) | gaussian."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Whole modules to train and save (e.g. [lm_head])."}
+    )
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tilpass.errors import TilpassError
 from tilpass.evaluate import (
     causal_lm_loss,
     count_loss_tokens,
@@ -95,6 +96,18 @@ class TrainConfig:
     precision: str = _opt("auto", "auto (bf16 autocast on a bf16 GPU, else fp32) | fp32 | bf16.")
     selective_lm_head: bool = _opt(True, "Run the LM head only where loss is taken (verified).")
     progress_bar: bool = _opt(True, "Show a tqdm progress bar.")
+
+    def __post_init__(self) -> None:
+        # YAML 1.1 reads "1e-3" as a string and CLI overrides arrive as text: coerce numbers.
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind in (int, float) and isinstance(value, str):
+                try:
+                    setattr(self, f.name, kind(float(value)) if kind is int else float(value))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, got {value!r}") from None
+            elif kind is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
 
     def validate(self) -> None:
         """Raise ValueError naming the first invalid field."""
@@ -162,7 +175,7 @@ class TrainResult:
     runtime_s: float
 
 
-class GradientFlowError(RuntimeError):
+class GradientFlowError(TilpassError, RuntimeError):
     """Trainable parameters received no gradient: they would silently never train."""
 
 
@@ -289,6 +302,13 @@ def train(
         callbacks: Objects with ``on_log(event)`` and/or ``on_step_end(state)``.
         prompt_fn: ``(record, tokenizer) -> ids``; defaults to ``tilpass.data.prompt_ids``.
         answer_fn: ``record -> str``; defaults to ``tilpass.data.reference_answer``.
+
+    Returns:
+        A :class:`TrainResult` (final step, losses, last eval metrics, last checkpoint).
+
+    Raises:
+        GradientFlowError: Some trainable parameter gets no gradient (checked on early steps).
+        ValueError: Invalid config, empty data, or a checkpoint that does not fit this run.
     """
     from tqdm.auto import tqdm
 
@@ -369,19 +389,27 @@ def train(
         ev: dict[str, Any] = {}
         if eval_dataset is not None and len(eval_dataset) > 0:  # type: ignore[arg-type]
             m = evaluate_loss(
-                model, eval_dataset, collate_fn, config.eval_batch_size,
-                selective=selective, autocast=autocast,
-            )  # fmt: skip
+                model,
+                eval_dataset,
+                collate_fn,
+                config.eval_batch_size,
+                selective=selective,
+                autocast=autocast,
+            )
             ev |= {"eval_loss": m["loss"], "eval_perplexity": m["perplexity"]}
             ev["eval_tokens"] = m["tokens"]
         if gen_eval and eval_records is not None:
             k = config.eval_generation_samples
             with autocast or nullcontext():
                 g = evaluate_generation(
-                    model, tokenizer, list(eval_records[:k] if k else eval_records),
-                    prompt_fn, answer_fn,  # type: ignore[arg-type]
-                    config.eval_max_new_tokens, config.eval_batch_size,
-                )  # fmt: skip
+                    model,
+                    tokenizer,
+                    list(eval_records[:k] if k else eval_records),
+                    prompt_fn,
+                    answer_fn,  # type: ignore[arg-type]
+                    config.eval_max_new_tokens,
+                    config.eval_batch_size,
+                )
             ev |= {"exact_match": g["exact_match"], "exact_match_n": g["n"]}
             ev["examples"] = g["examples"][:3]
         if ev:
@@ -407,13 +435,20 @@ def train(
         return path
 
     n_trainable = sum(p.numel() for _, p in named)
-    log({
-        "event": "start", "step": start, "max_steps": max_steps, "num_examples": n,
-        "steps_per_epoch": steps_per_epoch, "trainable_params": n_trainable,
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "precision": "bf16" if autocast is not None else "fp32", "device": str(device),
-        "resumed_from": str(ckpt) if ckpt else None,
-    })  # fmt: skip
+    log(
+        {
+            "event": "start",
+            "step": start,
+            "max_steps": max_steps,
+            "num_examples": n,
+            "steps_per_epoch": steps_per_epoch,
+            "trainable_params": n_trainable,
+            "total_params": sum(p.numel() for p in model.parameters()),
+            "precision": "bf16" if autocast is not None else "fp32",
+            "device": str(device),
+            "resumed_from": str(ckpt) if ckpt else None,
+        }
+    )
 
     model.train()
     step, stop, stopped_early = start, False, False
@@ -438,8 +473,9 @@ def train(
                     for idx in batches[first : first + accum]
                 ]
                 n_tok = sum(count_loss_tokens(b) for b in micro)
-                win_seen += sum(int(b.get("attention_mask", b["input_ids"]).bool().sum())
-                                for b in micro)  # fmt: skip
+                win_seen += sum(
+                    int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b in micro
+                )
                 if selective is None:
                     selective = selective_loss_matches(model, to_device(micro[0], device), autocast)
                 step_loss = torch.zeros((), dtype=torch.float64, device=device)
@@ -468,14 +504,26 @@ def train(
                     now = time.perf_counter()
                     train_loss = float(win_loss) / max(win_tokens, 1)
                     tps, mem = win_seen / max(now - win_t, 1e-9), _peak_memory_mb(device)
-                    log({
-                        "event": "train", "step": step, "epoch": step / steps_per_epoch,
-                        "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                        "tokens_per_s": tps, "loss_tokens": win_tokens, "peak_mem_mb": mem,
-                        "elapsed_s": now - t0,
-                    })  # fmt: skip
-                    pbar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}",
-                                     tok_s=f"{tps:.0f}", mem=f"{mem:.0f}MB")  # fmt: skip
+                    log(
+                        {
+                            "event": "train",
+                            "step": step,
+                            "epoch": step / steps_per_epoch,
+                            "loss": train_loss,
+                            "lr": lr,
+                            "grad_norm": float(grad_norm),
+                            "tokens_per_s": tps,
+                            "loss_tokens": win_tokens,
+                            "peak_mem_mb": mem,
+                            "elapsed_s": now - t0,
+                        }
+                    )
+                    pbar.set_postfix(
+                        loss=f"{train_loss:.4f}",
+                        lr=f"{lr:.2e}",
+                        tok_s=f"{tps:.0f}",
+                        mem=f"{mem:.0f}MB",
+                    )
                     win_loss.zero_()
                     win_tokens = win_seen = 0
                     win_t = now
