@@ -150,7 +150,7 @@ def _pattern_value(patterns: dict, name: str, default: float) -> float:
     return default
 
 
-def spec_for(name: str, config: LoraConfig) -> AdapterSpec:
+def spec_for(name: str, config: LoraConfig, initialize: bool = True) -> AdapterSpec:
     """The adapter settings for module `name` after `rank_pattern` / `alpha_pattern`."""
     return AdapterSpec(
         r=int(_pattern_value(config.rank_pattern, name, config.r)),
@@ -158,7 +158,7 @@ def spec_for(name: str, config: LoraConfig) -> AdapterSpec:
         dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
-        init=config.init_lora_weights,
+        init=config.init_lora_weights if initialize else None,
     )
 
 
@@ -168,8 +168,13 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def inject(model: nn.Module, config: LoraConfig, adapter_name: str, router: Router) -> list[str]:
+def inject(
+    model: nn.Module, config: LoraConfig, adapter_name: str, router: Router, initialize: bool = True
+) -> list[str]:
     """Add adapter `adapter_name` to every targeted module, wrapping the ones not yet wrapped.
+
+    With `initialize=False` the adapter's tensors are allocated but not initialised (a load
+    fills them next; random initialisation of large adapters costs more than reading them).
 
     Returns:
         The adapted module names.
@@ -185,14 +190,15 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str, router: Rout
                     f"target_modules matched {name!r} ({type(module).__name__}): {exc}. "
                     "Name the Linear layers inside it instead."
                 ) from exc
+            module.train(model.get_submodule(name).training)  # eval stays eval (no dropout)
             _replace(model, name, module)
         if config.use_dora and getattr(module, "transposed", None) is None:
             raise TargetModulesError(f"{name}: DoRA applies to Linear / Conv1D layers only")
-        module.add(adapter_name, spec_for(name, config))  # type: ignore[operator]
+        module.add(adapter_name, spec_for(name, config, initialize))  # type: ignore[operator]
     for name in find_saved(model, config.modules_to_save):
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module, router)
+            module = ModulesToSave(module, router).train(module.training)
             _replace(model, name, module)
         module.add(adapter_name)
     return names

@@ -24,6 +24,7 @@ from tilpass.inject import _replace, adapter_layers, inject, saved_modules, unwr
 from tilpass.methods import CONFIGS
 from tilpass.methods.lora import LoraConfig, LoraLayer
 from tilpass.routing import BASE, Router
+from tilpass.saved_modules import ModulesToSave
 
 PREFIX = "base_model.model."  # PEFT's key prefix for a model's adapter tensors
 DEFAULT = "default"
@@ -44,7 +45,9 @@ class AdaptedModel(nn.Module):
     ) -> None:
         super().__init__()
         self.base_model = model
+        self.training = model.training  # a model in eval mode stays in eval mode
         self.router = Router()
+        self._wrappers: tuple[list[LoraLayer], list[ModulesToSave]] | None = None
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
         for p in model.parameters():
@@ -72,6 +75,20 @@ class AdaptedModel(nn.Module):
         """The wrapped model (with adapter layers in place; `unload` removes them)."""
         return self.base_model
 
+    def _layers(self) -> list[LoraLayer]:
+        """The LoRA layers (cached: the hot paths must not walk the module tree each call)."""
+        if self._wrappers is None:
+            self._wrappers = (
+                [m for _, m in adapter_layers(self.base_model)],
+                [m for _, m in saved_modules(self.base_model)],
+            )
+        return self._wrappers[0]
+
+    def _saved(self) -> list[ModulesToSave]:
+        self._layers()
+        assert self._wrappers is not None
+        return self._wrappers[1]
+
     @property
     def config(self) -> Any:
         """The base model's config (for code that reads `model.config`)."""
@@ -87,7 +104,7 @@ class AdaptedModel(nn.Module):
                 f"pass one name per row ({BASE!r} for the base model)"
             )
         ids = self.router.ids_for(names)
-        merged = sorted({n for _, layer in adapter_layers(self) for n in layer.merged})
+        merged = sorted({n for layer in self._layers() for n in layer.merged})
         if merged:
             raise RuntimeError(
                 f"adapters {merged} are merged into the weights, so rows cannot be routed; "
@@ -100,8 +117,14 @@ class AdaptedModel(nn.Module):
             self.router.end()
 
     # -- adapters -----------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Add a new adapter (not activated; see `set_adapter`)."""
+    def add_adapter(
+        self, adapter_name: str, config: AdapterConfig, low_cpu_mem_usage: bool = False
+    ) -> None:
+        """Add a new adapter (not activated; see `set_adapter`).
+
+        `low_cpu_mem_usage=True` (PEFT's name) skips initialising the new tensors, for callers
+        that fill every one of them right after (as `load_adapter` does).
+        """
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"an adapter named {adapter_name!r} already exists")
         if adapter_name == BASE or not adapter_name or "." in adapter_name:
@@ -115,11 +138,12 @@ class AdaptedModel(nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.config, "name_or_path", None) or None
         try:
-            inject(self.base_model, config, adapter_name, self.router)
+            inject(self.base_model, config, adapter_name, self.router, not low_cpu_mem_usage)
         except Exception:
             self._remove_traces(adapter_name)
             raise
-        if any(getattr(layer, "transposed", False) for _, layer in adapter_layers(self)):
+        self._wrappers = None
+        if any(getattr(layer, "transposed", False) for layer in self._layers()):
             config.fan_in_fan_out = True  # GPT-2's Conv1D layout, as PEFT records it
         self.peft_config[adapter_name] = config
         self.router.names = list(self.peft_config)
@@ -132,11 +156,11 @@ class AdaptedModel(nn.Module):
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The parameters of one adapter (LoRA factors, magnitudes, saved-module copies)."""
         params: list[nn.Parameter] = []
-        for _, layer in adapter_layers(self):
+        for layer in self._layers():
             for store in (layer.lora_a, layer.lora_b, layer.lora_magnitude_vector):
                 if adapter_name in store:
                     params.append(store[adapter_name])
-        for _, wrapper in saved_modules(self):
+        for wrapper in self._saved():
             if adapter_name in wrapper.modules_to_save:
                 params += list(wrapper.modules_to_save[adapter_name].parameters())
         return params
@@ -147,7 +171,7 @@ class AdaptedModel(nn.Module):
         for name in names:
             self._check_name(name)
         self._active = names
-        for _, module in [*adapter_layers(self), *saved_modules(self)]:
+        for module in [*self._layers(), *self._saved()]:
             module.active = list(names)
 
     @property
@@ -177,6 +201,7 @@ class AdaptedModel(nn.Module):
         self.set_adapter(remaining) if remaining else setattr(self, "_active", [])
 
     def _remove_traces(self, adapter_name: str) -> None:
+        self._wrappers = None
         for name, layer in list(adapter_layers(self.base_model)):
             layer.delete(adapter_name)
             if not layer.specs:
@@ -189,8 +214,8 @@ class AdaptedModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model is the base model; merged adapters are unmerged first."""
-        merged = {id(layer): list(layer.merged) for _, layer in adapter_layers(self)}
-        modules = [m for _, m in [*adapter_layers(self), *saved_modules(self)]]
+        merged = {id(layer): list(layer.merged) for layer in self._layers()}
+        modules = [*self._layers(), *self._saved()]
         for module in modules:
             if isinstance(module, LoraLayer):
                 module.unmerge()
@@ -209,23 +234,25 @@ class AdaptedModel(nn.Module):
         names = self._active if adapter_names is None else adapter_names
         for name in names:
             self._check_name(name)
-        for _, layer in adapter_layers(self):
+        for layer in self._layers():
             layer.merge(list(names))
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out of the base weights."""
-        for _, layer in adapter_layers(self):
+        for layer in self._layers():
             layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters and return the plain base model (no wrappers left)."""
-        for _, layer in adapter_layers(self):
+        for layer in self._layers():
             layer.unmerge()  # so only the active adapters end up in the weights
             layer.active = list(self._active)
+        self._wrappers = None
         return unwrap_all(self.base_model, merge=True)
 
     def unload(self) -> nn.Module:
         """Return the base model as it was: adapters removed, nothing merged."""
+        self._wrappers = None
         return unwrap_all(self.base_model, merge=False)
 
     # -- counting -----------------------------------------------------------------------------
@@ -331,7 +358,9 @@ class AdaptedModel(nn.Module):
             config = config_cls.from_dict(data, source=str(config_path))
         config.inference_mode = not is_trainable
         tensors = load_tensors(directory, allow_pickle=allow_pickle)
-        self.add_adapter(adapter_name, config)
+        # A strict load fills every tensor, so initialising them first would be wasted work;
+        # a partial one keeps a proper initialisation for the keys the file lacks.
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=not allow_partial)
         try:
             self._fill(adapter_name, tensors, directory, allow_partial)
         except Exception:
@@ -366,7 +395,7 @@ class AdaptedModel(nn.Module):
         with torch.no_grad():
             for key in set(expected) & set(tensors):
                 expected[key].copy_(tensors[key])
-        for _, layer in adapter_layers(self):
+        for layer in self._layers():
             layer._stack_cache = None
 
     def _drop_unchanged_embeddings(

@@ -116,7 +116,7 @@ class AdapterSpec:
     dropout: float = 0.0
     use_rslora: bool = False
     use_dora: bool = False
-    init: bool | str = True
+    init: bool | str | None = True  # None: allocate only (the tensors are loaded next)
 
     @property
     def scale(self) -> float:
@@ -338,20 +338,23 @@ class LoraLinear(LoraLayer):
         }
         a = torch.empty(spec.r, self.in_features, **kw)
         b = torch.empty(self.out_features, spec.r, **kw)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if spec.init == "gaussian":
-            nn.init.normal_(a, std=1 / spec.r)
-        if spec.init is False:
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(b)
+        if spec.init is not None:  # None: left empty, every tensor is about to be loaded
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            if spec.init == "gaussian":
+                nn.init.normal_(a, std=1 / spec.r)
+            if spec.init is False:
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(b)
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.specs[name] = spec
         if spec.use_dora:
-            with torch.no_grad():
-                norm = self.dora_norm(self.delta_weight(name))
-            self.lora_magnitude_vector[name] = nn.Parameter(norm.to(a.dtype))
+            norm = torch.empty(self.out_features, **kw)
+            if spec.init is not None:
+                with torch.no_grad():
+                    norm = self.dora_norm(self.delta_weight(name)).to(a.dtype)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm)
         self._stack_cache = None
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -463,10 +466,13 @@ class LoraEmbedding(LoraLayer):
                 "DoRA is supported for Linear and Conv1D layers, not Embedding"
             )
         kw: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
-        a = torch.randn(spec.r, self.num_embeddings, **kw)
-        b = torch.randn(self.embedding_dim, spec.r, **kw)
-        if spec.init is not False:
-            nn.init.zeros_(a)
+        a = torch.empty(spec.r, self.num_embeddings, **kw)
+        b = torch.empty(self.embedding_dim, spec.r, **kw)
+        if spec.init is not None:  # None: left empty, every tensor is about to be loaded
+            nn.init.normal_(a)
+            nn.init.normal_(b)
+            if spec.init is not False:
+                nn.init.zeros_(a)
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
         self.specs[name] = spec
