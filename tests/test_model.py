@@ -256,3 +256,15 @@ def test_print_trainable_parameters(capsys: pytest.CaptureFixture[str]) -> None:
         f"trainable params: {trainable:,d} || all params: {total:,d} || "
         f"trainable%: {100 * trainable / total:.4f}\n"
     )
+
+
+def test_mixed_batch_sees_adapter_weights_changed_in_place() -> None:
+    """The stacked-adapter cache must not serve stale weights after an optimizer step."""
+    model = _mixed_model()
+    x = tokens(batch=2)
+    logits(model, x, adapter_names=["medical", "legal"])  # builds the cache
+    with torch.no_grad():
+        model.base_model.model.layers[0].self_attn.q_proj.lora_B["medical"].add_(0.5)
+    mixed = logits(model, x, adapter_names=["medical", "legal"])
+    model.set_adapter("medical")
+    torch.testing.assert_close(mixed[0], logits(model, x)[0], atol=1e-5, rtol=1e-5)

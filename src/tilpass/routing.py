@@ -27,9 +27,11 @@ class Plan:
         single: the one adapter id every token uses (-1 = base), or None for a real mix.
         present: (G,) global ids of the adapters that occur, in group order.
         index: (G, m) token index of each group slot; padded slots point at token 0.
-        mask: (G, m, 1) 1 for real slots, 0 for padding; None when groups are equal-sized.
-        dense: True when every token belongs to some group exactly once (no base tokens, no
-            padding), so the scatter can be a plain index copy.
+        mask: (G, m, 1) True for real slots; None when the groups are equal-sized.
+        flat_index: `index` flattened, the scatter target of each slot.
+        token_ids: (n,) adapter id of each token (-1 = base).
+        inverse: (n,) slot of each token, when every token fills exactly one slot (no base
+            rows, no padding): then results return by a gather instead of a scatter-add.
     """
 
     single: int | None
@@ -37,7 +39,8 @@ class Plan:
     index: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     flat_index: torch.Tensor | None = None
-    token_ids: torch.Tensor | None = None  # (n,) adapter id of each token
+    token_ids: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
     masks_by_dtype: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
 
     def mask_as(self, dtype: torch.dtype) -> torch.Tensor | None:
@@ -121,8 +124,14 @@ def build_plan(row_ids: torch.Tensor, n_tokens: int, device: torch.device) -> Pl
     groups, width = present.numel(), int(counts.max())
     if int(counts.min()) == width:  # equal groups: a plain reshape, no padding
         index = order.view(groups, width)
+        inverse = torch.argsort(order) if order.numel() == n_tokens else None
         return Plan(
-            single=None, present=present, index=index, flat_index=order, token_ids=token_ids
+            single=None,
+            present=present,
+            index=index,
+            flat_index=order,
+            token_ids=token_ids,
+            inverse=inverse,
         )
     starts = torch.cumsum(counts, 0) - counts  # (G,)
     slot = torch.arange(width, device=device)  # (m,)
@@ -154,7 +163,8 @@ def grouped_lora(
     Returns:
         `out`.
     """
-    h = x[plan.index]  # (G, m, in)
+    assert plan.index is not None and plan.flat_index is not None
+    h = x.index_select(0, plan.flat_index).view(*plan.index.shape, x.shape[-1])  # (G, m, in)
     present = plan.present
     if present is not None and present.numel() != a_t.shape[0]:
         a_t, b_t = a_t[present], b_t[present]  # only the adapters in this batch
@@ -167,7 +177,8 @@ def grouped_lora(
 
 def grouped_b(h: torch.Tensor, b_t: torch.Tensor, plan: Plan, out: torch.Tensor) -> torch.Tensor:
     """Add per-token `h @ B_g^T` into `out` for rank-space inputs `h` (n, r)."""
-    hg = h[plan.index]  # (G, m, r)
+    assert plan.index is not None and plan.flat_index is not None
+    hg = h.index_select(0, plan.flat_index).view(*plan.index.shape, h.shape[-1])  # (G, m, r)
     present = plan.present
     if present is not None and present.numel() != b_t.shape[0]:
         b_t = b_t[present]
@@ -180,5 +191,8 @@ def grouped_b(h: torch.Tensor, b_t: torch.Tensor, plan: Plan, out: torch.Tensor)
 def scatter_add_rows(y: torch.Tensor, plan: Plan, out: torch.Tensor) -> torch.Tensor:
     """Add grouped outputs (G, m, out) to their tokens' rows of `out` (n, out), in place."""
     assert plan.flat_index is not None
+    flat = y.reshape(-1, y.shape[-1])  # (G * m, out)
+    if plan.inverse is not None:  # a gather back into token order beats a scatter-add
+        return out.add_(flat.index_select(0, plan.inverse))
     # Padded slots point at token 0 and carry zeros, so index_add leaves it correct.
-    return out.index_add_(0, plan.flat_index, y.reshape(-1, y.shape[-1]))
+    return out.index_add_(0, plan.flat_index, flat)

@@ -124,6 +124,17 @@ class AdapterSpec:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
+@dataclasses.dataclass
+class _StackCache:
+    """The stacked adapters of one layer and what they were built from."""
+
+    names: list[str]
+    dtype: torch.dtype
+    params: list[nn.Parameter]
+    versions: list[int]
+    tensors: tuple[torch.Tensor, ...]
+
+
 class LoraLayer(nn.Module):
     """State shared by the LoRA layer kinds: named adapters, activation, merging, routing."""
 
@@ -149,7 +160,7 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self.lora_magnitude_vector = nn.ParameterDict()
         self._merge_norms: dict[str, torch.Tensor] = {}
-        self._stack_cache: tuple[Any, tuple[torch.Tensor, ...]] | None = None
+        self._stack_cache: _StackCache | None = None
 
     # -- what each kind provides ------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -237,18 +248,26 @@ class LoraLayer(nn.Module):
     def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """(A^T, (s B)^T) of every router adapter stacked by global id; zeros where absent.
 
-        Derived state: cached under no-grad, keyed on the adapters' tensor versions so an
-        optimizer step or a reload rebuilds it.
+        Derived state: cached under no-grad, and rebuilt when the router's adapter list is
+        replaced or any adapter tensor's version moves (an optimizer step, a reload). The
+        check is a short loop over integers, since it runs in every layer of every forward.
         """
         assert self.router is not None
         names = self.router.names
+        cache = self._stack_cache
+        if (
+            cache is not None
+            and cache.names is names
+            and cache.dtype == dtype
+            and all(p._version == v for p, v in zip(cache.params, cache.versions, strict=True))
+        ):
+            return cache.tensors
         params = [p for n in names if n in self.specs for p in (self.lora_a[n], self.lora_b[n])]
-        key = (tuple(names), tuple(p._version for p in params), tuple(map(id, params)), dtype)
-        use_cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-        if use_cache and self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
         stacks = self.build_stack(names, dtype)
-        self._stack_cache = (key, stacks) if use_cache else None
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            self._stack_cache = _StackCache(
+                names, dtype, params, [p._version for p in params], stacks
+            )
         return stacks
 
     def build_stack(self, names: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
