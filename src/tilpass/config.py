@@ -16,6 +16,8 @@ from typing import Any, ClassVar, TypeVar
 from tilpass.errors import AdapterFileError
 
 CONFIG_NAME = "adapter_config.json"
+# Bookkeeping PEFT writes into every file; it changes nothing about the adapter.
+PEFT_METADATA = frozenset({"auto_mapping", "peft_version", "megatron_core"})
 
 C = TypeVar("C", bound="AdapterConfig")
 
@@ -50,7 +52,11 @@ class AdapterConfig:
         unknown = sorted(k for k in data if k not in names and k != "peft_type")
         # PEFT writes many fields for features tilpass lacks; they are only worth a warning when
         # set to something other than their "off" value.
-        active = [k for k in unknown if data[k] not in (None, False, {}, [], "", 16)]
+        active = [
+            k
+            for k in unknown
+            if k not in PEFT_METADATA and data[k] not in (None, False, {}, [], "", 16)
+        ]
         if active:
             warnings.warn(
                 f"{source}: ignoring fields tilpass does not know: {', '.join(active)}",
