@@ -88,8 +88,15 @@ CASES = [
             "alpha_pattern": {"q_proj": 32, "o_proj": 5},
         },
     ),
-    Case("llama-dora", "llama", {"target_modules": ["q_proj", "v_proj"], "use_dora": True}, mixed=False),
-    Case("gpt2-dora", "gpt2", {"target_modules": ["c_attn", "c_fc"], "use_dora": True}, mixed=False),
+    Case(
+        "llama-dora",
+        "llama",
+        {"target_modules": ["q_proj", "v_proj"], "use_dora": True},
+        mixed=False,
+    ),
+    Case(
+        "gpt2-dora", "gpt2", {"target_modules": ["c_attn", "c_fc"], "use_dora": True}, mixed=False
+    ),
     Case(
         "llama-modules_to_save",
         "llama",

@@ -417,3 +417,14 @@ def test_with_data_module_and_generation_eval(tmp_path: Path, tiny_tokenizer: An
     ev = result.eval_metrics
     assert ev["exact_match_n"] == 4 and 0.0 <= ev["exact_match"] <= 1.0
     assert ev["examples"][0]["reference"] == "0" and ev["eval_tokens"] > 0
+
+
+def test_consumed_examples_replays_the_data_order() -> None:
+    from tilpass.train import TrainConfig, consumed_examples, epoch_batches
+
+    config = TrainConfig(batch_size=4, gradient_accumulation_steps=1, seed=3)
+    seen = consumed_examples(10, 4, config)  # 3 batches per epoch, then one of epoch 1
+    assert sorted(seen[:10]) == list(range(10)) and len(seen) == 14
+    assert seen[10:] == epoch_batches(10, 4, 3, 1)[0]
+    accumulated = TrainConfig(batch_size=2, gradient_accumulation_steps=2, seed=3)
+    assert len(consumed_examples(10, 3, accumulated)) == 10  # 5 micro-batches: 2 + 2 + 1

@@ -26,8 +26,20 @@ from tilpass.data import build_dataset, collate, load_records
 from tilpass.evaluate import evaluate_generation, evaluate_loss
 from tilpass.methods.lora import LoraConfig
 from tilpass.model import get_peft_model
-from tilpass.models import DEFAULT_MODEL, load_model, resolve_model_path, weights_sha256
-from tilpass.train import TrainConfig, TrainResult, seed_everything, train
+from tilpass.models import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_ALIASES,
+    load_model,
+    resolve_model_path,
+    weights_sha256,
+)
+from tilpass.train import (
+    TrainConfig,
+    TrainResult,
+    consumed_examples,
+    seed_everything,
+    train,
+)
 
 METHODS = ("lora", "full")
 
@@ -212,12 +224,14 @@ def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunRe
     if eval_ds is not None and config.eval_before:
         log("evaluating the base model ...")
         before = evaluate_all(model, tokenizer, eval_ds, records, config)
+    # Cards and adapter configs name the default model by its hub id, as PEFT and vLLM expect.
+    base_name = DEFAULT_MODEL_ALIASES[1] if config.model in DEFAULT_MODEL_ALIASES else config.model
     seed_everything(config.training.seed)  # the adapter's initial weights follow the seed
     if config.method == "lora":
         lora = LoraConfig(
             **dataclasses.asdict(config.lora),
             task_type="CAUSAL_LM",
-            base_model_name_or_path=config.model,
+            base_model_name_or_path=base_name,
         )
         model = get_peft_model(model, lora)
     else:
@@ -254,8 +268,10 @@ def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunRe
         adapter_config = {"method": "full"}
     examples = after.pop("examples", [])
     before.pop("examples", None)
+    lengths = train_ds.lengths
+    consumed = consumed_examples(len(train_ds), result.global_step, config.training)
     change = ChangeRecord(
-        base_model=config.model,
+        base_model=base_name,
         base_weights_sha256=weights_sha256(model_dir),
         method="LoRA" if config.method == "lora" else "full fine-tuning",
         adapter_config=adapter_config,
@@ -265,7 +281,7 @@ def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunRe
         metrics_before=before,
         metrics_after=after,
         steps=result.global_step,
-        tokens=train_ds.stats.n_tokens,
+        tokens=sum(lengths[i] for i in consumed),
         wall_time_s=wall,
         run_config=config.to_dict(),
         task=config.task or None,

@@ -201,6 +201,22 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> 
     return [perm[i : i + batch_size] for i in range(0, num_examples, batch_size)]
 
 
+def consumed_examples(num_examples: int, steps: int, config: TrainConfig) -> list[int]:
+    """Indices of the examples the first `steps` optimizer steps train on, in order.
+
+    The data order depends only on the seed and the epoch, so this replays it exactly (the
+    change record counts trained tokens with it, resumed runs included).
+    """
+    accum = config.gradient_accumulation_steps
+    per_epoch = math.ceil(math.ceil(num_examples / config.batch_size) / accum)
+    out: list[int] = []
+    for step in range(steps):
+        batches = epoch_batches(num_examples, config.batch_size, config.seed, step // per_epoch)
+        first = (step % per_epoch) * accum
+        out += [i for batch in batches[first : first + accum] for i in batch]
+    return out
+
+
 def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
     if step < warmup:
