@@ -10,8 +10,10 @@ import tilpass
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """A 2-layer Llama with hidden size 32, identical for the same seed."""
+def tiny_llama(
+    seed: int = 0, dtype: torch.dtype = torch.float32, vocab_size: int = VOCAB
+) -> LlamaForCausalLM:
+    """A 2-layer Llama with hidden size 32 in eval mode, identical for the same seed."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=32,
@@ -19,7 +21,8 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCau
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
+        max_position_embeddings=64,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,

@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
+from tests import helpers
 from tilpass.evaluate import (
     evaluate_generation,
     evaluate_loss,
@@ -21,20 +22,7 @@ PAD, EOS = 0, 2
 
 
 def tiny_llama(dtype: torch.dtype = torch.float64) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        eos_token_id=EOS,
-    )
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return helpers.tiny_llama(0, dtype, vocab_size=VOCAB)
 
 
 class CharTokenizer:

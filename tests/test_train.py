@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tests import helpers
 from tilpass.evaluate import causal_lm_loss, selective_loss_matches
 from tilpass.train import (
     GradientFlowError,
@@ -44,20 +45,7 @@ def peft_api() -> tuple[Any, Any]:
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(cfg).to(dtype)
+    return helpers.tiny_llama(seed, dtype, vocab_size=VOCAB).train()
 
 
 def tiny_lora(
@@ -347,7 +335,7 @@ def test_resume_rejects_changed_data_settings(tmp_path: Path) -> None:
 
 _CRASH_SCRIPT = """
 import os, sys
-sys.path[:0] = [{src!r}, {tests!r}]
+sys.path[:0] = [{src!r}, {tests!r}, os.path.dirname({tests!r})]
 from test_train import cfg, collate, make_items, tiny_lora
 from tilpass.train import train
 
