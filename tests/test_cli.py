@@ -123,7 +123,9 @@ def sha256(path: Path) -> str:
 def test_train_end_to_end(tmp_path: Path, tiny_model_dir: Path, data: tuple[Path, Path]) -> None:
     train, test = data
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"task": "tiny triage", "training": {"save_steps": 4}}))
+    config.write_text(
+        yaml.safe_dump({"task": "tiny triage", "training": {"save_steps": 4, "eval_steps": 4}})
+    )
     out = tmp_path / "out"
     proc = tilpass("train", str(config), *common(tiny_model_dir, train, test, out), cwd=tmp_path)
     assert "exact_match" in proc.stdout and "tilpass generate" in proc.stdout
@@ -137,6 +139,9 @@ def test_train_end_to_end(tmp_path: Path, tiny_model_dir: Path, data: tuple[Path
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["task"] == "tiny triage" and resolved["training"]["max_steps"] == 8
     assert resolved["lora"]["r"] == 4 and resolved["training"]["save_steps"] == 4
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "eval"] == [4, 8]
+    assert all("exact_match" in e for e in events if e["event"] == "eval")
     assert (out / "metrics.jsonl").is_file() and (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
     record = json.loads((adapter / "tilpass_record.json").read_text())

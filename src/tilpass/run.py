@@ -244,19 +244,27 @@ def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunRe
         f"trainable%: {100 * trainable / total:.4f}"
     )
     started = time.perf_counter()
+    # The loop evaluates on the held-out split every `eval_steps` and at the end; that final
+    # evaluation is the "after" column.
     result = train(
         model,
         train_ds,
-        None,
+        eval_ds,
         partial(collate, pad_token_id=train_ds.pad_token_id),
         config.training,
         out,
+        tokenizer=tokenizer if records else None,
+        eval_records=records or None,
         resume=resume,
     )
     wall = time.perf_counter() - started
+    final = result.eval_metrics
     after: dict[str, Any] = {}
-    if eval_ds is not None:
-        log("evaluating the trained model ...")
+    if "eval_loss" in final:
+        after = {"loss": final["eval_loss"], "perplexity": final["eval_perplexity"]}
+    if "exact_match" in final:
+        after |= {"exact_match": final["exact_match"], "examples": final.get("examples", [])}
+    if eval_ds is not None and not after:  # resumed from a checkpoint of a finished run
         after = evaluate_all(model, tokenizer, eval_ds, records, config)
     adapter_dir = out / "adapter"
     if config.method == "lora":
