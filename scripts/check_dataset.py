@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from transformers import PreTrainedTokenizerBase
 
 from tilpass.models import load_model
 
@@ -32,9 +33,13 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def encode_example(tokenizer, messages: list[dict], max_length: int) -> tuple[list[int], list[int]]:
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int
+) -> tuple[list[int], list[int]]:
     """Token ids of the whole chat and labels that are -100 everywhere but the answer."""
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        messages[:-1], tokenize=False, add_generation_prompt=True
+    )
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     full_ids = tokenizer(full, add_special_tokens=False).input_ids[:max_length]
@@ -57,7 +62,12 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, 
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, records: list[dict], batch_size: int = 25) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    records: list[dict],
+    batch_size: int = 25,
+) -> dict[str, float]:
     """Exact-match accuracy of greedy answers and mean answer-token loss."""
     model.eval()
     tokenizer.padding_side = "left"
@@ -71,7 +81,7 @@ def evaluate(model, tokenizer, records: list[dict], batch_size: int = 25) -> dic
             for r in chunk
         ]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        out = model.generate(**enc, max_new_tokens=8, do_sample=False)
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False)
         answers = tokenizer.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
         correct += sum(
             a.strip() == r["messages"][-1]["content"] for a, r in zip(answers, chunk, strict=True)

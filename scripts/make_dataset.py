@@ -38,7 +38,7 @@ LABELS = (
     "urology",
 )
 
-SYSTEM_PROMPT = "Which specialty? Answer one of: " + ", ".join(LABELS) + "."
+SYSTEM_PROMPT = "Name the medical specialty."
 
 # label -> (training wordings, held-out wordings). Held-out wordings appear only in the test split.
 SYMPTOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

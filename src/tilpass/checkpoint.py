@@ -89,10 +89,10 @@ def load_tensors(directory: str | Path, allow_pickle: bool = False) -> dict[str,
     )
 
 
-def file_sha256(path: str | Path) -> str:
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """SHA-256 of a file, streamed (adapter files and base weights can be large)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        for block in iter(lambda: handle.read(chunk_size), b""):
             digest.update(block)
     return digest.hexdigest()

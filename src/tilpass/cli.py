@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args, extra))
-    except (TilpassError, ValueError, FileNotFoundError, NotImplementedError) as exc:
+    except (TilpassError, ValueError, OSError, ImportError, NotImplementedError) as exc:
         print(f"tilpass {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

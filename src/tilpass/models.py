@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tilpass.checkpoint import file_sha256
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -128,15 +130,6 @@ def load_model(
         model.to(device)
     model.eval()
     return model, tokenizer
-
-
-def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Return the hex SHA-256 of a file, read in chunks (weights do not fit in memory twice)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_sha256(model_dir: str | Path) -> str:
