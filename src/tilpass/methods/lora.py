@@ -393,11 +393,13 @@ class LoraLinear(LoraLayer):
 
     def add_lora(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         spec = self.specs[name]
-        a, b = self.lora_A[name], self.lora_B[name]
+        # The dicts' own storage: ParameterDict's item lookup goes through Module.__getattr__,
+        # which costs more than the rest of this hot path's Python together.
+        a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
         xd = F.dropout(x, spec.dropout, self.training) if spec.dropout and self.training else x
         if spec.use_dora:
             return self._add_dora(x, xd, result, name)
-        h = F.linear(xd.to(a.dtype), a)  # (..., r)
+        h = F.linear(xd if xd.dtype == a.dtype else xd.to(a.dtype), a)  # (..., r)
         if result.is_contiguous() and result.dtype == h.dtype:
             flat = result.view(-1, self.out_features)
             flat.addmm_(h.reshape(-1, spec.r), b.T, alpha=spec.scale)  # one fused kernel
