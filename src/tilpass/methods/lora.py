@@ -400,11 +400,15 @@ class LoraLinear(LoraLayer):
         if spec.use_dora:
             return self._add_dora(x, xd, result, name)
         h = F.linear(xd if xd.dtype == a.dtype else xd.to(a.dtype), a)  # (..., r)
-        if result.is_contiguous() and result.dtype == h.dtype:
-            flat = result.view(-1, self.out_features)
-            flat.addmm_(h.reshape(-1, spec.r), b.T, alpha=spec.scale)  # one fused kernel
-            return result
-        return result + F.linear(h, b).to(result.dtype) * spec.scale
+        if result.dtype != h.dtype or not result.is_contiguous():
+            return result + F.linear(h, b).to(result.dtype) * spec.scale
+        flat = result.view(-1, self.out_features)  # (n, out)
+        if torch.is_grad_enabled():  # out of place: an in-place op on a view costs in backward
+            return torch.addmm(flat, h.reshape(-1, spec.r), b.T, alpha=spec.scale).view(
+                result.shape
+            )
+        flat.addmm_(h.reshape(-1, spec.r), b.T, alpha=spec.scale)  # one fused kernel
+        return result
 
     def _add_dora(
         self, x: torch.Tensor, xd: torch.Tensor, result: torch.Tensor, name: str
