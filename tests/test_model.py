@@ -84,6 +84,35 @@ def test_merge_unmerge_and_merge_and_unload(factory: object) -> None:
     torch.testing.assert_close(logits(plain, x), unmerged, atol=1e-5, rtol=1e-5)
 
 
+def test_merging_a_tied_embedding_keeps_the_head_and_reties_on_unmerge(tmp_path: object) -> None:
+    """GPT-2's wte is lm_head's weight: merging must not change the head's weight."""
+    x = tokens()
+    model = tilpass.get_peft_model(tiny_gpt2(), lora(target_modules=["wte", "c_attn"]))
+    head = model.base_model.lm_head.weight
+    wte = model.base_model.transformer.wte
+    assert wte.weight is head
+    base_head = head.detach().clone()
+    unmerged = logits(model, x)
+
+    model.merge_adapter()
+    assert wte.weight is not head and torch.equal(head, base_head)
+    torch.testing.assert_close(logits(model, x), unmerged, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    assert wte.weight is head and torch.equal(head, base_head)  # tie restored, exactly
+
+    with pytest.warns(
+        UserWarning, match=r"transformer\.wte\.weight \(shared with lm_head\.weight\)"
+    ):
+        plain = model.merge_and_unload()
+    assert plain.transformer.wte.weight is not plain.lm_head.weight
+    assert torch.equal(plain.lm_head.weight, base_head)
+    torch.testing.assert_close(logits(plain, x), unmerged, atol=1e-5, rtol=1e-5)
+
+    plain.save_pretrained(tmp_path)  # the untie survives a save and a reload
+    reloaded = type(plain).from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(reloaded, x), logits(plain, x))
+
+
 def test_unload_gives_the_base_model_back() -> None:
     x = tokens()
     expected = logits(tiny_llama(), x)

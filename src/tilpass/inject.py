@@ -11,6 +11,7 @@ lists the module names that exist, instead of a silently smaller adapter.
 from __future__ import annotations
 
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 
@@ -46,6 +47,28 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
+
+
+def mark_shared_weights(model: nn.Module) -> list[tuple[str, list[str]]]:
+    """Tell each LoRA layer which other modules use its weight tensor (tied embeddings).
+
+    Returns (layer, [other parameter names]) for each layer whose weight is shared, so the
+    caller can say what merging unties.
+    """
+    users: dict[int, list[str]] = defaultdict(list)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        users[id(param)].append(name)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and module._shared_weight is not None:
+            users[id(module._shared_weight)].append(name + ".weight")  # merged: a private copy
+    shared = []
+    for name, layer in adapter_layers(model):
+        own = name + ".weight"
+        weight = layer._shared_weight if layer._shared_weight is not None else layer.weight
+        layer.weight_shared_with = [n for n in users[id(weight)] if n != own]
+        if layer.weight_shared_with:
+            shared.append((name, layer.weight_shared_with))
+    return shared
 
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
@@ -222,7 +245,19 @@ def find_saved(model: nn.Module, entries: list[str] | None) -> list[str]:
 
 
 def unwrap_all(model: nn.Module, merge: bool) -> nn.Module:
-    """Replace every adapter layer by its base module (merging first if `merge`)."""
+    """Replace every adapter layer by its base module (merging first if `merge`).
+
+    A merged layer whose weight another module shares (a tied embedding) gets its own copy;
+    the model's config then stops declaring the tie, so saving and reloading keep both.
+    """
+    if merge:
+        untied = [
+            (name, other)
+            for name, other in mark_shared_weights(model)
+            if any(a in model_layer(model, name).specs for a in model_layer(model, name).active)
+        ]
+        if untied:
+            _untie_config(model, untied)
     for name, layer in list(adapter_layers(model)):
         if merge:
             layer.merge(list(layer.active))
@@ -232,3 +267,24 @@ def unwrap_all(model: nn.Module, merge: bool) -> nn.Module:
     for name, wrapper in list(saved_modules(model)):
         _replace(model, name, wrapper.unwrap(merge))
     return model
+
+
+def model_layer(model: nn.Module, name: str) -> LoraLayer:
+    """The LoRA layer at module path `name`."""
+    layer = model.get_submodule(name)
+    assert isinstance(layer, LoraLayer)
+    return layer
+
+
+def _untie_config(model: nn.Module, untied: list[tuple[str, list[str]]]) -> None:
+    """Record that merging untied shared weights, and warn: the saved model grows."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+    where = "; ".join(f"{name}.weight (shared with {', '.join(other)})" for name, other in untied)
+    warnings.warn(
+        f"merging untied {where}: the merged layer gets its own weight so the other module "
+        "keeps the base weight and outputs match the unmerged model; the model's config now "
+        "has tie_word_embeddings=False.",
+        stacklevel=3,
+    )

@@ -20,7 +20,14 @@ from torch import nn
 from tilpass.checkpoint import WEIGHTS_NAME, load_tensors, save_tensors
 from tilpass.config import AdapterConfig, read_config_dict
 from tilpass.errors import AdapterFileError, AdapterNameError
-from tilpass.inject import _replace, adapter_layers, inject, saved_modules, unwrap_all
+from tilpass.inject import (
+    _replace,
+    adapter_layers,
+    inject,
+    mark_shared_weights,
+    saved_modules,
+    unwrap_all,
+)
 from tilpass.methods import CONFIGS
 from tilpass.methods.lora import LoraConfig, LoraLayer
 from tilpass.routing import BASE, Router
@@ -234,6 +241,7 @@ class AdaptedModel(nn.Module):
         names = self._active if adapter_names is None else adapter_names
         for name in names:
             self._check_name(name)
+        mark_shared_weights(self.base_model)  # a tied weight is merged on a private copy
         for layer in self._layers():
             layer.merge(list(names))
 

@@ -161,6 +161,11 @@ class LoraLayer(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()
         self._merge_norms: dict[str, torch.Tensor] = {}
         self._stack_cache: _StackCache | None = None
+        # Set by the model before merging when another module uses the same weight tensor
+        # (GPT-2's wte is lm_head's weight): merging then works on a private copy, so the
+        # other module keeps the base weight, and unmerging puts the shared tensor back.
+        self.weight_shared_with: list[str] = []
+        self._shared_weight: nn.Parameter | None = None
 
     # -- what each kind provides ------------------------------------------------------------
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -292,6 +297,9 @@ class LoraLayer(nn.Module):
         for name in self.active if names is None else names:
             if name not in self.specs or name in self.merged:
                 continue
+            if self.weight_shared_with and self._shared_weight is None:
+                self._shared_weight = self.weight
+                self.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=False)
             delta = self.delta_weight(name)
             if self.specs[name].use_dora:
                 norm = self.dora_norm(delta)
@@ -307,6 +315,11 @@ class LoraLayer(nn.Module):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract every merged update again, last merged first."""
+        if self._shared_weight is not None:  # the shared tensor was never touched
+            self.weight = self._shared_weight
+            self._shared_weight = None
+            self.merged.clear()
+            self._merge_norms.clear()
         while self.merged:
             name = self.merged.pop()
             delta = self.delta_weight(name)
