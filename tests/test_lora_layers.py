@@ -10,6 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tests.reference import lora_ref
+from tilpass.methods.fused import lora_linear
 from tilpass.methods.lora import AdapterSpec, LoraEmbedding, LoraLinear, make_layer
 
 # One tolerance table for every comparison: (atol, rtol) per dtype.
@@ -39,10 +40,20 @@ def linear_layer(
     return layer
 
 
+# The layers take different paths with and without autograd (no-grad forwards use cached
+# transposed operands and one fused GEMM); every path is checked against the reference.
+GRAD_MODES = {
+    "grad": torch.enable_grad,
+    "no_grad": torch.no_grad,
+    "inference_mode": torch.inference_mode,
+}
+
+
+@pytest.mark.parametrize("mode", GRAD_MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rslora", [False, True])
-def test_linear_matches_reference(dtype: torch.dtype, bias: bool, rslora: bool) -> None:
+def test_linear_matches_reference(dtype: torch.dtype, bias: bool, rslora: bool, mode: str) -> None:
     layer = linear_layer(dtype, bias, AdapterSpec(r=4, alpha=8, use_rslora=rslora))
     x = torch.randn(3, 5, 12, dtype=dtype)
     scale = 8 / (math.sqrt(4) if rslora else 4)
@@ -50,11 +61,46 @@ def test_linear_matches_reference(dtype: torch.dtype, bias: bool, rslora: bool) 
     expected = lora_ref.linear(
         x, layer.weight, layer.bias, layer.lora_A["a"], layer.lora_B["a"], scale
     )
-    close(layer(x), expected, dtype)
+    with GRAD_MODES[mode]():
+        close(layer(x), expected, dtype)
 
 
+def test_no_grad_forward_sees_adapters_changed_in_place_or_replaced() -> None:
+    """The no-grad path caches transposed A and B; an update must never serve stale ones."""
+    layer = linear_layer(torch.float64)
+    x = torch.randn(2, 12, dtype=torch.float64)
+
+    def expected() -> torch.Tensor:
+        a, b = layer.lora_A["a"], layer.lora_B["a"]
+        return lora_ref.linear(x, layer.weight, layer.bias, a, b, 2.0)
+
+    with torch.no_grad():
+        close(layer(x), expected(), torch.float64)
+        layer.lora_B["a"].mul_(-3)  # as an optimizer step or a reload does
+        close(layer(x), expected(), torch.float64)
+        layer.lora_A["a"].add_(1)
+        close(layer(x), expected(), torch.float64)
+        layer.lora_B["a"] = nn.Parameter(torch.randn(10, 4, dtype=torch.float64))
+        close(layer(x), expected(), torch.float64)
+
+
+@pytest.mark.parametrize("mode", GRAD_MODES)
+def test_several_active_adapters_match_the_reference_sum(mode: str) -> None:
+    layer = linear_layer(torch.float64)
+    layer.add("b", AdapterSpec(r=2, alpha=3))
+    randomize(layer, "b")
+    layer.active = ["a", "b"]
+    x = torch.randn(4, 12, dtype=torch.float64)
+    a_only = lora_ref.linear(x, layer.weight, layer.bias, layer.lora_A["a"], layer.lora_B["a"], 2.0)
+    b_delta = lora_ref.linear(x, layer.weight, None, layer.lora_A["b"], layer.lora_B["b"], 1.5)
+    b_delta = b_delta - x.double() @ layer.weight.double().T
+    with GRAD_MODES[mode]():
+        close(layer(x), a_only + b_delta, torch.float64)
+
+
+@pytest.mark.parametrize("mode", GRAD_MODES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_conv1d_matches_reference(dtype: torch.dtype) -> None:
+def test_conv1d_matches_reference(dtype: torch.dtype, mode: str) -> None:
     torch.manual_seed(0)
     base = Conv1D(10, 12).to(dtype)  # nf=out=10, nx=in=12: weight (12, 10)
     with torch.no_grad():
@@ -68,7 +114,8 @@ def test_conv1d_matches_reference(dtype: torch.dtype) -> None:
     expected = lora_ref.conv1d(
         x, layer.weight, layer.bias, layer.lora_A["a"], layer.lora_B["a"], 2.0
     )
-    close(layer(x), expected, dtype)
+    with GRAD_MODES[mode]():
+        close(layer(x), expected, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -189,6 +236,54 @@ def test_gradients_reach_only_adapter_parameters() -> None:
     assert layer.weight.grad is None and layer.bias.grad is None
     assert layer.lora_A["a"].grad is not None and layer.lora_A["a"].grad.abs().sum() > 0
     assert layer.lora_B["a"].grad is not None and layer.lora_B["a"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropped", [False, True])
+@pytest.mark.parametrize("scale", [2.0, 1.0])
+def test_fused_autograd_node_passes_gradcheck(bias: bool, dropped: bool, scale: float) -> None:
+    """The one-node LoRA forward/backward against finite differences, in float64."""
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int, grad: bool = True) -> torch.Tensor:
+        t = torch.randn(*shape, dtype=torch.float64, generator=gen)
+        return t.requires_grad_(grad)
+
+    x, a, b = rand(2, 3, 5), rand(2, 5), rand(4, 2)
+    xd = rand(2, 3, 5) if dropped else x
+    w_t = rand(5, 4, grad=False)
+    bias_t = rand(4, grad=False) if bias else None
+    inputs = (x, xd, a, b, w_t, bias_t, scale)
+    assert torch.autograd.gradcheck(lambda *t: lora_linear(*t), inputs)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_training_gradients_match_the_reference(kind: str, bias: bool) -> None:
+    """Gradients of x, A and B from a frozen-base layer equal autograd over the float64
+    reference formula (the layer takes its one-node path here)."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, bias=bias) if kind == "linear" else Conv1D(10, 12)
+    layer = make_layer(base.double().requires_grad_(False), None)
+    layer.add("a", AdapterSpec(r=4, alpha=8))
+    randomize(layer, "a")
+    layer.active = ["a"]
+    x = torch.randn(3, 4, 12, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 4, 10, dtype=torch.float64)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "LoraLinearFunctionBackward"  # the one-node path
+    (out * weights).sum().backward()
+
+    a = layer.lora_A["a"].detach().requires_grad_(True)
+    b = layer.lora_B["a"].detach().requires_grad_(True)
+    x_ref = x.detach().requires_grad_(True)
+    formula = lora_ref.linear if kind == "linear" else lora_ref.conv1d
+    bias_t = layer.bias if kind == "conv1d" or bias else None
+    (formula(x_ref, layer.weight, bias_t, a, b, 2.0) * weights).sum().backward()
+    close(x.grad, x_ref.grad, torch.float64)
+    close(layer.lora_A["a"].grad, a.grad, torch.float64)
+    close(layer.lora_B["a"].grad, b.grad, torch.float64)
+    assert layer.weight.grad is None
 
 
 def test_dropout_applies_in_training_only() -> None:

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from tilpass.losses import linear_cross_entropy
+
 IGNORE_INDEX = -100
 # Trailing characters dropped by answer normalisation (ASCII and common CJK punctuation).
 _TRAILING_PUNCT = string.punctuation + "。！？、，．…"
@@ -122,7 +124,15 @@ def causal_lm_loss(
         hidden = _hidden_of(
             decoder(input_ids=input_ids, attention_mask=mask, **_hf_kwargs(model))
         )  # (B, T, H)
-        logits = head(hidden[:, :-1][keep])  # (N, V)
+        selected = hidden[:, :-1][keep]  # (N, H)
+        # A frozen head (LoRA) goes blockwise: the (N, V) logits are never materialised. A
+        # trained head stays on the plain path: blockwise, each block would update the whole
+        # (V, H) weight gradient, which costs more than the logits it saves (benchmarked).
+        if type(head) is nn.Linear and not head.weight.requires_grad:
+            return linear_cross_entropy(selected, head.weight, head.bias, target[keep]), int(
+                keep.sum()
+            )
+        logits = head(selected)  # (N, V)
     else:
         out = model(input_ids=input_ids, attention_mask=mask, **_hf_kwargs(model))
         logits = _logits_of(out)[:, :-1][keep]  # (N, V)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilpass.config import AdapterConfig
+from tilpass.methods.fused import lora_linear
 from tilpass.routing import Router, grouped_b, grouped_lora
 
 try:  # GPT-2's transposed linear layer; optional so non-transformers models need nothing.
@@ -201,6 +202,7 @@ class LoraLayer(nn.Module):
         self.specs.pop(name, None)
         self.active = [a for a in self.active if a != name]
         self._stack_cache = None
+        getattr(self, "_infer_cache", {}).pop(name, None)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """This layer's tensors of adapter `name`, keyed as PEFT's files key them."""
@@ -228,17 +230,21 @@ class LoraLayer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_forward(x)
         if self.disabled:
-            return result
+            return self.base_forward(x)
         router = self.router
         if router is not None and router.row_ids is not None:
-            plan = router.plan(result.numel() // result.shape[-1], result.device)
+            plan = router.plan(self.rows(x), x.device)
             if plan.single is None:
-                return self.mixed_forward(x, result, plan)
+                return self.mixed_forward(x, self.base_forward(x), plan)
             names = [router.names[plan.single]] if plan.single >= 0 else []
         else:
             names = self.active
+        if len(names) == 1:
+            fused = self.fused_forward(x, names[0])
+            if fused is not None:
+                return fused
+        result = self.base_forward(x)
         for name in names:
             if name in self.specs and name not in self.merged:
                 result = self.add_lora(x, result, name)
@@ -246,6 +252,15 @@ class LoraLayer(nn.Module):
 
     def add_lora(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
+
+    def rows(self, x: torch.Tensor) -> int:
+        """How many rows (tokens) of output `x` makes: the router's plan is per row."""
+        return x.numel() // x.shape[-1]
+
+    def fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """The whole layer with one adapter in fewer kernels, or None when this layer kind or
+        case has no such path (the caller then composes base and adapter ops)."""
+        return None
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
         raise NotImplementedError  # pragma: no cover
@@ -354,6 +369,7 @@ class LoraLinear(LoraLayer):
         )
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self._infer_cache: dict[str, tuple[Any, ...]] = {}
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.transposed:  # exactly Conv1D.forward, so disabled == base bit for bit
@@ -409,7 +425,14 @@ class LoraLinear(LoraLayer):
         # The dicts' own storage: ParameterDict's item lookup goes through Module.__getattr__,
         # which costs more than the rest of this hot path's Python together.
         a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
-        xd = F.dropout(x, spec.dropout, self.training) if spec.dropout and self.training else x
+        dropping = spec.dropout and self.training
+        if not (torch.is_grad_enabled() or spec.use_dora or dropping) and result.is_contiguous():
+            a_t, b_t = self._inference_pair(name, a, b, spec.scale)
+            if x.dtype == a_t.dtype == result.dtype:
+                h = torch.mm(x.reshape(-1, self.in_features), a_t)  # (n, r)
+                result.view(-1, self.out_features).addmm_(h, b_t)  # one fused kernel
+                return result
+        xd = F.dropout(x, spec.dropout, self.training) if dropping else x
         if spec.use_dora:
             return self._add_dora(x, xd, result, name)
         h = F.linear(xd if xd.dtype == a.dtype else xd.to(a.dtype), a)  # (..., r)
@@ -420,8 +443,64 @@ class LoraLinear(LoraLayer):
             return torch.addmm(flat, h.reshape(-1, spec.r), b.T, alpha=spec.scale).view(
                 result.shape
             )
-        flat.addmm_(h.reshape(-1, spec.r), b.T, alpha=spec.scale)  # one fused kernel
+        flat.addmm_(h.reshape(-1, spec.r), b.T, alpha=spec.scale)
         return result
+
+    def fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """y = b + s (x A^T) B^T first, then the base GEMM accumulates x W^T into y in place.
+
+        Computing the small LoRA product first lets the large GEMM add it for free (BLAS's
+        beta = 1), instead of a separate pass that reads and writes the output again. With
+        gradients the same runs as one autograd node (`fused.LoraLinearFunction`), which
+        needs a frozen base and no autocast; DoRA always composes its ops.
+        """
+        spec = self.specs.get(name)
+        if spec is None or name in self.merged or spec.use_dora:
+            return None
+        a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
+        w, bias = self.weight, self.bias
+        if not (x.dtype == a.dtype == w.dtype) or (bias is not None and bias.dtype != w.dtype):
+            return None
+        dropping = spec.dropout and self.training
+        if not torch.is_grad_enabled():
+            if dropping:
+                return None
+            a_t, b_t = self._inference_pair(name, a, b, spec.scale)
+            x2d = x.reshape(-1, self.in_features)
+            h = torch.mm(x2d, a_t)  # (n, r)
+            out = torch.mm(h, b_t) if bias is None else torch.addmm(bias, h, b_t)  # (n, out)
+            out.addmm_(x2d, w if self.transposed else w.T)
+            return out.view(*x.shape[:-1], self.out_features)
+        if (
+            w.requires_grad
+            or (bias is not None and bias.requires_grad)
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return None
+        xd = F.dropout(x, spec.dropout, True) if dropping else x
+        return lora_linear(x, xd, a, b, w if self.transposed else w.T, bias, spec.scale)
+
+    def _inference_pair(
+        self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A^T, (s B)^T), contiguous: BLAS's fastest operand layout, and no alpha to apply.
+
+        Derived state for no-grad forwards, rebuilt when A or B is replaced or changed in
+        place (an optimizer step, a reload) or the scale changes. Used only without
+        gradients, DoRA or active dropout.
+        """
+        hit = self._infer_cache.get(name)
+        if (
+            hit is not None
+            and hit[0] is a
+            and hit[1] is b
+            and hit[2] == (a._version, b._version, scale)
+        ):
+            return hit[3], hit[4]
+        a_t = a.detach().T.contiguous()
+        b_t = (b.detach().T * scale).contiguous()
+        self._infer_cache[name] = (a, b, (a._version, b._version, scale), a_t, b_t)
+        return a_t, b_t
 
     def _add_dora(
         self, x: torch.Tensor, xd: torch.Tensor, result: torch.Tensor, name: str
@@ -478,6 +557,9 @@ class LoraEmbedding(LoraLayer):
         self.num_embeddings, self.embedding_dim = self.weight.shape
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+
+    def rows(self, x: torch.Tensor) -> int:
+        return x.numel()  # one output row per token id
 
     def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         base = self._shell[0]
