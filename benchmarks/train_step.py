@@ -4,7 +4,8 @@ gradient checkpointing with the same loop step; also the selective LM head and p
 One step is the step of `tilpass.train.train` built from tilpass's own functions (no logging,
 eval or checkpointing): `trim_padding`, one `tilpass.evaluate.causal_lm_loss` forward (selective
 LM head) normalised by the loss-token count, backward, `clip_grad_norm_(1.0)`, AdamW step (the
-loop's two parameter groups and defaults), LR-scheduler step, `zero_grad(set_to_none=True)`.
+loop's two parameter groups and defaults), LR-scheduler step, `zero_grad(set_to_none=True)`,
+in a process where glibc keeps freed memory for reuse, as `train()` sets it on CPU.
 Batch 4 x 128 tokens, fp32, `torch.set_num_threads(2)`; LoRA r=16, alpha 32 on q_proj, v_proj
 (the same config in both libraries, the same non-zero adapter values).
 
@@ -485,6 +486,10 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-steps", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # As tilpass's training loop does on CPU (tilpass.runtime), for every variant alike.
+    from tilpass.runtime import keep_freed_memory
+
+    keep_freed_memory()
     if args.child:
         print(json.dumps(child(args.model or "core", args.child, args.child_steps)))
         return

@@ -1,0 +1,43 @@
+"""Process settings that make CPU training faster, applied by the training loop.
+
+Every training step allocates and frees the same large buffers (activations, logits,
+gradients). glibc's malloc unmaps freed blocks above a threshold (at most 32 MB by default)
+and trims the heap's free top, so each step page-faults those buffers in again: measured on
+2 cores with SmolLM2-135M, batch 4 x 128, that is ~5 % of a LoRA step and ~27 % of a full
+fine-tuning step. Keeping freed memory for reuse removes that cost; the process's resident
+size then stays at its peak instead of dropping between steps.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+KEEP_LIMIT = 1 << 30  # blocks up to 1 GiB come from (and return to) the heap
+
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed blocks of up to 1 GiB for reuse instead of returning them.
+
+    Process-wide and idempotent. Returns whether the setting is in effect (False on systems
+    without glibc, where nothing is changed).
+    """
+    global _applied
+    if _applied:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl, or no libc.so.6
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mmap_ok = mallopt(M_MMAP_THRESHOLD, KEEP_LIMIT) == 1
+    _applied = mmap_ok and mallopt(M_TRIM_THRESHOLD, 2 * KEEP_LIMIT - 1) == 1
+    return _applied
