@@ -55,7 +55,7 @@ TARGETS = ["q_proj", "v_proj"]
 ANSWER_FRACTION = 0.25  # selective-head case: loss on the last quarter of each row
 PADDED_LENGTH = 256  # padding case: rows of 128/112/96/80 tokens collated to 256 columns
 ROW_LENGTHS = (128, 112, 96, 80)
-STEP_VARIANTS = ("tilpass", "peft", "full", "tilpass_gc")
+STEP_VARIANTS = ("tilpass", "peft", "full", "tilpass_gc", "floor")
 # memory cases: (model variant, batch kind, selective head)
 MEM_CASES: dict[str, tuple[str, str, bool]] = {
     "tilpass": ("tilpass", "full", True),
@@ -115,6 +115,13 @@ def make_variant(base: nn.Module, variant: str, copy_base: bool = True) -> nn.Mo
     """Wrap (a copy of) `base` for one variant; LoRA A and B are non-zero and equal in both
     libraries (drawn in the order of the shared PEFT file keys)."""
     model = copy.deepcopy(base) if copy_base else base
+    if variant == "floor":
+        # What any LoRA step costs at least: every weight frozen except layer 0's first norm,
+        # so backward still runs through every layer for input gradients (as LoRA needs),
+        # with no adapter matmuls at all.
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("layers.0.input_layernorm.weight"))
+        return model.train()
     if variant == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -255,8 +262,32 @@ def child(model_name: str, case: str, steps: int) -> dict[str, Any]:
         "peak_mb": peak,
         "growth_mb": peak - before,
         "maxrss_growth_mb": maxrss - before,
+        "tensor_peak_mb": tensor_peak_mb(stepper),
         "reset": reset,
     }
+
+
+def tensor_peak_mb(stepper: Stepper) -> float:
+    """Peak of live tensor bytes allocated during one more step, from the profiler's
+    allocation events: deterministic, unlike RSS, which also holds allocator and thread
+    memory (measured after the RSS figures, which the profiler would disturb)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        stepper()
+    # Each op event carries the bytes it allocated net of what it freed ("self"); frees
+    # outside any op are "[memory]" events. Replayed in start order, their running sum is
+    # the live-tensor curve of the step (to op granularity).
+    deltas = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage)
+        for e in prof.events()
+        if e.self_cpu_memory_usage
+    )
+    live = top = 0
+    for _, delta in deltas:
+        live += delta
+        top = max(top, live)
+    return top / 2**20
 
 
 def memory(model_name: str, case: str, procs: int, steps: int) -> dict[str, Any]:
@@ -269,7 +300,7 @@ def memory(model_name: str, case: str, procs: int, steps: int) -> dict[str, Any]
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     result: dict[str, Any] = {
         k: median([r[k] for r in runs])
-        for k in ("rss_before_mb", "peak_mb", "growth_mb", "maxrss_growth_mb")
+        for k in ("rss_before_mb", "peak_mb", "growth_mb", "maxrss_growth_mb", "tensor_peak_mb")
     }
     result["growth_runs_mb"] = [round(r["growth_mb"], 1) for r in runs]
     result["reset"] = all(r["reset"] for r in runs)
@@ -360,6 +391,9 @@ def bench(
     pairs = {
         "tilpass/peft": ("tilpass", "peft"),
         "tilpass/full": ("tilpass", "full"),
+        "floor/peft": ("floor", "peft"),
+        "tilpass/floor": ("tilpass", "floor"),
+        "floor/full": ("floor", "full"),
         "gc/no_gc": ("tilpass_gc", "tilpass"),
         "selective/full_logits": ("answers_selective", "answers_full_logits"),
         "trimmed/padded": ("padded_trimmed", "padded_untrimmed"),
@@ -430,6 +464,7 @@ def report(r: dict[str, Any]) -> str:
         "peft": "PEFT LoRA",
         "full": "full fine-tuning",
         "tilpass_gc": "tilpass LoRA + checkpointing",
+        "floor": "floor: frozen base, no adapter (bound)",
         "answers_selective": "tilpass LoRA, 25% loss tokens, selective head",
         "answers_full_logits": "tilpass LoRA, 25% loss tokens, full logits",
         "padded_trimmed": "tilpass LoRA, padded to 256, trimmed",
@@ -446,16 +481,30 @@ def report(r: dict[str, Any]) -> str:
                 f"{r['tokens_per_s'][v]:.0f}",
                 f"{mem['growth_mb']:.0f}" if mem else "-",
                 f"{mem['peak_mb']:.0f}" if mem else "-",
+                f"{mem['tensor_peak_mb']:.0f}" if mem else "-",
             ]
         )
     table = markdown_table(
-        ["variant", "trainable", "step ms", "tokens/s", "peak RSS growth MB", "peak RSS MB"], rows
+        [
+            "variant",
+            "trainable",
+            "step ms",
+            "tokens/s",
+            "peak RSS growth MB",
+            "peak RSS MB",
+            "tensor peak MB",
+        ],
+        rows,
     )
     lines = [f"- {k}: {v}" for k, v in r["ratios"].items()]
     lines.append(
         f"- peak RSS growth full FT / tilpass LoRA: {growth_ratio(r, 'full', 'tilpass'):.2f}x; "
         f"whole-process peak RSS full FT / tilpass LoRA: "
         f"{m['full']['peak_mb'] / m['tilpass']['peak_mb']:.2f}x"
+    )
+    lines.append(
+        f"- tensor peak (live tensor bytes allocated in one step, profiler) tilpass / PEFT: "
+        f"{m['tilpass']['tensor_peak_mb']:.0f} / {m['peft']['tensor_peak_mb']:.0f} MB"
     )
     lines.append(
         f"- peak RSS growth selective / full logits (25% loss tokens): "
