@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     Gate,
     Timer,
+    core_llama_config,
     interleaved_rounds,
     machine_info,
     machine_line,
@@ -60,20 +61,10 @@ def log(msg: str) -> None:
 
 # -- model and adapter files
 def build_base() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=VOCAB,
-        tie_word_embeddings=False,
-        torch_dtype=torch.float32,
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(core_llama_config()).eval()
 
 
 def shared_copy(model: nn.Module) -> nn.Module:

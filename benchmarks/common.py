@@ -28,6 +28,23 @@ Timer = Callable[[], float]  # runs one measurement, returns seconds (it may exc
 
 
 # -- timing ----------
+def core_llama_config() -> Any:
+    """The benchmarks' random Llama (issue 2): hidden 1024, MLP 2816, 8 layers, 16 heads /
+    16 KV heads, vocab 32000, untied, fp32 (168.3M parameters)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=8,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        torch_dtype=torch.float32,
+    )
+
+
 def time_call(
     fn: Callable[[], Any], reps: int = 1, setup: Callable[[], Any] | None = None
 ) -> float:

@@ -39,6 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import (
     Gate,
+    core_llama_config,
     interleaved_rounds,
     machine_info,
     machine_line,
@@ -85,18 +86,9 @@ def build_base(model_name: str, fast_init: bool = False) -> nn.Module:
             for p in model.parameters():
                 p.data = p.data.clone()
         return model.train()
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=32000,
-        tie_word_embeddings=False,
-        torch_dtype=torch.float32,
-    )
+    config = core_llama_config()
     torch.manual_seed(0)
     if not fast_init:
         return LlamaForCausalLM(config).train()

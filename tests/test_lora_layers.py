@@ -10,8 +10,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tests.reference import lora_ref
-from tilpass.methods.fused import lora_linear
 from tilpass.methods.lora import AdapterSpec, LoraEmbedding, LoraLinear, make_layer
+from tilpass.methods.lora.fused import LoraLinearFunction
 
 # One tolerance table for every comparison: (atol, rtol) per dtype.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
@@ -254,7 +254,7 @@ def test_fused_autograd_node_passes_gradcheck(bias: bool, dropped: bool, scale: 
     w_t = rand(5, 4, grad=False)
     bias_t = rand(4, grad=False) if bias else None
     inputs = (x, xd, a, b, w_t, bias_t, scale)
-    assert torch.autograd.gradcheck(lambda *t: lora_linear(*t), inputs)
+    assert torch.autograd.gradcheck(lambda *t: LoraLinearFunction.apply(*t), inputs)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])

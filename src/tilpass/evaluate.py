@@ -129,9 +129,8 @@ def causal_lm_loss(
         # trained head stays on the plain path: blockwise, each block would update the whole
         # (V, H) weight gradient, which costs more than the logits it saves (benchmarked).
         if type(head) is nn.Linear and not head.weight.requires_grad:
-            return linear_cross_entropy(selected, head.weight, head.bias, target[keep]), int(
-                keep.sum()
-            )
+            loss = linear_cross_entropy(selected, head.weight, head.bias, target[keep])
+            return loss, int(keep.sum())
         logits = head(selected)  # (N, V)
     else:
         out = model(input_ids=input_ids, attention_mask=mask, **_hf_kwargs(model))

@@ -49,25 +49,25 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
-def mark_shared_weights(model: nn.Module) -> list[tuple[str, list[str]]]:
+def mark_shared_weights(model: nn.Module) -> list[tuple[str, LoraLayer]]:
     """Tell each LoRA layer which other modules use its weight tensor (tied embeddings).
 
-    Returns (layer, [other parameter names]) for each layer whose weight is shared, so the
-    caller can say what merging unties.
+    Returns (path, layer) for each layer whose weight is shared, so the caller can say what
+    merging unties. A layer merged on its private copy still counts the shared tensor.
     """
     users: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         users[id(param)].append(name)
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and module._shared_weight is not None:
-            users[id(module._shared_weight)].append(name + ".weight")  # merged: a private copy
+    layers = list(adapter_layers(model))
+    for name, layer in layers:
+        if layer._shared_weight is not None:
+            users[id(layer._shared_weight)].append(name + ".weight")
     shared = []
-    for name, layer in adapter_layers(model):
-        own = name + ".weight"
+    for name, layer in layers:
         weight = layer._shared_weight if layer._shared_weight is not None else layer.weight
-        layer.weight_shared_with = [n for n in users[id(weight)] if n != own]
+        layer.weight_shared_with = [n for n in users[id(weight)] if n != name + ".weight"]
         if layer.weight_shared_with:
-            shared.append((name, layer.weight_shared_with))
+            shared.append((name, layer))
     return shared
 
 
@@ -252,9 +252,9 @@ def unwrap_all(model: nn.Module, merge: bool) -> nn.Module:
     """
     if merge:
         untied = [
-            (name, other)
-            for name, other in mark_shared_weights(model)
-            if any(a in model_layer(model, name).specs for a in model_layer(model, name).active)
+            (name, layer.weight_shared_with)
+            for name, layer in mark_shared_weights(model)
+            if any(a in layer.specs for a in layer.active)
         ]
         if untied:
             _untie_config(model, untied)
@@ -267,13 +267,6 @@ def unwrap_all(model: nn.Module, merge: bool) -> nn.Module:
     for name, wrapper in list(saved_modules(model)):
         _replace(model, name, wrapper.unwrap(merge))
     return model
-
-
-def model_layer(model: nn.Module, name: str) -> LoraLayer:
-    """The LoRA layer at module path `name`."""
-    layer = model.get_submodule(name)
-    assert isinstance(layer, LoraLayer)
-    return layer
 
 
 def _untie_config(model: nn.Module, untied: list[tuple[str, list[str]]]) -> None:

@@ -2,10 +2,10 @@
 
 Every training step allocates and frees the same large buffers (activations, logits,
 gradients). glibc's malloc unmaps freed blocks above a threshold (at most 32 MB by default)
-and trims the heap's free top, so each step page-faults those buffers in again: measured on
-2 cores with SmolLM2-135M, batch 4 x 128, that is ~5 % of a LoRA step and ~27 % of a full
-fine-tuning step. Keeping freed memory for reuse removes that cost; the process's resident
-size then stays at its peak instead of dropping between steps.
+and trims the heap's free top, so each step page-faults those buffers in again. Keeping freed
+memory for reuse removes that cost (full fine-tuning's step went from 2.4-3.1 s to 2.1-2.2 s
+on 2 cores between the recorded runs of `benchmarks/train_step.py`, docs/benchmarks.md); the
+process's resident size then stays at its peak instead of dropping between steps.
 """
 
 from __future__ import annotations

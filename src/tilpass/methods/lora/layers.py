@@ -1,111 +1,27 @@
-"""LoRA (with rsLoRA scaling and the DoRA option) over Linear, GPT-2 Conv1D and Embedding.
+"""The LoRA layers: one object per wrapped module, holding any number of named adapters.
 
-For a frozen weight W (out, in) and each active adapter with A (r, in), B (out, r):
-
-    y = W x + b + s * B A dropout(x),        s = alpha / r   (alpha / sqrt(r) with rsLoRA)
-
-DoRA (Linear and Conv1D) rescales each output row by a learned magnitude m:
-
-    y = m / ||W + s B A||_row * (W x + s B A x) + b     (the norm is detached, as in the paper)
-
-The layer keeps the base weight under its own key (`q_proj.weight`, not `base_layer.weight`),
-so the adapted model's base keys are the base model's. Merging adds `s B A` into W in place;
-unmerging subtracts it again.
+`LoraLinear` wraps `nn.Linear` and GPT-2's `Conv1D`, `LoraEmbedding` wraps `nn.Embedding`; the
+shared base class `LoraLayer` keeps the adapters, their activation, merging and the routing of
+mixed batches. The formulas are in the package docstring (`tilpass.methods.lora`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tilpass.config import AdapterConfig
-from tilpass.methods.fused import lora_linear
+from tilpass.methods.lora.fused import LoraLinearFunction
 from tilpass.routing import Router, grouped_b, grouped_lora
 
 try:  # GPT-2's transposed linear layer; optional so non-transformers models need nothing.
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
-
-
-@dataclasses.dataclass
-class LoraConfig(AdapterConfig):
-    """LoRA settings, with PEFT's field names and meanings.
-
-    Attributes:
-        r: rank of the update.
-        lora_alpha: scale numerator; the update is scaled by alpha / r.
-        lora_dropout: dropout on the layer input of the LoRA branch, in [0, 1).
-        target_modules: module names (exact or dotted suffix), a regex matched against the
-            full name, or "all-linear" (every Linear/Conv1D except the output head).
-        exclude_modules: names or regex to leave out, same matching as target_modules.
-        use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA).
-        use_dora: weight-decomposed LoRA (Linear and Conv1D).
-        init_lora_weights: True = Kaiming A and zero B; "gaussian" = N(0, 1/r) A and zero B;
-            False = both random (only for tests: the adapter changes the model from step 0).
-        rank_pattern / alpha_pattern: per-module overrides, keys matched like target_modules.
-    """
-
-    PEFT_TYPE = "LORA"
-
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    use_dora: bool = False
-    init_lora_weights: bool | str = True
-    modules_to_save: list[str] | None = None
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.modules_to_save, (set, tuple)):
-            self.modules_to_save = list(self.modules_to_save)
-        _check(
-            isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}"
-        )
-        _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
-        _check(
-            0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"
-        )
-        _check(
-            self.init_lora_weights in (True, False, "gaussian"),
-            f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}",
-        )
-        if self.bias != "none":
-            raise NotImplementedError(
-                f"bias={self.bias!r} is not supported by tilpass yet; use bias='none' "
-                "(the base biases stay frozen)"
-            )
-        for key, value in self.rank_pattern.items():
-            _check(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}] must be > 0")
-        for key, value in self.alpha_pattern.items():
-            _check(value > 0, f"alpha_pattern[{key!r}] must be > 0")
-        if self.r < 4 or any(v < 4 for v in self.rank_pattern.values()):
-            warnings.warn(
-                f"LoRA rank r={self.r} is very low: ranks of 1-2 tend to underfit; "
-                "r=8 is a good start",
-                stacklevel=3,
-            )
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +78,7 @@ class LoraLayer(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()
         self._merge_norms: dict[str, torch.Tensor] = {}
         self._stack_cache: _StackCache | None = None
+        self._infer_cache: dict[str, tuple[Any, ...]] = {}  # no-grad operands, per adapter
         # Set by the model before merging when another module uses the same weight tensor
         # (GPT-2's wte is lm_head's weight): merging then works on a private copy, so the
         # other module keeps the base weight, and unmerging puts the shared tensor back.
@@ -202,7 +119,7 @@ class LoraLayer(nn.Module):
         self.specs.pop(name, None)
         self.active = [a for a in self.active if a != name]
         self._stack_cache = None
-        getattr(self, "_infer_cache", {}).pop(name, None)
+        self._infer_cache.pop(name, None)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """This layer's tensors of adapter `name`, keyed as PEFT's files key them."""
@@ -369,7 +286,6 @@ class LoraLinear(LoraLayer):
         )
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        self._infer_cache: dict[str, tuple[Any, ...]] = {}
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.transposed:  # exactly Conv1D.forward, so disabled == base bit for bit
@@ -478,7 +394,9 @@ class LoraLinear(LoraLayer):
         ):
             return None
         xd = F.dropout(x, spec.dropout, True) if dropping else x
-        return lora_linear(x, xd, a, b, w if self.transposed else w.T, bias, spec.scale)
+        w_t = w if self.transposed else w.T
+        out: torch.Tensor = LoraLinearFunction.apply(x, xd, a, b, w_t, bias, spec.scale)
+        return out
 
     def _inference_pair(
         self, name: str, a: torch.Tensor, b: torch.Tensor, scale: float

@@ -68,18 +68,3 @@ class LoraLinearFunction(torch.autograd.Function):
             if need_xd:
                 grad_xd = torch.mm(gh, a).view(ctx.xd_shape)
         return grad_x, grad_xd, grad_a, grad_b, None, None, None
-
-
-def lora_linear(
-    x: torch.Tensor,
-    xd: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    w_t: torch.Tensor,
-    bias: torch.Tensor | None,
-    scale: float,
-) -> torch.Tensor:
-    """Apply `LoraLinearFunction` (see its docstring for the arguments)."""
-    out = LoraLinearFunction.apply(x, xd, a, b, w_t, bias, scale)
-    assert isinstance(out, torch.Tensor)
-    return out

@@ -1,0 +1,37 @@
+"""LoRA (with rsLoRA scaling and the DoRA option) over Linear, GPT-2 Conv1D and Embedding.
+
+For a frozen weight W (out, in) and each active adapter with A (r, in), B (out, r):
+
+    y = W x + b + s * B A dropout(x),        s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+DoRA (Linear and Conv1D) rescales each output row by a learned magnitude m:
+
+    y = m / ||W + s B A||_row * (W x + s B A x) + b     (the norm is detached, as in the paper)
+
+The layer keeps the base weight under its own key (`q_proj.weight`, not `base_layer.weight`),
+so the adapted model's base keys are the base model's. Merging adds `s B A` into W in place;
+unmerging subtracts it again.
+
+Files: `config.py` (LoraConfig), `layers.py` (the layers), `fused.py` (a Linear layer's
+adapter and frozen base as one autograd node).
+"""
+
+from tilpass.methods.lora.config import LoraConfig
+from tilpass.methods.lora.layers import (
+    LAYER_TYPES,
+    AdapterSpec,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    make_layer,
+)
+
+__all__ = [
+    "LAYER_TYPES",
+    "AdapterSpec",
+    "LoraConfig",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "make_layer",
+]
