@@ -79,7 +79,7 @@ def build_base(model_name: str, fast_init: bool = False) -> nn.Module:
     `fast_init` (memory children only, where values do not matter): allocate on the meta device
     and fill N(0, 0.02) once, instead of transformers' slower double initialisation."""
     if model_name == "smollm2":
-        from tilpass.models import load_model
+        from tilpass.pretrained import load_model
 
         model = load_model()[0]
         with torch.no_grad():  # own the weights (not pages of the mmapped file); ties survive

@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedTokenizerBase
 
-from tilpass.models import load_model
+from tilpass.pretrained import load_model
 
 DATA = Path(__file__).resolve().parents[1] / "src" / "tilpass" / "data"
 

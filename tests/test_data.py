@@ -550,11 +550,11 @@ def test_dataloader_with_length_grouped_batches(tmp_path: Path, tiny_tokenizer: 
 
 @pytest.mark.slow
 def test_smollm2_chat_template_mask(tmp_path: Path) -> None:
-    models = pytest.importorskip("tilpass.models")
+    models = pytest.importorskip("tilpass.pretrained")
     cache_dir = getattr(models, "cache_dir", None)
     name = getattr(models, "DEFAULT_MODEL", None)
     if cache_dir is None or name is None:
-        pytest.skip("tilpass.models has no cache_dir/DEFAULT_MODEL")
+        pytest.skip("tilpass.pretrained has no cache_dir/DEFAULT_MODEL")
     cached = cache_dir() / "models" / name
     if not (cached / "tokenizer.json").is_file() or not (cached / "config.json").is_file():
         pytest.skip(f"no converted SmolLM2 in {cached} (run tilpass once to convert it)")

@@ -26,7 +26,7 @@ from tilpass.train import (
     lr_factor,
     train,
 )
-from tilpass.train_io import list_checkpoints, load_trainable
+from tilpass.train_checkpoints import list_checkpoints, load_trainable
 
 VOCAB = 48
 PAD = 0

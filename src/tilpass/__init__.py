@@ -7,6 +7,7 @@ from tilpass.config import AdapterConfig
 from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
 from tilpass.methods.lora import LoraConfig
 from tilpass.model import AdaptedModel, PeftModel, get_peft_model
+from tilpass.pretrained import load_model
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ __all__ = [
     "TargetModulesError",
     "TilpassError",
     "get_peft_model",
+    "load_model",
 ]

@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tilpass.checkpoint import WEIGHTS_NAME, atomic_write_bytes, file_sha256
+from tilpass.adapter_files import WEIGHTS_NAME, atomic_write_bytes, file_sha256
 
 RECORD_NAME = "tilpass_record.json"
 CARD_NAME = "README.md"

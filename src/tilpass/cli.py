@@ -113,7 +113,7 @@ def _usage_hint(adapter_dir: Path, model: str) -> None:
     )
     print("in Python:")
     print("  from tilpass import AdaptedModel")
-    print("  from tilpass.models import load_model")
+    print("  from tilpass.pretrained import load_model")
     print(f'  base, tokenizer = load_model("{model}")')
     print(f'  model = AdaptedModel.from_pretrained(base, "{adapter_dir}")')
 
@@ -166,7 +166,7 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _load(model: str, adapter: str | None) -> tuple[Any, Any]:
     from tilpass.model import AdaptedModel
-    from tilpass.models import load_model
+    from tilpass.pretrained import load_model
 
     base, tokenizer = load_model(model)
     if adapter is None:
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"tilpass {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    from tilpass.models import DEFAULT_MODEL
+    from tilpass.pretrained import DEFAULT_MODEL
 
     p = sub.add_parser("quickstart", help="train a LoRA on the shipped dataset, show before/after")
     p.add_argument("--output", default="runs/quickstart", help="output directory")

@@ -69,7 +69,7 @@ class AdapterConfig:
 
     def save(self, directory: str | Path) -> Path:
         """Write `adapter_config.json` atomically into `directory`."""
-        from tilpass.checkpoint import atomic_write_bytes
+        from tilpass.adapter_files import atomic_write_bytes
 
         path = Path(directory) / CONFIG_NAME
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

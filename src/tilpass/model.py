@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tilpass.checkpoint import WEIGHTS_NAME, load_tensors, save_tensors
+from tilpass.adapter_files import WEIGHTS_NAME, load_tensors, save_tensors
 from tilpass.config import AdapterConfig, read_config_dict
 from tilpass.errors import AdapterFileError, AdapterNameError
 from tilpass.inject import (

@@ -21,12 +21,12 @@ import torch
 import yaml
 
 from tilpass.card import ChangeRecord, hash_files, write_card, write_record
-from tilpass.checkpoint import atomic_write_bytes
+from tilpass.adapter_files import atomic_write_bytes
 from tilpass.data import build_dataset, collate, load_records
 from tilpass.evaluate import evaluate_generation, evaluate_loss
 from tilpass.methods.lora import LoraConfig
 from tilpass.model import get_peft_model
-from tilpass.models import (
+from tilpass.pretrained import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_ALIASES,
     load_model,

@@ -6,7 +6,7 @@ schedule, gradient accumulation normalised by loss tokens, and gradient clipping
 
 Data order is a pure function of ``(seed, epoch)``, so a resumed run skips exactly the
 micro-batches already consumed and, with the optimizer, scheduler and RNG states restored
-from ``checkpoint-N/`` (see :mod:`tilpass.train_io`), reaches the same final parameters as
+from ``checkpoint-N/`` (see :mod:`tilpass.train_checkpoints`), reaches the same final parameters as
 an uninterrupted run. Outputs: ``metrics.jsonl`` (one JSON line per event), ``loss.png``
 and the last ``save_total_limit`` checkpoints.
 """
@@ -43,7 +43,7 @@ from tilpass.evaluate import (
     unwrap_base,
 )
 from tilpass.runtime import keep_freed_memory
-from tilpass.train_io import (
+from tilpass.train_checkpoints import (
     clean_json,
     load_checkpoint,
     plot_losses,

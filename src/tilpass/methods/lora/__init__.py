@@ -16,6 +16,7 @@ Files: `config.py` (LoraConfig), `layers.py` (the layers), `fused.py` (a Linear 
 adapter and frozen base as one autograd node).
 """
 
+from tilpass.methods import Method
 from tilpass.methods.lora.config import LoraConfig
 from tilpass.methods.lora.layers import (
     LAYER_TYPES,
@@ -26,7 +27,15 @@ from tilpass.methods.lora.layers import (
     make_layer,
 )
 
+METHOD = Method(
+    name="lora",
+    config_class=LoraConfig,
+    make_layer=make_layer,
+    description="LoRA: trainable low-rank B A beside frozen weights (rsLoRA, DoRA variants)",
+)
+
 __all__ = [
+    "METHOD",
     "LAYER_TYPES",
     "AdapterSpec",
     "LoraConfig",

