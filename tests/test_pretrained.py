@@ -1,4 +1,4 @@
-"""Tests for tilpass.pretrained: cache location, model resolution, conversion of the default model."""
+"""Tests for tilpass.pretrained: cache location, model resolution, default-model conversion."""
 
 from __future__ import annotations
 

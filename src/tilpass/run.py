@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import yaml
 
-from tilpass.card import ChangeRecord, hash_files, write_card, write_record
 from tilpass.adapter_files import atomic_write_bytes
+from tilpass.card import ChangeRecord, hash_files, write_card, write_record
 from tilpass.data import build_dataset, collate, load_records
 from tilpass.evaluate import evaluate_generation, evaluate_loss
 from tilpass.methods.lora import LoraConfig

@@ -35,8 +35,8 @@ METHOD = Method(
 )
 
 __all__ = [
-    "METHOD",
     "LAYER_TYPES",
+    "METHOD",
     "AdapterSpec",
     "LoraConfig",
     "LoraEmbedding",
