@@ -8,7 +8,7 @@ from torch import nn
 
 import tilpass
 from tests.helpers import lora, tiny_gpt2, tiny_llama
-from tilpass.inject import find_targets, spec_for
+from tilpass.inject import find_targets
 
 
 def names(model: nn.Module, **overrides: object) -> list[str]:
@@ -97,9 +97,9 @@ def test_rank_and_alpha_patterns() -> None:
         alpha_pattern={"q_proj": 2},
         use_rslora=True,
     )
-    v = spec_for("model.layers.0.self_attn.v_proj", config)
-    q0 = spec_for("model.layers.0.self_attn.q_proj", config)
-    q1 = spec_for("model.layers.1.self_attn.q_proj", config)
+    v = config.layer_spec("model.layers.0.self_attn.v_proj", True)
+    q0 = config.layer_spec("model.layers.0.self_attn.q_proj", True)
+    q1 = config.layer_spec("model.layers.1.self_attn.q_proj", True)
     assert (v.r, v.alpha, q0.r, q0.alpha, q1.r) == (2, 16, 8, 2, 4)
     assert v.scale == pytest.approx(16 / 2**0.5)
     model = tilpass.get_peft_model(tiny_llama(), config)

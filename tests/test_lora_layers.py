@@ -10,11 +10,19 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tests.reference import lora_ref
+from tilpass.layers import AdapterLayer
 from tilpass.methods.lora import AdapterSpec, LoraEmbedding, LoraLinear, make_layer
+from tilpass.methods.lora.dora import DORA
+from tilpass.routing import Routing, routed
 from tilpass.methods.lora.fused import LoraLinearFunction
 
 # One tolerance table for every comparison: (atol, rtol) per dtype.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
+
+
+def add(layer: AdapterLayer, name: str, spec: AdapterSpec) -> None:
+    """Add an adapter with the next free id, as the model would."""
+    layer.add_adapter(name, max(layer.ids.values(), default=-1) + 1, spec)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -34,7 +42,7 @@ def linear_layer(
 ) -> LoraLinear:
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(12, 10, bias=bias, dtype=dtype))
-    layer.add("a", spec or AdapterSpec(r=4, alpha=8))
+    add(layer, "a", spec or AdapterSpec(r=4, alpha=8))
     randomize(layer, "a")
     layer.active = ["a"]
     return layer
@@ -87,7 +95,7 @@ def test_no_grad_forward_sees_adapters_changed_in_place_or_replaced() -> None:
 @pytest.mark.parametrize("mode", GRAD_MODES)
 def test_several_active_adapters_match_the_reference_sum(mode: str) -> None:
     layer = linear_layer(torch.float64)
-    layer.add("b", AdapterSpec(r=2, alpha=3))
+    add(layer, "b", AdapterSpec(r=2, alpha=3))
     randomize(layer, "b")
     layer.active = ["a", "b"]
     x = torch.randn(4, 12, dtype=torch.float64)
@@ -105,9 +113,9 @@ def test_conv1d_matches_reference(dtype: torch.dtype, mode: str) -> None:
     base = Conv1D(10, 12).to(dtype)  # nf=out=10, nx=in=12: weight (12, 10)
     with torch.no_grad():
         base.bias.normal_()
-    layer = make_layer(base, None)
+    layer = make_layer(base)
     assert isinstance(layer, LoraLinear) and layer.transposed
-    layer.add("a", AdapterSpec(r=4, alpha=8))
+    add(layer, "a", AdapterSpec(r=4, alpha=8))
     randomize(layer, "a")
     layer.active = ["a"]
     x = torch.randn(2, 3, 12, dtype=dtype)
@@ -122,7 +130,7 @@ def test_conv1d_matches_reference(dtype: torch.dtype, mode: str) -> None:
 def test_embedding_matches_reference(dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     layer = LoraEmbedding(nn.Embedding(30, 8, dtype=dtype))
-    layer.add("a", AdapterSpec(r=4, alpha=4))
+    add(layer, "a", AdapterSpec(r=4, alpha=4))
     randomize(layer, "a")
     layer.active = ["a"]
     ids = torch.randint(0, 30, (3, 6))
@@ -132,7 +140,7 @@ def test_embedding_matches_reference(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_dora_matches_reference(dtype: torch.dtype) -> None:
-    layer = linear_layer(dtype, True, AdapterSpec(r=4, alpha=8, use_dora=True))
+    layer = linear_layer(dtype, True, AdapterSpec(r=4, alpha=8, variant=DORA))
     with torch.no_grad():
         layer.lora_magnitude_vector["a"].uniform_(0.5, 1.5)
     x = torch.randn(3, 5, 12, dtype=dtype)
@@ -143,7 +151,7 @@ def test_dora_matches_reference(dtype: torch.dtype) -> None:
 def test_dora_magnitude_starts_at_row_norms() -> None:
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(12, 10, dtype=torch.float64))
-    layer.add("a", AdapterSpec(r=4, alpha=8, use_dora=True, init=False))
+    add(layer, "a", AdapterSpec(r=4, alpha=8, variant=DORA, init=False))
     a, b = layer.lora_A["a"], layer.lora_B["a"]
     close(
         layer.lora_magnitude_vector["a"],
@@ -154,9 +162,9 @@ def test_dora_magnitude_starts_at_row_norms() -> None:
 
 def test_init_modes() -> None:
     layer = LoraLinear(nn.Linear(64, 32))
-    layer.add("kaiming", AdapterSpec(r=8, alpha=8, init=True))
-    layer.add("gauss", AdapterSpec(r=8, alpha=8, init="gaussian"))
-    layer.add("random", AdapterSpec(r=8, alpha=8, init=False))
+    add(layer, "kaiming", AdapterSpec(r=8, alpha=8, init=True))
+    add(layer, "gauss", AdapterSpec(r=8, alpha=8, init="gaussian"))
+    add(layer, "random", AdapterSpec(r=8, alpha=8, init=False))
     assert torch.count_nonzero(layer.lora_B["kaiming"]) == 0
     assert torch.count_nonzero(layer.lora_B["gauss"]) == 0
     assert torch.count_nonzero(layer.lora_B["random"]) == layer.lora_B["random"].numel()
@@ -164,7 +172,7 @@ def test_init_modes() -> None:
     assert layer.lora_A["kaiming"].abs().max() <= bound
     assert abs(layer.lora_A["gauss"].std().item() - 1 / 8) < 0.03
     emb = LoraEmbedding(nn.Embedding(20, 6))
-    emb.add("default", AdapterSpec(r=4, alpha=4))
+    add(emb, "default", AdapterSpec(r=4, alpha=4))
     assert torch.count_nonzero(emb.lora_embedding_A["default"]) == 0  # PEFT: A zero, B normal
     assert torch.count_nonzero(emb.lora_embedding_B["default"]) == 24
 
@@ -178,10 +186,10 @@ def test_merge_equals_unmerged_and_unmerge_restores(dtype: torch.dtype, kind: st
         x = torch.randint(0, 30, (3, 6))
     else:
         base = Conv1D(10, 12).to(dtype) if kind == "conv1d" else nn.Linear(12, 10, dtype=dtype)
-        layer = make_layer(base, None)
+        layer = make_layer(base)
         x = torch.randn(3, 5, 12, dtype=dtype)
-    layer.add("a", AdapterSpec(r=4, alpha=8, use_dora=kind == "dora"))
-    layer.add("b", AdapterSpec(r=2, alpha=3))
+    add(layer, "a", AdapterSpec(r=4, alpha=8, variant=DORA if kind == "dora" else None))
+    add(layer, "b", AdapterSpec(r=2, alpha=3))
     randomize(layer, "a")
     randomize(layer, "b")
     layer.active = ["a", "b"]  # merging while several adapters are active merges all of them
@@ -208,8 +216,8 @@ def test_disabled_is_base_bit_for_bit() -> None:
         (nn.Embedding(30, 8, padding_idx=0), torch.randint(0, 30, (3, 5))),
     ]:
         expected = base(x)
-        layer = make_layer(base, None)
-        layer.add("a", AdapterSpec(r=4, alpha=8, init=False))
+        layer = make_layer(base)
+        add(layer, "a", AdapterSpec(r=4, alpha=8, init=False))
         layer.active = ["a"]
         assert not torch.equal(layer(x), expected)
         layer.disabled = True
@@ -220,7 +228,7 @@ def test_base_weight_keeps_its_key_and_unwrap_restores_module() -> None:
     base = nn.Linear(12, 10)
     weight = base.weight
     layer = LoraLinear(base)
-    layer.add("a", AdapterSpec(r=4, alpha=8))
+    add(layer, "a", AdapterSpec(r=4, alpha=8))
     keys = set(layer.state_dict())
     assert {"weight", "bias", "lora_A.a", "lora_B.a"} == keys
     restored = layer.unwrap()
@@ -264,8 +272,8 @@ def test_training_gradients_match_the_reference(kind: str, bias: bool) -> None:
     reference formula (the layer takes its one-node path here)."""
     torch.manual_seed(0)
     base = nn.Linear(12, 10, bias=bias) if kind == "linear" else Conv1D(10, 12)
-    layer = make_layer(base.double().requires_grad_(False), None)
-    layer.add("a", AdapterSpec(r=4, alpha=8))
+    layer = make_layer(base.double().requires_grad_(False))
+    add(layer, "a", AdapterSpec(r=4, alpha=8))
     randomize(layer, "a")
     layer.active = ["a"]
     x = torch.randn(3, 4, 12, dtype=torch.float64, requires_grad=True)
@@ -310,4 +318,30 @@ def test_dropout_applies_in_training_only() -> None:
 
 def test_unsupported_module_type_is_named() -> None:
     with pytest.raises(TypeError, match="LayerNorm"):
-        make_layer(nn.LayerNorm(4), None)
+        make_layer(nn.LayerNorm(4))
+
+
+def test_per_token_routing_with_adapters_of_different_ranks() -> None:
+    """Tokens of one row may use different adapters (packed ragged batches); each rank runs
+    its own batched matmuls, and every token equals its adapter applied alone."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(12, 10, dtype=torch.float64))
+    add(layer, "a", AdapterSpec(r=4, alpha=8, init=False))
+    add(layer, "b", AdapterSpec(r=8, alpha=4, init=False))
+    add(layer, "c", AdapterSpec(r=4, alpha=2, init=False))
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    ids = torch.tensor([[0, 0, 1, 1, 1, -1, 2], [2, 1, 0, 0, -1, -1, 1]])
+    alone = {}
+    for adapter_id, name in enumerate(["a", "b", "c"]):
+        layer.active = [name]
+        alone[adapter_id] = layer(x)
+    layer.active = []
+    alone[-1] = layer(x)
+    with routed(Routing(ids)):
+        mixed = layer(x)
+    expected = torch.stack(
+        [torch.stack([alone[int(ids[i, t])][i, t] for t in range(7)]) for i in range(2)]
+    )
+    torch.testing.assert_close(mixed, expected, atol=1e-12, rtol=1e-12)
+    stacks = layer.stacks(torch.float64)
+    assert [s.a_t.shape[-1] for s in stacks] == [4, 8]  # r=4 adapters do not pay for r=8

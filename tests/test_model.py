@@ -8,6 +8,7 @@ import torch
 import tilpass
 from tests.helpers import lora, tiny_gpt2, tiny_llama, tokens
 from tilpass.methods.lora import LoraLayer
+from tilpass.routing import current_routing
 
 
 def logits(model: torch.nn.Module, x: torch.Tensor, **kw: object) -> torch.Tensor:
@@ -145,7 +146,7 @@ def test_delete_adapter_removes_every_trace() -> None:
     model = tilpass.get_peft_model(tiny_llama(), lora(modules_to_save=["lm_head"]))
     model.add_adapter("legal", lora(target_modules="all-linear", use_dora=True))
     model.delete_adapter("legal")
-    assert "legal" not in model.peft_config and "legal" not in model.router.names
+    assert "legal" not in model.peft_config and "legal" not in model.adapter_ids
     assert not [k for k in model.state_dict() if "legal" in k]
     assert not [n for n, _ in model.named_modules() if "legal" in n]
     for _, module in model.named_modules():
@@ -220,10 +221,40 @@ def test_mixed_batch_gradients_match_per_adapter_runs() -> None:
     model.train()
     x = tokens(batch=2, length=5)
     model(input_ids=x, labels=x, adapter_names=["medical", "legal"]).loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert any("lora_A.medical" in n for n in grads) and any("lora_A.legal" in n for n in grads)
-    unused = [g for n, g in grads.items() if n.endswith(".emb")]
-    assert all(torch.count_nonzero(g) == 0 for g in unused)  # rows of other adapters only
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    alone: dict[str, torch.Tensor] = {}
+    for row, name in enumerate(["medical", "legal"]):  # each row alone, with its adapter
+        model.set_adapter(name)
+        loss = model(input_ids=x[row : row + 1], labels=x[row : row + 1]).loss
+        (loss / 2).backward()  # the batch loss is the mean of the two rows' (equal) losses
+        alone |= {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+    trained = {n for n in alone if n.endswith((".medical", ".legal"))}
+    assert trained and any("lora_A.medical" in n for n in trained)
+    assert any("lora_A.legal" in n for n in trained)
+    for name in trained:
+        torch.testing.assert_close(mixed[name], alone[name], atol=1e-6, rtol=1e-5)
+    unused = [g for n, g in mixed.items() if n.endswith(".emb")]
+    assert unused and all(torch.count_nonzero(g) == 0 for g in unused)
+
+
+def test_adapter_ids_route_like_names_and_stay_stable_after_a_delete() -> None:
+    model = _mixed_model()
+    x = tokens(batch=3, length=5)
+    names = ["medical", "emb", "__base__"]
+    by_name = logits(model, x, adapter_names=names)
+    ids = torch.tensor([model.adapter_id(n) if n != "__base__" else -1 for n in names])
+    torch.testing.assert_close(logits(model, x, adapter_ids=ids), by_name, atol=0, rtol=0)
+    model.delete_adapter("legal")  # an adapter loaded before "emb"
+    assert model.adapter_id("emb") == ids[1]  # ids do not shift
+    torch.testing.assert_close(logits(model, x, adapter_ids=ids), by_name, atol=1e-6, rtol=1e-6)
+    per_token = ids.unsqueeze(1).expand(3, 5)  # (B, T): the same routing, per token
+    torch.testing.assert_close(logits(model, x, adapter_ids=per_token), by_name, atol=1e-6, rtol=0)
+    with pytest.raises(tilpass.AdapterNameError, match="no loaded adapter's id"):
+        model(input_ids=x, adapter_ids=torch.tensor([ids[0], 99, -1]))
+    with pytest.raises(ValueError, match="adapter_names or adapter_ids, not both"):
+        model(input_ids=x, adapter_names=names, adapter_ids=ids)
 
 
 def test_mixed_batch_with_modules_to_save() -> None:
@@ -261,7 +292,7 @@ def test_mixed_batch_errors() -> None:
     model.add_adapter("dora", lora(use_dora=True))
     with pytest.raises(NotImplementedError, match="DoRA"):
         model(input_ids=x, adapter_names=["dora", "legal"])
-    assert model.router.row_ids is None  # an error leaves no routing behind
+    assert current_routing() is None  # an error leaves no routing behind
 
 
 def test_low_rank_warns() -> None:

@@ -21,6 +21,18 @@ PEFT_METADATA = frozenset({"auto_mapping", "peft_version", "megatron_core"})
 
 C = TypeVar("C", bound="AdapterConfig")
 
+BOOKKEEPING_FIELDS = ("task_type", "base_model_name_or_path", "revision", "inference_mode")
+"""Fields every config has that describe the file, not the method (not CLI settings)."""
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line help text (shown by the CLI)."""
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}
+        )
+    return dataclasses.field(default=default, metadata={"help": help})
+
 
 @dataclasses.dataclass
 class AdapterConfig:
@@ -67,6 +79,17 @@ class AdapterConfig:
         except (TypeError, ValueError) as exc:
             raise AdapterFileError(f"{source}: {exc}") from exc
 
+    def layer_spec(self, module_name: str, initialize: bool) -> Any:
+        """The settings of this adapter for the layer at `module_name` (method-specific).
+
+        `initialize=False` means the adapter's tensors are about to be loaded from a file, so
+        the layer only allocates them.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not define layer_spec")
+
+    def describe_layers(self, layers: list[Any]) -> None:
+        """Record what the injected layers found (e.g. GPT-2's transposed layout)."""
+
     def save(self, directory: str | Path) -> Path:
         """Write `adapter_config.json` atomically into `directory`."""
         from tilpass.adapter_files import atomic_write_bytes
@@ -75,6 +98,38 @@ class AdapterConfig:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(path, text.encode())
         return path
+
+
+@dataclasses.dataclass
+class TargetedConfig(AdapterConfig):
+    """A config whose method wraps modules chosen by name (PEFT's targeting fields)."""
+
+    target_modules: list[str] | str | None = opt(
+        None, "Module names (exact or dotted suffix), a regex, or 'all-linear'."
+    )
+    exclude_modules: list[str] | str | None = opt(
+        None, "Names or regex to leave out, matched like target_modules."
+    )
+    modules_to_save: list[str] | None = opt(
+        None, "Whole modules trained and saved with the adapter (e.g. [lm_head])."
+    )
+    layers_to_transform: list[int] | int | None = opt(
+        None, "Only these layer indices (with layers_pattern naming the layer list)."
+    )
+    layers_pattern: list[str] | str | None = opt(
+        None, "Name of the module list that holds the layers (e.g. layers, h)."
+    )
+    fan_in_fan_out: bool = opt(False, "Weights stored (in, out), as GPT-2's Conv1D (detected).")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+
+    def describe_layers(self, layers: list[Any]) -> None:
+        if any(getattr(layer, "transposed", False) for layer in layers):
+            self.fan_in_fan_out = True  # GPT-2's Conv1D layout, as PEFT records it
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,4 +1,8 @@
-"""Find the modules a config targets and wrap them in adapter layers.
+"""Find the modules a config targets and wrap them in its method's adapter layers.
+
+Method-agnostic: the method (from the registry) supplies the layer factory and, if it places
+itself other than by name, its own target selection; everything here works on any
+`AdapterLayer`.
 
 Matching follows PEFT's rules so configs mean the same in both libraries:
 - a list of names matches a module whose full name equals an entry or ends with `.entry`;
@@ -17,9 +21,10 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from tilpass.config import TargetedConfig
 from tilpass.errors import TargetModulesError
-from tilpass.methods.lora import LAYER_TYPES, AdapterSpec, LoraConfig, LoraLayer, make_layer
-from tilpass.routing import Router
+from tilpass.layers import AdapterLayer
+from tilpass.methods.registry import Method
 from tilpass.saved_modules import ModulesToSave
 
 try:
@@ -28,7 +33,6 @@ except ImportError:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment,misc]
 
 ALL_LINEAR = "all-linear"
-_WRAPPERS = (*LAYER_TYPES, ModulesToSave)
 
 
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -37,50 +41,51 @@ def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if skip and name.startswith(skip):
             continue
-        if isinstance(module, _WRAPPERS):
+        if isinstance(module, AdapterLayer):
             skip = (*skip, name + ".")
         yield name, module
 
 
-def adapter_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """Every LoRA layer in `model`, found by type, with its module path."""
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """Every adapter layer in `model` (any method, `modules_to_save` too), with its path."""
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, AdapterLayer):
             yield name, module
 
 
-def mark_shared_weights(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    """Tell each LoRA layer which other modules use its weight tensor (tied embeddings).
+def mark_shared_weights(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Tell each mergeable layer which other modules use the tensors merging would change.
 
-    Returns (path, layer) for each layer whose weight is shared, so the caller can say what
-    merging unties. A layer merged on its private copy still counts the shared tensor.
+    A tied weight (GPT-2's wte is lm_head's weight) is then merged on a private copy. Returns
+    (path, layer) for each layer with a shared tensor, so the caller can say what merging
+    unties. The comparison uses the layer's original tensors, not a merge's private copy.
     """
     users: dict[int, list[str]] = defaultdict(list)
     for name, param in model.named_parameters(remove_duplicate=False):
         users[id(param)].append(name)
-    layers = list(adapter_layers(model))
+    layers = [(n, m) for n, m in adapter_layers(model) if m.MERGEABLE]
+    originals = {}
     for name, layer in layers:
-        if layer._shared_weight is not None:
-            users[id(layer._shared_weight)].append(name + ".weight")
+        for target in layer.merge_targets():
+            original = layer.original_tensor(target)
+            originals[(name, target)] = original
+            if original is not getattr(layer, target):
+                users[id(original)].append(f"{name}.{target}")
     shared = []
     for name, layer in layers:
-        weight = layer._shared_weight if layer._shared_weight is not None else layer.weight
-        layer.weight_shared_with = [n for n in users[id(weight)] if n != name + ".weight"]
-        if layer.weight_shared_with:
+        found = {
+            target: [u for u in users[id(originals[(name, target)])] if u != f"{name}.{target}"]
+            for target in layer.merge_targets()
+        }
+        layer.mark_shared(found)
+        if any(found.values()):
             shared.append((name, layer))
     return shared
 
 
-def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
-    """Every `modules_to_save` wrapper in `model`, with its module path."""
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSave):
-            yield name, module
-
-
 def _is_linear(module: nn.Module) -> bool:
-    if isinstance(module, LoraLayer):
-        return hasattr(module, "in_features")
+    if isinstance(module, AdapterLayer):
+        module = module.base_layer
     return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
 
 
@@ -103,7 +108,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names or {n for n, _ in model.named_modules() if n.split(".")[-1] == "lm_head"}
 
 
-def _in_layers(name: str, config: LoraConfig) -> bool:
+def _in_layers(name: str, config: TargetedConfig) -> bool:
     wanted = config.layers_to_transform
     if wanted is None:
         return True
@@ -123,13 +128,13 @@ def describe_modules(model: nn.Module) -> str:
     """Leaf module names grouped by kind, for error messages ("Linear: q_proj, v_proj; ...")."""
     kinds: dict[str, set[str]] = defaultdict(set)
     for name, module in base_modules(model):
-        if name and (not list(module.children()) or isinstance(module, _WRAPPERS)):
+        if name and (not list(module.children()) or isinstance(module, AdapterLayer)):
             kind = "Linear" if _is_linear(module) else type(module).__name__
             kinds[kind].add(name.split(".")[-1])
     return "; ".join(f"{kind}: {', '.join(sorted(names))}" for kind, names in sorted(kinds.items()))
 
 
-def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+def find_targets(model: nn.Module, config: TargetedConfig) -> list[str]:
     """Names of the modules `config` adapts; raises if an entry matches nothing."""
     spec = config.target_modules
     if spec is None:
@@ -166,35 +171,22 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def _pattern_value(patterns: dict, name: str, default: float) -> float:
-    for key, value in patterns.items():  # PEFT's rule: first key that matches a dotted suffix
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-def spec_for(name: str, config: LoraConfig, initialize: bool = True) -> AdapterSpec:
-    """The adapter settings for module `name` after `rank_pattern` / `alpha_pattern`."""
-    return AdapterSpec(
-        r=int(_pattern_value(config.rank_pattern, name, config.r)),
-        alpha=float(_pattern_value(config.alpha_pattern, name, config.lora_alpha)),
-        dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
-        init=config.init_lora_weights if initialize else None,
-    )
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the module called `name` is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
 def inject(
-    model: nn.Module, config: LoraConfig, adapter_name: str, router: Router, initialize: bool = True
+    model: nn.Module,
+    method: Method,
+    config: TargetedConfig,
+    adapter_name: str,
+    adapter_id: int,
+    initialize: bool = True,
 ) -> list[str]:
-    """Add adapter `adapter_name` to every targeted module, wrapping the ones not yet wrapped.
+    """Add adapter `adapter_name` to every module `config` targets, wrapping new ones.
 
     With `initialize=False` the adapter's tensors are allocated but not initialised (a load
     fills them next; random initialisation of large adapters costs more than reading them).
@@ -202,29 +194,47 @@ def inject(
     Returns:
         The adapted module names.
     """
-    names = find_targets(model, config)
+    select = method.select_targets or find_targets
+    names = select(model, config)
     for name in names:
-        module = model.get_submodule(name)
-        if not isinstance(module, LoraLayer):
-            try:
-                module = make_layer(module, router)
-            except TypeError as exc:
-                raise TargetModulesError(
-                    f"target_modules matched {name!r} ({type(module).__name__}): {exc}. "
-                    "Name the Linear layers inside it instead."
-                ) from exc
-            module.train(model.get_submodule(name).training)  # eval stays eval (no dropout)
-            _replace(model, name, module)
-        if config.use_dora and getattr(module, "transposed", None) is None:
-            raise TargetModulesError(f"{name}: DoRA applies to Linear / Conv1D layers only")
-        module.add(adapter_name, spec_for(name, config, initialize))  # type: ignore[operator]
-    for name in find_saved(model, config.modules_to_save):
+        layer = _layer_for(model, name, method)
+        try:
+            layer.add_adapter(adapter_name, adapter_id, config.layer_spec(name, initialize))
+        except NotImplementedError as exc:
+            raise TargetModulesError(f"{name}: {exc}") from exc
+    for name in find_saved(model, getattr(config, "modules_to_save", None)):
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module, router).train(module.training)
-            _replace(model, name, module)
-        module.add(adapter_name)
+            module = ModulesToSave(module).train(module.training)
+            replace_module(model, name, module)
+        module.add_adapter(adapter_name, adapter_id, None)
     return names
+
+
+def _layer_for(model: nn.Module, name: str, method: Method) -> AdapterLayer:
+    """The method's layer at `name`: the existing one, or a new one wrapping the module."""
+    module = model.get_submodule(name)
+    if isinstance(module, AdapterLayer):
+        if not _same_method(module, method):
+            raise TargetModulesError(
+                f"{name} already carries a {type(module).__name__}; one module takes adapters "
+                "of one method (delete the other method's adapters first)"
+            )
+        return module
+    try:
+        layer = method.make_layer(module)
+    except TypeError as exc:
+        raise TargetModulesError(
+            f"target_modules matched {name!r} ({type(module).__name__}): {exc}. "
+            "Name the layers inside it instead."
+        ) from exc
+    layer.train(module.training)  # eval stays eval (no dropout)
+    replace_module(model, name, layer)
+    return layer
+
+
+def _same_method(layer: AdapterLayer, method: Method) -> bool:
+    return type(layer).__module__ == method.make_layer.__module__
 
 
 def find_saved(model: nn.Module, entries: list[str] | None) -> list[str]:
@@ -245,27 +255,21 @@ def find_saved(model: nn.Module, entries: list[str] | None) -> list[str]:
 
 
 def unwrap_all(model: nn.Module, merge: bool) -> nn.Module:
-    """Replace every adapter layer by its base module (merging first if `merge`).
+    """Replace every adapter layer by its module (merging first if `merge`).
 
     A merged layer whose weight another module shares (a tied embedding) gets its own copy;
     the model's config then stops declaring the tie, so saving and reloading keep both.
     """
     if merge:
         untied = [
-            (name, layer.weight_shared_with)
+            (name, layer.shared_with())
             for name, layer in mark_shared_weights(model)
             if any(a in layer.specs for a in layer.active)
         ]
         if untied:
             _untie_config(model, untied)
     for name, layer in list(adapter_layers(model)):
-        if merge:
-            layer.merge(list(layer.active))
-        else:
-            layer.unmerge()
-        _replace(model, name, layer.unwrap())
-    for name, wrapper in list(saved_modules(model)):
-        _replace(model, name, wrapper.unwrap(merge))
+        replace_module(model, name, layer.unwrap(merge))
     return model
 
 

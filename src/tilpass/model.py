@@ -1,8 +1,9 @@
 """`AdaptedModel`: a base model plus named adapters, with PEFT's `PeftModel` method names.
 
-The base model's modules are wrapped in place (principle 1: base weights are never copied);
-each wrapper holds every named adapter of that module. This class is the API edge: adapter
-names (strings) become integer ids here before they reach a layer.
+The base model's modules are wrapped in place (base weights are never copied); each wrapper
+holds every named adapter of that module. This class knows no method: it finds a config's
+method in the registry and talks to layers only through the `AdapterLayer` protocol. It is the
+API edge: adapter names (strings) become stable integer ids here before they reach a layer.
 """
 
 from __future__ import annotations
@@ -20,18 +21,10 @@ from torch import nn
 from tilpass.adapter_files import WEIGHTS_NAME, load_tensors, save_tensors
 from tilpass.config import AdapterConfig, read_config_dict
 from tilpass.errors import AdapterFileError, AdapterNameError
-from tilpass.inject import (
-    _replace,
-    adapter_layers,
-    inject,
-    mark_shared_weights,
-    saved_modules,
-    unwrap_all,
-)
-from tilpass.methods import CONFIGS
-from tilpass.methods.lora import LoraConfig, LoraLayer
-from tilpass.routing import BASE, Router
-from tilpass.saved_modules import ModulesToSave
+from tilpass.inject import adapter_layers, inject, mark_shared_weights, replace_module, unwrap_all
+from tilpass.layers import AdapterLayer
+from tilpass.methods import UnknownMethodError, method_for_peft_type, method_of
+from tilpass.routing import BASE, AdapterIds, Routing, routed
 
 PREFIX = "base_model.model."  # PEFT's key prefix for a model's adapter tensors
 DEFAULT = "default"
@@ -53,8 +46,8 @@ class AdaptedModel(nn.Module):
         super().__init__()
         self.base_model = model
         self.training = model.training  # a model in eval mode stays in eval mode
-        self.router = Router()
-        self._wrappers: tuple[list[LoraLayer], list[ModulesToSave]] | None = None
+        self.adapter_ids = AdapterIds()
+        self._layer_cache: list[AdapterLayer] | None = None
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
         for p in model.parameters():
@@ -64,64 +57,85 @@ class AdaptedModel(nn.Module):
             self.set_adapter(adapter_name)
 
     # -- passing through ----------------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """Run the base model; `adapter_names` (one per row) routes rows to adapters."""
-        if adapter_names is None:
+    def forward(
+        self,
+        *args: Any,
+        adapter_names: list[str] | None = None,
+        adapter_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Run the base model; `adapter_names` (one per row) or `adapter_ids` (one per row,
+        or one per token for packed ragged batches; -1 = base) route tokens to adapters."""
+        routing = self._routing(adapter_names, adapter_ids, _batch_size(args, kwargs))
+        if routing is None:
             return self.base_model(*args, **kwargs)
-        with self._routing(adapter_names, _batch_size(args, kwargs)):
+        with routed(routing):
             return self.base_model(*args, **kwargs)
 
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+    def generate(
+        self,
+        *args: Any,
+        adapter_names: list[str] | None = None,
+        adapter_ids: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """The base model's `generate`, with optional per-row adapters."""
-        if adapter_names is None:
+        if adapter_ids is not None and adapter_ids.dim() != 1:
+            raise ValueError("generate takes one adapter id per row (adapter_ids of shape (B,))")
+        routing = self._routing(adapter_names, adapter_ids, _batch_size(args, kwargs))
+        if routing is None:
             return self.base_model.generate(*args, **kwargs)
-        with self._routing(adapter_names, _batch_size(args, kwargs)):
+        with routed(routing):
             return self.base_model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with adapter layers in place; `unload` removes them)."""
         return self.base_model
 
-    def _layers(self) -> list[LoraLayer]:
-        """The LoRA layers (cached: the hot paths must not walk the module tree each call)."""
-        if self._wrappers is None:
-            self._wrappers = (
-                [m for _, m in adapter_layers(self.base_model)],
-                [m for _, m in saved_modules(self.base_model)],
-            )
-        return self._wrappers[0]
+    def adapter_id(self, adapter_name: str) -> int:
+        """The stable integer id of an adapter (for `adapter_ids=`; -1 is the base model)."""
+        self._check_name(adapter_name)
+        return self.adapter_ids[adapter_name]
 
-    def _saved(self) -> list[ModulesToSave]:
-        self._layers()
-        assert self._wrappers is not None
-        return self._wrappers[1]
+    def _layers(self) -> list[AdapterLayer]:
+        """The adapter layers (cached: the hot paths must not walk the module tree each call)."""
+        if self._layer_cache is None:
+            self._layer_cache = [m for _, m in adapter_layers(self.base_model)]
+        return self._layer_cache
 
     @property
     def config(self) -> Any:
         """The base model's config (for code that reads `model.config`)."""
         return getattr(self.base_model, "config", None)
 
-    @contextlib.contextmanager
-    def _routing(self, names: list[str], batch: int | None) -> Iterator[None]:
-        if isinstance(names, str):
-            raise TypeError("adapter_names must be a list with one adapter name per row")
-        if batch is not None and len(names) != batch:
+    def _routing(
+        self, names: list[str] | None, ids: torch.Tensor | None, batch: int | None
+    ) -> Routing | None:
+        """The routing of one call, or None for a plain call (nothing is kept on the model)."""
+        if names is None and ids is None:
+            return None
+        if names is not None and ids is not None:
+            raise ValueError("pass adapter_names or adapter_ids, not both")
+        if names is not None:
+            if isinstance(names, str):
+                raise TypeError("adapter_names must be a list with one adapter name per row")
+            ids = self.adapter_ids.ids_for(names)
+        else:
+            assert ids is not None
+            ids = self.adapter_ids.check(ids)
+        if batch is not None and ids.shape[0] != batch:
+            what = "adapter_names" if names is not None else "adapter_ids"
             raise ValueError(
-                f"adapter_names has {len(names)} entries but the batch has {batch} rows; "
-                f"pass one name per row ({BASE!r} for the base model)"
+                f"{what} has {ids.shape[0]} entries but the batch has {batch} rows; "
+                f"pass one per row ({BASE!r} / -1 for the base model)"
             )
-        ids = self.router.ids_for(names)
         merged = sorted({n for layer in self._layers() for n in layer.merged})
         if merged:
             raise RuntimeError(
                 f"adapters {merged} are merged into the weights, so rows cannot be routed; "
                 "call unmerge_adapter() first"
             )
-        self.router.begin(ids)
-        try:
-            yield
-        finally:
-            self.router.end()
+        return Routing(ids)
 
     # -- adapters -----------------------------------------------------------------------------
     def add_adapter(
@@ -139,21 +153,23 @@ class AdaptedModel(nn.Module):
                 f"invalid adapter name {adapter_name!r}: use a non-empty name without dots, "
                 f"other than {BASE!r}"
             )
-        if not isinstance(config, LoraConfig):
-            raise TypeError(f"unsupported config type {type(config).__name__}")
+        try:
+            method = method_of(config)
+        except UnknownMethodError as exc:
+            raise TypeError(f"unsupported config type {type(config).__name__}: {exc}") from None
         config = copy.deepcopy(config)  # the caller's config stays as it was
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(self.config, "name_or_path", None) or None
+        adapter_id = self.adapter_ids.assign(adapter_name)
         try:
-            inject(self.base_model, config, adapter_name, self.router, not low_cpu_mem_usage)
+            inject(self.base_model, method, config, adapter_name, adapter_id, not low_cpu_mem_usage)
         except Exception:
             self._remove_traces(adapter_name)
+            self.adapter_ids.release(adapter_name)
             raise
-        self._wrappers = None
-        if any(getattr(layer, "transposed", False) for layer in self._layers()):
-            config.fan_in_fan_out = True  # GPT-2's Conv1D layout, as PEFT records it
+        self._layer_cache = None
+        config.describe_layers([m for m in self._layers() if adapter_name in m.specs])
         self.peft_config[adapter_name] = config
-        self.router.names = list(self.peft_config)
         self._set_trainable(adapter_name, not config.inference_mode)
 
     def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
@@ -161,16 +177,18 @@ class AdaptedModel(nn.Module):
             p.requires_grad_(trainable)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        """The parameters of one adapter (LoRA factors, magnitudes, saved-module copies)."""
-        params: list[nn.Parameter] = []
-        for layer in self._layers():
-            for store in (layer.lora_a, layer.lora_b, layer.lora_magnitude_vector):
-                if adapter_name in store:
-                    params.append(store[adapter_name])
-        for wrapper in self._saved():
-            if adapter_name in wrapper.modules_to_save:
-                params += list(wrapper.modules_to_save[adapter_name].parameters())
-        return params
+        """The parameters of one adapter, in every layer (saved-module copies included)."""
+        return [p for layer in self._layers() for p in layer.adapter_parameters(adapter_name)]
+
+    def training_hooks(self) -> list[Any]:
+        """Hooks the trainer calls for the active adapters' methods (loss terms and
+        after-backward steps, e.g. AdaLoRA's); most methods have none."""
+        hooks: list[Any] = []
+        for name in self._active:
+            method = method_of(self.peft_config[name])
+            if method.training_hooks is not None:
+                hooks += method.training_hooks(self, name)
+        return hooks
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Activate one adapter, or several whose updates then add up."""
@@ -178,8 +196,8 @@ class AdaptedModel(nn.Module):
         for name in names:
             self._check_name(name)
         self._active = names
-        for module in [*self._layers(), *self._saved()]:
-            module.active = list(names)
+        for layer in self._layers():
+            layer.active = list(names)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -201,39 +219,34 @@ class AdaptedModel(nn.Module):
         self._check_name(adapter_name)
         self._remove_traces(adapter_name)
         del self.peft_config[adapter_name]
-        self.router.names = list(self.peft_config)
+        self.adapter_ids.release(adapter_name)
         remaining = [a for a in self._active if a != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         self.set_adapter(remaining) if remaining else setattr(self, "_active", [])
 
     def _remove_traces(self, adapter_name: str) -> None:
-        self._wrappers = None
+        self._layer_cache = None
         for name, layer in list(adapter_layers(self.base_model)):
             layer.delete(adapter_name)
             if not layer.specs:
-                _replace(self.base_model, name, layer.unwrap())
-        for name, wrapper in list(saved_modules(self.base_model)):
-            wrapper.delete(adapter_name)
-            if not len(wrapper.modules_to_save):
-                _replace(self.base_model, name, wrapper.unwrap(merge=False))
+                replace_module(self.base_model, name, layer.unwrap(merge=False))
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model is the base model; merged adapters are unmerged first."""
-        merged = {id(layer): list(layer.merged) for layer in self._layers()}
-        modules = [*self._layers(), *self._saved()]
-        for module in modules:
-            if isinstance(module, LoraLayer):
-                module.unmerge()
-            module.disabled = True
+        layers = self._layers()
+        merged = [list(layer.merged) for layer in layers]
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
         try:
             yield
         finally:
-            for module in modules:
-                module.disabled = False
-                if isinstance(module, LoraLayer) and merged[id(module)]:
-                    module.merge(merged[id(module)])
+            for layer, names in zip(layers, merged, strict=True):
+                layer.disabled = False
+                if names:
+                    layer.merge(names)
 
     # -- merging ------------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
@@ -241,9 +254,19 @@ class AdaptedModel(nn.Module):
         names = self._active if adapter_names is None else adapter_names
         for name in names:
             self._check_name(name)
+        self._check_mergeable(names)
         mark_shared_weights(self.base_model)  # a tied weight is merged on a private copy
         for layer in self._layers():
-            layer.merge(list(names))
+            if layer.MERGEABLE:
+                layer.merge(list(names))
+
+    def _check_mergeable(self, names: list[str]) -> None:
+        for layer in self._layers():
+            if not layer.MERGEABLE and any(n in layer.specs for n in names):
+                raise NotImplementedError(
+                    f"{type(layer).__name__} adapters cannot be merged into the weights; keep "
+                    "them loaded, or unload them"
+                )
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter back out of the base weights."""
@@ -252,15 +275,16 @@ class AdaptedModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapters and return the plain base model (no wrappers left)."""
+        self._check_mergeable(self._active)
         for layer in self._layers():
             layer.unmerge()  # so only the active adapters end up in the weights
             layer.active = list(self._active)
-        self._wrappers = None
+        self._layer_cache = None
         return unwrap_all(self.base_model, merge=True)
 
     def unload(self) -> nn.Module:
         """Return the base model as it was: adapters removed, nothing merged."""
-        self._wrappers = None
+        self._layer_cache = None
         return unwrap_all(self.base_model, merge=False)
 
     # -- counting -----------------------------------------------------------------------------
@@ -285,8 +309,8 @@ class AdaptedModel(nn.Module):
         """The adapter's tensors under PEFT's keys (`base_model.model.<path>.lora_A.weight`)."""
         self._check_name(adapter_name)
         out: dict[str, torch.Tensor] = {}
-        for path, module in [*adapter_layers(self.base_model), *saved_modules(self.base_model)]:
-            for key, tensor in module.adapter_tensors(adapter_name).items():
+        for path, layer in adapter_layers(self.base_model):
+            for key, tensor in layer.adapter_tensors(adapter_name).items():
                 out[f"{PREFIX}{path}.{key}"] = tensor
         return out
 
@@ -311,8 +335,8 @@ class AdaptedModel(nn.Module):
         if size <= LARGE_ADAPTER_FRACTION * max(base, 1):
             return
         per_module: dict[str, int] = {}
-        for path, module in [*adapter_layers(self.base_model), *saved_modules(self.base_model)]:
-            parts = module.adapter_tensors(name).values()
+        for path, layer in adapter_layers(self.base_model):
+            parts = layer.adapter_tensors(name).values()
             per_module[path] = sum(t.numel() * t.element_size() for t in parts)
         top = sorted(per_module.items(), key=lambda kv: -kv[1])[:5]
         warnings.warn(
@@ -355,12 +379,10 @@ class AdaptedModel(nn.Module):
         directory = Path(model_id)
         data = read_config_dict(directory)
         config_path = directory / "adapter_config.json"
-        config_cls = CONFIGS.get(str(data["peft_type"]))
-        if config_cls is None:
-            raise AdapterFileError(
-                f"{config_path}: peft_type {data['peft_type']!r} is not supported by tilpass "
-                f"(supported: {', '.join(CONFIGS)})"
-            )
+        try:
+            config_cls = method_for_peft_type(str(data["peft_type"])).config_class
+        except UnknownMethodError as exc:
+            raise AdapterFileError(f"{config_path}: {exc}") from None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LoRA rank")
             config = config_cls.from_dict(data, source=str(config_path))
@@ -404,7 +426,7 @@ class AdaptedModel(nn.Module):
             for key in set(expected) & set(tensors):
                 expected[key].copy_(tensors[key])
         for layer in self._layers():
-            layer._stack_cache = None
+            layer.invalidate()
 
     def _drop_unchanged_embeddings(
         self, tensors: dict[str, torch.Tensor], directory: Path

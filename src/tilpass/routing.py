@@ -1,22 +1,125 @@
-"""Per-row adapter routing: one batch whose rows use different adapters, in one forward pass.
+"""Per-row and per-token adapter routing: one batch whose tokens use different adapters.
 
-The model-level call turns adapter names into an integer tensor (one id per row, -1 for the
-base model) and hands it to a `Router` that every adapter layer shares. The first layer that
-sees a given token count builds a `Plan` (rows grouped by adapter, with tensor ops); the
-other layers reuse it. A layer then runs its low-rank term for all groups at once:
+Adapter names become integers at the API edge: `AdapterIds` gives every adapter of a model a
+stable id (never reused, never shifted when another adapter is deleted). A call with
+`adapter_names=` or `adapter_ids=` builds a `Routing` that lives only for that call (a context
+variable, so nothing is left on the model and concurrent calls do not see each other). Ids are
+per row (B,) or per token (B, T): a packed ragged batch (rows of different lengths laid end to
+end, as a continuous-batching server runs them) routes by its per-token ids.
+
+The first layer that sees a given token count builds a `Plan` (tokens grouped by adapter, with
+tensor ops); the other layers reuse it. A layer then runs its adapter term for all groups at
+once, one batched matmul pair per distinct rank present (never a loop over rows or adapters):
 
     tokens sorted by adapter -> (G, m, in) @ A^T -> (G, m, r) @ (s B)^T -> (G, m, out) -> scatter
-
-so the cost is one batched matmul pair, never a Python loop over rows or adapters.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
 
+from tilpass.errors import AdapterNameError
+
 BASE = "__base__"
+BASE_ID = -1
+
+
+class AdapterIds:
+    """Stable integer ids for a model's adapter names (the hot paths see only integers)."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, int] = {}
+        self._next = 0
+
+    def assign(self, name: str) -> int:
+        """Give `name` a new id (ids are never reused, so a stale id cannot alias)."""
+        self._by_name[name] = self._next
+        self._next += 1
+        return self._by_name[name]
+
+    def release(self, name: str) -> None:
+        """Forget `name`; the other adapters keep their ids."""
+        self._by_name.pop(name, None)
+
+    def __getitem__(self, name: str) -> int:
+        return self._by_name[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def names(self) -> dict[int, str]:
+        """id -> name for every adapter that exists now."""
+        return {i: n for n, i in self._by_name.items()}
+
+    def ids_for(self, names: Sequence[str]) -> torch.Tensor:
+        """Per-row names -> ids, with an error that names the row and the loaded adapters."""
+        ids = []
+        for row, name in enumerate(names):
+            if name == BASE:
+                ids.append(BASE_ID)
+            elif name in self._by_name:
+                ids.append(self._by_name[name])
+            else:
+                known = ", ".join(self._by_name) or "(none loaded)"
+                raise AdapterNameError(
+                    f"adapter_names[{row}] = {name!r} is not a loaded adapter; "
+                    f"loaded: {known}; use {BASE!r} for the base model"
+                )
+        return torch.tensor(ids, dtype=torch.long)
+
+    def check(self, ids: torch.Tensor) -> torch.Tensor:
+        """Validate an `adapter_ids` tensor from a caller: integer, known ids or -1."""
+        if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError("adapter_ids must be an integer tensor (one id per row or per token)")
+        if ids.dim() not in (1, 2):
+            raise ValueError(f"adapter_ids must be (batch,) or (batch, tokens), got {ids.shape}")
+        known = torch.tensor([BASE_ID, *self._by_name.values()], device=ids.device)
+        unknown = ids[~torch.isin(ids, known)]
+        if unknown.numel():
+            raise AdapterNameError(
+                f"adapter_ids holds {int(unknown[0])}, which is no loaded adapter's id; ids: "
+                f"{self._by_name} ({BASE_ID} = base model)"
+            )
+        return ids.long()
+
+
+_CURRENT: ContextVar[Routing | None] = ContextVar("tilpass_routing", default=None)
+
+
+class Routing:
+    """The routing of one call: an adapter id per row (B,) or per token (B, T)."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+        self._plans: dict[tuple[int, torch.device], Plan] = {}
+
+    def plan(self, n_tokens: int, device: torch.device) -> Plan:
+        """The grouping for `n_tokens` tokens laid out row-major (shared by every layer)."""
+        key = (n_tokens, device)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = build_plan(self.ids, n_tokens, device)
+        return plan
+
+
+def current_routing() -> Routing | None:
+    """The routing of the call in progress in this thread / task, if any."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def routed(routing: Routing) -> Iterator[None]:
+    """Route every adapter layer by `routing` within the block (and only there)."""
+    token = _CURRENT.set(routing)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 @dataclass
@@ -25,7 +128,7 @@ class Plan:
 
     Attributes:
         single: the one adapter id every token uses (-1 = base), or None for a real mix.
-        present: (G,) global ids of the adapters that occur, in group order.
+        present: (G,) ids of the adapters that occur, in group order.
         index: (G, m) token index of each group slot; padded slots point at token 0.
         mask: (G, m, 1) True for real slots; None when the groups are equal-sized.
         flat_index: `index` flattened, the scatter target of each slot.
@@ -42,6 +145,7 @@ class Plan:
     token_ids: torch.Tensor | None = None
     inverse: torch.Tensor | None = None
     masks_by_dtype: dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+    subsets: dict[tuple[int, ...], Plan | None] = field(default_factory=dict)
 
     def mask_as(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The padding mask in the activations' dtype (cached: one cast per forward)."""
@@ -52,74 +156,64 @@ class Plan:
             cached = self.masks_by_dtype[dtype] = self.mask.to(dtype)
         return cached
 
+    def subset(self, ids: tuple[int, ...]) -> Plan | None:
+        """This plan restricted to the groups of adapters `ids` (None if none occurs).
 
-class Router:
-    """Shared by every adapter layer of one model: the adapter names and the current row ids."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.row_ids: torch.Tensor | None = None  # (B,) long; -1 = base model
-        self._plans: dict[tuple[int, torch.device], Plan] = {}
-
-    @property
-    def active(self) -> bool:
-        """True while a mixed-batch call is in progress."""
-        return self.row_ids is not None
-
-    def ids_for(self, names: list[str] | tuple[str, ...]) -> torch.Tensor:
-        """Turn per-row adapter names into ids, with a clear error for an unknown name."""
-        index = {name: i for i, name in enumerate(self.names)}
-        ids = []
-        for row, name in enumerate(names):
-            if name == BASE:
-                ids.append(-1)
-            elif name in index:
-                ids.append(index[name])
-            else:
-                from tilpass.errors import AdapterNameError
-
-                known = ", ".join(self.names) or "(none loaded)"
-                raise AdapterNameError(
-                    f"adapter_names[{row}] = {name!r} is not a loaded adapter; "
-                    f"loaded: {known}; use {BASE!r} for the base model"
-                )
-        return torch.tensor(ids, dtype=torch.long)
-
-    def begin(self, row_ids: torch.Tensor) -> None:
-        """Start routing a batch; plans from an earlier batch are dropped."""
-        self.row_ids = row_ids
-        self._plans.clear()
-
-    def end(self) -> None:
-        """Stop routing; layers go back to the active adapters."""
-        self.row_ids = None
-        self._plans.clear()
-
-    def plan(self, n_tokens: int, device: torch.device) -> Plan:
-        """The grouping for `n_tokens` tokens laid out row-major over the routed rows."""
-        key = (n_tokens, device)
-        plan = self._plans.get(key)
-        if plan is None:
-            assert self.row_ids is not None
-            plan = self._plans[key] = build_plan(self.row_ids, n_tokens, device)
-        return plan
+        Layers whose adapters differ in rank run one batched matmul pair per rank; each uses
+        the groups of its rank's adapters. Cached per id set, so layers with the same rank
+        layout share the work.
+        """
+        if ids in self.subsets:
+            return self.subsets[ids]
+        assert self.present is not None and self.index is not None
+        wanted = torch.isin(self.present, torch.tensor(ids, device=self.present.device))
+        sel = wanted.nonzero().squeeze(1)
+        sub = None
+        if sel.numel() == self.present.numel():
+            sub = self
+        elif sel.numel():
+            index = self.index[sel]
+            mask = self.mask[sel] if self.mask is not None else None
+            sub = Plan(
+                single=None,
+                present=self.present[sel],
+                index=index,
+                mask=mask,
+                flat_index=index.flatten(),
+                token_ids=self.token_ids,
+            )
+        self.subsets[ids] = sub
+        return sub
 
 
-def build_plan(row_ids: torch.Tensor, n_tokens: int, device: torch.device) -> Plan:
-    """Group `n_tokens` tokens (row-major over `row_ids`) by adapter id with tensor ops."""
-    rows = row_ids.numel()
+def token_ids_of(ids: torch.Tensor, n_tokens: int, device: torch.device) -> torch.Tensor:
+    """Per-token ids (n,) for `n_tokens` tokens, from per-row (B,) or per-token (B, T) ids."""
+    if ids.dim() == 2:
+        if ids.numel() != n_tokens:
+            raise ValueError(
+                f"adapter_ids has {tuple(ids.shape)} = {ids.numel()} per-token entries but a "
+                f"layer saw {n_tokens} tokens; per-token ids must cover every token (for "
+                "generate, pass one id per row)"
+            )
+        return ids.reshape(-1).to(device)
+    rows = ids.numel()
     if n_tokens % rows:
         raise ValueError(
             f"adapter_names has {rows} entries but a layer saw {n_tokens} tokens, which is not "
             "a whole number of rows; pass one adapter name per row of the batch"
         )
-    first = int(row_ids[0])
-    if bool((row_ids == first).all()):
+    return ids.to(device).repeat_interleave(n_tokens // rows)
+
+
+def build_plan(ids: torch.Tensor, n_tokens: int, device: torch.device) -> Plan:
+    """Group `n_tokens` tokens (row-major over `ids`) by adapter id with tensor ops."""
+    token_ids = token_ids_of(ids, n_tokens, device)  # (n,)
+    first = int(token_ids[0]) if n_tokens else BASE_ID
+    if bool((token_ids == first).all()):
         return Plan(single=first)
-    token_ids = row_ids.to(device).repeat_interleave(n_tokens // rows)  # (n,)
-    routed = token_ids >= 0
-    order = torch.argsort(torch.where(routed, token_ids, token_ids.max() + 1), stable=True)
-    order = order[: int(routed.sum())]  # token indices, grouped by adapter
+    routed_mask = token_ids >= 0
+    order = torch.argsort(torch.where(routed_mask, token_ids, token_ids.max() + 1), stable=True)
+    order = order[: int(routed_mask.sum())]  # token indices, grouped by adapter
     present, counts = torch.unique_consecutive(token_ids[order], return_counts=True)
     groups, width = present.numel(), int(counts.max())
     if int(counts.min()) == width:  # equal groups: a plain reshape, no padding
@@ -155,9 +249,9 @@ def grouped_lora(
 
     Args:
         x: (n, in) activations, one row per token.
-        a_t: (G_all, in, r) stacked `A^T` of every adapter, indexed by global id.
-        b_t: (G_all, r, out) stacked `(scale * B)^T`.
-        plan: the grouping from `Router.plan`.
+        a_t: (G, in, r) stacked `A^T` of the plan's present adapters, in `plan.present` order.
+        b_t: (G, r, out) stacked `(scale * B)^T`, likewise.
+        plan: the grouping from `Routing.plan` (or a subset of it).
         out: (n, out) base output; base-model tokens are left as they are.
 
     Returns:
@@ -165,9 +259,6 @@ def grouped_lora(
     """
     assert plan.index is not None and plan.flat_index is not None
     h = x.index_select(0, plan.flat_index).view(*plan.index.shape, x.shape[-1])  # (G, m, in)
-    present = plan.present
-    if present is not None and present.numel() != a_t.shape[0]:
-        a_t, b_t = a_t[present], b_t[present]  # only the adapters in this batch
     h = torch.bmm(h, a_t)  # (G, m, r)
     mask = plan.mask_as(h.dtype)
     if mask is not None:
@@ -179,9 +270,6 @@ def grouped_b(h: torch.Tensor, b_t: torch.Tensor, plan: Plan, out: torch.Tensor)
     """Add per-token `h @ B_g^T` into `out` for rank-space inputs `h` (n, r)."""
     assert plan.index is not None and plan.flat_index is not None
     hg = h.index_select(0, plan.flat_index).view(*plan.index.shape, h.shape[-1])  # (G, m, r)
-    present = plan.present
-    if present is not None and present.numel() != b_t.shape[0]:
-        b_t = b_t[present]
     mask = plan.mask_as(hg.dtype)
     if mask is not None:
         hg = hg * mask

@@ -1,41 +1,39 @@
 """`modules_to_save`: whole modules (a classifier head, say) trained and saved per adapter.
 
-The original stays frozen as `original_module`; each adapter gets a trainable copy. The
-forward runs the active adapter's copy, or the original when none is active.
+The original stays frozen as `original_module`; each adapter gets a trainable copy (PEFT's
+layout and file keys). The forward runs the active adapter's copy, or the original when none
+is active; a routed batch runs each copy on its own rows.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
-from tilpass.routing import Router
+from tilpass.layers import AdapterLayer
+from tilpass.routing import Plan, current_routing
 
 
-class ModulesToSave(nn.Module):
+class ModulesToSave(AdapterLayer):
     """Holds a frozen original module and one trainable full copy per adapter."""
 
-    def __init__(self, original: nn.Module, router: Router | None) -> None:
-        super().__init__()
+    STORES = ("modules_to_save",)
+    MERGEABLE = True  # "merging" keeps the active copy in place of the original (on unwrap)
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__(original, adopt=False)
         self.original_module = original
         self.modules_to_save = nn.ModuleDict()
-        self.router = router
-        self.active: list[str] = []
-        self.disabled = False
 
-    def add(self, name: str) -> None:
+    def create(self, name: str, spec: Any) -> None:
         """Copy the original module as adapter `name`'s trainable version."""
         clone = copy.deepcopy(self.original_module)
         for p in clone.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = clone
-
-    def delete(self, name: str) -> None:
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        self.active = [a for a in self.active if a != name]
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The copy's state, keyed as PEFT's files key it (the original's own names)."""
@@ -43,36 +41,54 @@ class ModulesToSave(nn.Module):
             return {}
         return dict(self.modules_to_save[name].state_dict(keep_vars=True))
 
-    @torch.no_grad()
-    def load_adapter_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        targets = self.adapter_tensors(name)
-        for key, value in tensors.items():
-            targets[key].copy_(value)
+    def merge(self, names: list[str] | None = None) -> None:
+        """Nothing to fold: unwrapping with `merge=True` puts the active copy in place."""
 
-    def _current(self) -> nn.Module:
-        if self.disabled:
-            return self.original_module
-        for name in self.active:
-            if name in self.modules_to_save:
-                return self.modules_to_save[name]
+    def unwrap(self, merge: bool = False) -> nn.Module:
+        """The module to put back: the active copy when merging, else the original."""
+        return self.current() if merge else self.original_module
+
+    def current(self) -> nn.Module:
+        """The copy a plain (unrouted) forward runs."""
+        if not self.disabled:
+            for name in self.active:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
         return self.original_module
 
-    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        router = self.router
-        if self.disabled or router is None or router.row_ids is None:
-            return self._current()(x, *args, **kwargs)
-        # Mixed batch: each distinct copy runs on its own rows. A full module copy per adapter
-        # is rare (heads), so one call per adapter present is acceptable here.
-        rows = router.row_ids.to(x.device)
-        out = self.original_module(x, *args, **kwargs)
-        for gid in torch.unique(rows).tolist():
-            name = router.names[gid] if gid >= 0 else None
-            if name is None or name not in self.modules_to_save:
-                continue
-            sel = (rows == gid).nonzero().squeeze(1)
-            out = out.index_copy(0, sel, self.modules_to_save[name](x[sel], *args, **kwargs))
-        return out
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        routing = current_routing()
+        if self.disabled or routing is None or not isinstance(x, torch.Tensor):
+            return self.current()(x, *args, **kwargs)
+        plan = routing.plan(self.rows(x), x.device)
+        if plan.single is not None:
+            names = [n for n, i in self.ids.items() if i == plan.single]
+            module = self.modules_to_save[names[0]] if names else self.original_module
+            return module(x, *args, **kwargs)
+        return self.routed_rows(x, plan, args, kwargs)
 
-    def unwrap(self, merge: bool) -> nn.Module:
-        """The module to put back: the active copy when merging, else the original."""
-        return self._current() if merge else self.original_module
+    def routed_rows(
+        self, x: torch.Tensor, plan: Plan, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> torch.Tensor:
+        """Each distinct copy runs on its own rows (a full copy per adapter is rare: heads,
+        so one call per adapter present is acceptable here)."""
+        out = self.original_module(x, *args, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise NotImplementedError(
+                f"a mixed batch through the modules_to_save module "
+                f"{type(self.original_module).__name__} needs a module that returns one "
+                "tensor; run each adapter's rows in a batch of their own"
+            )
+        assert plan.token_ids is not None
+        per_row = plan.token_ids.view(x.shape[0], -1)
+        if not bool((per_row == per_row[:, :1]).all()):
+            raise NotImplementedError(
+                "modules_to_save modules route whole rows; per-token adapter ids that differ "
+                "within a row are not supported for them"
+            )
+        rows = per_row[:, 0]  # (B,) each row's adapter id
+        for name, adapter_id in self.ids.items():
+            sel = (rows == adapter_id).nonzero().squeeze(1)
+            if sel.numel():
+                out = out.index_copy(0, sel, self.modules_to_save[name](x[sel], *args, **kwargs))
+        return out

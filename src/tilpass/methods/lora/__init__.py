@@ -1,10 +1,10 @@
-"""LoRA (with rsLoRA scaling and the DoRA option) over Linear, GPT-2 Conv1D and Embedding.
+"""LoRA (with rsLoRA scaling and the DoRA variant) over Linear, GPT-2 Conv1D and Embedding.
 
 For a frozen weight W (out, in) and each active adapter with A (r, in), B (out, r):
 
-    y = W x + b + s * B A dropout(x),        s = alpha / r   (alpha / sqrt(r) with rsLoRA)
+    y = base(x) + s * B A dropout(x),        s = alpha / r   (alpha / sqrt(r) with rsLoRA)
 
-DoRA (Linear and Conv1D) rescales each output row by a learned magnitude m:
+DoRA (Linear and Conv1D, `dora.py`) rescales each output row by a learned magnitude m:
 
     y = m / ||W + s B A||_row * (W x + s B A x) + b     (the norm is detached, as in the paper)
 
@@ -12,30 +12,28 @@ The layer keeps the base weight under its own key (`q_proj.weight`, not `base_la
 so the adapted model's base keys are the base model's. Merging adds `s B A` into W in place;
 unmerging subtracts it again.
 
-Files: `config.py` (LoraConfig), `layers.py` (the layers), `fused.py` (a Linear layer's
-adapter and frozen base as one autograd node).
+Files: `config.py` (LoraConfig), `layers.py` (the layers), `dora.py` (the DoRA variant),
+`fused.py` (a Linear layer's adapter and frozen base as one autograd node).
 """
 
-from tilpass.methods import Method
 from tilpass.methods.lora.config import LoraConfig
 from tilpass.methods.lora.layers import (
-    LAYER_TYPES,
     AdapterSpec,
     LoraEmbedding,
     LoraLayer,
     LoraLinear,
     make_layer,
 )
+from tilpass.methods.registry import Method
 
 METHOD = Method(
     name="lora",
     config_class=LoraConfig,
     make_layer=make_layer,
-    description="LoRA: trainable low-rank B A beside frozen weights (rsLoRA, DoRA variants)",
+    description="LoRA: trainable low-rank B A beside frozen weights (rsLoRA, DoRA variant)",
 )
 
 __all__ = [
-    "LAYER_TYPES",
     "METHOD",
     "AdapterSpec",
     "LoraConfig",

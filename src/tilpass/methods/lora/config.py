@@ -3,54 +3,51 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
-from tilpass.config import AdapterConfig
+from tilpass.config import TargetedConfig, opt
+from tilpass.methods.lora.dora import DORA
+from tilpass.methods.lora.layers import AdapterSpec
+
+LOW_RANK = 4
 
 
 @dataclasses.dataclass
-class LoraConfig(AdapterConfig):
+class LoraConfig(TargetedConfig):
     """LoRA settings, with PEFT's field names and meanings.
 
     Attributes:
         r: rank of the update.
         lora_alpha: scale numerator; the update is scaled by alpha / r.
         lora_dropout: dropout on the layer input of the LoRA branch, in [0, 1).
-        target_modules: module names (exact or dotted suffix), a regex matched against the
-            full name, or "all-linear" (every Linear/Conv1D except the output head).
-        exclude_modules: names or regex to leave out, same matching as target_modules.
         use_rslora: scale by alpha / sqrt(r) (rank-stabilised LoRA).
         use_dora: weight-decomposed LoRA (Linear and Conv1D).
         init_lora_weights: True = Kaiming A and zero B; "gaussian" = N(0, 1/r) A and zero B;
             False = both random (only for tests: the adapter changes the model from step 0).
         rank_pattern / alpha_pattern: per-module overrides, keys matched like target_modules.
+        Targeting fields (target_modules, ...) are `TargetedConfig`'s.
     """
 
     PEFT_TYPE = "LORA"
 
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    use_dora: bool = False
-    init_lora_weights: bool | str = True
-    modules_to_save: list[str] | None = None
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
-    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    r: int = opt(8, "Rank of the update.")
+    lora_alpha: float = opt(8, "Scale numerator: the update is scaled by lora_alpha / r.")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch input, in [0, 1).")
+    bias: str = opt("none", "Which biases train: only 'none' is supported.")
+    use_rslora: bool = opt(False, "Scale by lora_alpha / sqrt(r) (rank-stabilised LoRA).")
+    use_dora: bool = opt(False, "Weight-decomposed LoRA (Linear and Conv1D layers).")
+    init_lora_weights: bool | str = opt(
+        True, "True (Kaiming A, zero B) | gaussian | False (both random: tests only)."
+    )
+    rank_pattern: dict[str, int] = opt({}, "Per-module rank overrides: {name or regex: r}.")
+    alpha_pattern: dict[str, float] = opt({}, "Per-module alpha overrides: {name: alpha}.")
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = sorted(self.target_modules)
-        if isinstance(self.modules_to_save, (set, tuple)):
-            self.modules_to_save = list(self.modules_to_save)
+        super().__post_init__()
         _check(
-            isinstance(self.r, int) and self.r > 0, f"r must be a positive integer, got {self.r!r}"
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+            f"r must be a positive integer, got {self.r!r}",
         )
         _check(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha!r}")
         _check(
@@ -69,12 +66,36 @@ class LoraConfig(AdapterConfig):
             _check(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}] must be > 0")
         for key, value in self.alpha_pattern.items():
             _check(value > 0, f"alpha_pattern[{key!r}] must be > 0")
-        if self.r < 4 or any(v < 4 for v in self.rank_pattern.values()):
+        self._warn_low_rank()
+
+    def _warn_low_rank(self) -> None:
+        low = [f"r={self.r}"] if self.r < LOW_RANK else []
+        low += [f"rank_pattern[{k!r}]={v}" for k, v in self.rank_pattern.items() if v < LOW_RANK]
+        if low:
             warnings.warn(
-                f"LoRA rank r={self.r} is very low: ranks of 1-2 tend to underfit; "
+                f"LoRA rank {', '.join(low)} is very low: ranks of 1-2 tend to underfit; "
                 "r=8 is a good start",
-                stacklevel=3,
+                stacklevel=4,
             )
+
+    def layer_spec(self, module_name: str, initialize: bool) -> AdapterSpec:
+        """The adapter settings for module `module_name` after rank / alpha patterns."""
+        return AdapterSpec(
+            r=int(pattern_value(self.rank_pattern, module_name, self.r)),
+            alpha=float(pattern_value(self.alpha_pattern, module_name, self.lora_alpha)),
+            dropout=self.lora_dropout,
+            use_rslora=self.use_rslora,
+            variant=DORA if self.use_dora else None,
+            init=self.init_lora_weights if initialize else None,
+        )
+
+
+def pattern_value(patterns: dict, name: str, default: float) -> float:
+    """PEFT's rule: the first key that matches the module name as a dotted suffix wins."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 def _check(ok: bool, message: str) -> None:

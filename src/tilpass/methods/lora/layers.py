@@ -1,22 +1,25 @@
 """The LoRA layers: one object per wrapped module, holding any number of named adapters.
 
-`LoraLinear` wraps `nn.Linear` and GPT-2's `Conv1D`, `LoraEmbedding` wraps `nn.Embedding`; the
-shared base class `LoraLayer` keeps the adapters, their activation, merging and the routing of
-mixed batches. The formulas are in the package docstring (`tilpass.methods.lora`).
+`LoraLinear` wraps `nn.Linear`, GPT-2's `Conv1D` and any linear-like module (one with
+`in_features` / `out_features` and a forward of x W^T + b, such as a quantized linear);
+`LoraEmbedding` wraps `nn.Embedding`. The shared base `LoraLayer` keeps merging, tied-weight
+handling and the stacks of the batched mixed path. The formulas are in the package docstring.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tilpass.layers import AdapterLayer
+from tilpass.methods.lora.dora import DoraVariant
 from tilpass.methods.lora.fused import LoraLinearFunction
-from tilpass.routing import Router, grouped_b, grouped_lora
+from tilpass.routing import Plan, grouped_b, grouped_lora
 
 try:  # GPT-2's transposed linear layer; optional so non-transformers models need nothing.
     from transformers.pytorch_utils import Conv1D
@@ -32,7 +35,7 @@ class AdapterSpec:
     alpha: float
     dropout: float = 0.0
     use_rslora: bool = False
-    use_dora: bool = False
+    variant: DoraVariant | None = None  # None: plain LoRA
     init: bool | str | None = True  # None: allocate only (the tensors are loaded next)
 
     @property
@@ -42,55 +45,44 @@ class AdapterSpec:
 
 
 @dataclasses.dataclass
-class _StackCache:
-    """The stacked adapters of one layer and what they were built from."""
+class RankStack:
+    """The adapters of one rank in one layer, stacked for the batched mixed path."""
 
-    names: list[str]
+    ids: tuple[int, ...]  # model ids, in stack order
+    row_of_id: torch.Tensor  # (max id + 1,) stack row of each id (-1: not in this stack)
+    a_t: torch.Tensor  # (G, in, r) stacked A^T (embedding: (G, vocab, r))
+    b_t: torch.Tensor  # (G, r, out) stacked (s B)^T
+
+    def rows_for(self, present: torch.Tensor) -> torch.Tensor:
+        """Stack rows of the given ids (all of which are in this stack)."""
+        return self.row_of_id.to(present.device)[present]
+
+
+@dataclasses.dataclass
+class _StackCache:
+    """The rank stacks of one layer and what they were built from."""
+
     dtype: torch.dtype
     params: list[nn.Parameter]
     versions: list[int]
-    tensors: tuple[torch.Tensor, ...]
+    stacks: list[RankStack]
 
 
-class LoraLayer(nn.Module):
-    """State shared by the LoRA layer kinds: named adapters, activation, merging, routing."""
+class LoraLayer(AdapterLayer):
+    """What the LoRA layer kinds share: merging, tied weights, the mixed path's stacks."""
 
-    A_KEY = "lora_A"
-    B_KEY = "lora_B"
+    MERGEABLE = True
+    A_KEY: ClassVar[str] = "lora_A"
+    B_KEY: ClassVar[str] = "lora_B"
 
-    def __init__(self, base: nn.Module, router: Router | None) -> None:
-        super().__init__()
-        # The base module keeps its configuration (sizes, padding_idx); its parameters move
-        # here under the same names, so state-dict keys do not change. It is held in a tuple
-        # so that it is not registered as a child (its parameters would show up twice).
-        self._shell: tuple[nn.Module] = (base,)
-        self.weight = base.weight
-        self.bias = getattr(base, "bias", None)
-        self._bias_slot = "bias" in base._parameters  # Linear(bias=False) registers None
-        del base._parameters["weight"]
-        if self._bias_slot:
-            del base._parameters["bias"]
-        self.router = router
-        self.specs: dict[str, AdapterSpec] = {}
-        self.active: list[str] = []
-        self.merged: list[str] = []
-        self.disabled = False
-        self.lora_magnitude_vector = nn.ParameterDict()
-        self._merge_norms: dict[str, torch.Tensor] = {}
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
+        self.variant_state: dict[str, torch.Tensor] = {}
         self._stack_cache: _StackCache | None = None
-        self._infer_cache: dict[str, tuple[Any, ...]] = {}  # no-grad operands, per adapter
-        # Set by the model before merging when another module uses the same weight tensor
-        # (GPT-2's wte is lm_head's weight): merging then works on a private copy, so the
-        # other module keeps the base weight, and unmerging puts the shared tensor back.
+        # Other modules that use the wrapped weight tensor (GPT-2's wte is lm_head's weight):
+        # merging then works on a private copy and unmerging puts the shared tensor back.
         self.weight_shared_with: list[str] = []
         self._shared_weight: nn.Parameter | None = None
-
-    # -- what each kind provides ------------------------------------------------------------
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def delta_weight(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     @property
     def lora_a(self) -> nn.ParameterDict:
@@ -100,206 +92,173 @@ class LoraLayer(nn.Module):
     def lora_b(self) -> nn.ParameterDict:
         return getattr(self, self.B_KEY)
 
-    # -- adapters ---------------------------------------------------------------------------
-    def unwrap(self) -> nn.Module:
-        """Give the base module its parameters back and return it (used by `unload`)."""
-        base = self._shell[0]
-        base.weight = self.weight
-        if self._bias_slot:
-            base.register_parameter("bias", self.bias)
-        return base
-
-    def delete(self, name: str) -> None:
-        """Remove every trace of adapter `name` from this layer."""
-        if name in self.merged:
-            raise RuntimeError(f"adapter {name!r} is merged into the weights; unmerge it first")
-        for store in (self.lora_a, self.lora_b, self.lora_magnitude_vector):
-            if name in store:
-                del store[name]
-        self.specs.pop(name, None)
-        self.active = [a for a in self.active if a != name]
-        self._stack_cache = None
-        self._infer_cache.pop(name, None)
-
-    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        """This layer's tensors of adapter `name`, keyed as PEFT's files key them."""
-        if name not in self.specs:
-            return {}
-        out = {
-            self.file_key(self.A_KEY): self.lora_a[name],
-            self.file_key(self.B_KEY): self.lora_b[name],
-        }
-        if name in self.lora_magnitude_vector:
-            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
-        return out
-
-    def file_key(self, key: str) -> str:
-        """PEFT's file suffix for a parameter: Linear's are modules (`lora_A.weight`)."""
-        return f"{key}.weight"
-
-    @torch.no_grad()
-    def load_adapter_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy file tensors into adapter `name`; shapes were checked by the caller."""
-        targets = self.adapter_tensors(name)
-        for key, value in tensors.items():
-            targets[key].copy_(value)
+    def invalidate(self) -> None:
         self._stack_cache = None
 
-    # -- forward ----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.disabled:
-            return self.base_forward(x)
-        router = self.router
-        if router is not None and router.row_ids is not None:
-            plan = router.plan(self.rows(x), x.device)
-            if plan.single is None:
-                return self.mixed_forward(x, self.base_forward(x), plan)
-            names = [router.names[plan.single]] if plan.single >= 0 else []
-        else:
-            names = self.active
-        if len(names) == 1:
-            fused = self.fused_forward(x, names[0])
-            if fused is not None:
-                return fused
-        result = self.base_forward(x)
-        for name in names:
-            if name in self.specs and name not in self.merged:
-                result = self.add_lora(x, result, name)
-        return result
+    def delta_weight(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
+        """s * B A in the wrapped weight's layout, in float32 at least."""
+        raise NotImplementedError
 
-    def add_lora(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover
-
-    def rows(self, x: torch.Tensor) -> int:
-        """How many rows (tokens) of output `x` makes: the router's plan is per row."""
-        return x.numel() // x.shape[-1]
-
-    def fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        """The whole layer with one adapter in fewer kernels, or None when this layer kind or
-        case has no such path (the caller then composes base and adapter ops)."""
-        return None
-
-    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover
-
-    def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(A^T, (s B)^T) of every router adapter stacked by global id; zeros where absent.
-
-        Derived state: cached under no-grad, and rebuilt when the router's adapter list is
-        replaced or any adapter tensor's version moves (an optimizer step, a reload). The
-        check is a short loop over integers, since it runs in every layer of every forward.
-        """
-        assert self.router is not None
-        names = self.router.names
-        cache = self._stack_cache
-        if (
-            cache is not None
-            and cache.names is names
-            and cache.dtype == dtype
-            and all(p._version == v for p, v in zip(cache.params, cache.versions, strict=True))
-        ):
-            return cache.tensors
-        params = [p for n in names if n in self.specs for p in (self.lora_a[n], self.lora_b[n])]
-        stacks = self.build_stack(names, dtype)
-        if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            self._stack_cache = _StackCache(
-                names, dtype, params, [p._version for p in params], stacks
-            )
-        return stacks
-
-    def build_stack(self, names: list[str], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        rank = max((self.specs[n].r for n in names if n in self.specs), default=1)
-        a_list, b_list = [], []
-        for n in names:
-            a, b = self.stack_pair(n, rank, dtype)
-            a_list.append(a)
-            b_list.append(b)
-        return torch.stack(a_list), torch.stack(b_list)
-
-    def stack_pair(
-        self, name: str, rank: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One adapter's (A^T, (s B)^T), zero-padded to `rank`; zeros if absent here."""
+    def stack_pair(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One adapter's (A^T, (s B)^T) for the mixed path."""
         raise NotImplementedError  # pragma: no cover
 
     # -- merging ----------------------------------------------------------------------------
+    def merge_targets(self) -> list[str]:
+        return ["weight"]
+
+    def mark_shared(self, users: dict[str, list[str]]) -> None:
+        self.weight_shared_with = users.get("weight", [])
+
+    def original_tensor(self, target: str) -> torch.Tensor:
+        if target == "weight" and self._shared_weight is not None:
+            return self._shared_weight
+        return super().original_tensor(target)
+
+    def shared_with(self) -> list[str]:
+        return list(self.weight_shared_with)
+
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
-        """Add the adapters' updates into the base weight; merging twice is a no-op."""
+        """Add the adapters' updates into the wrapped weight; merging twice is a no-op."""
         for name in self.active if names is None else names:
             if name not in self.specs or name in self.merged:
                 continue
+            weight = self.base_layer.weight
             if self.weight_shared_with and self._shared_weight is None:
-                self._shared_weight = self.weight
-                self.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=False)
+                self._shared_weight = weight
+                weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+                self.set_base_parameter("weight", weight)
             delta = self.delta_weight(name)
-            if self.specs[name].use_dora:
-                norm = self.dora_norm(delta)
-                self._merge_norms[name] = norm
-                factor = self.dora_factor(self.lora_magnitude_vector[name] / norm)
-                self.weight.data = (factor * (self.weight.to(delta.dtype) + delta)).to(
-                    self.weight.dtype
-                )
+            variant = self.specs[name].variant
+            if variant is not None:
+                weight.data = variant.merge(self, name, delta)
             else:
-                self.weight.data += delta.to(self.weight.dtype)
+                weight.data += delta.to(weight.dtype)
             self.merged.append(name)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract every merged update again, last merged first."""
         if self._shared_weight is not None:  # the shared tensor was never touched
-            self.weight = self._shared_weight
+            self.set_base_parameter("weight", self._shared_weight)
             self._shared_weight = None
             self.merged.clear()
-            self._merge_norms.clear()
+            self.variant_state.clear()
+        weight = self.base_layer.weight
         while self.merged:
             name = self.merged.pop()
             delta = self.delta_weight(name)
-            if self.specs[name].use_dora:
-                norm = self._merge_norms.pop(name)
-                factor = self.dora_factor(self.lora_magnitude_vector[name] / norm)
-                self.weight.data = (self.weight.to(delta.dtype) / factor - delta).to(
-                    self.weight.dtype
-                )
+            variant = self.specs[name].variant
+            if variant is not None:
+                weight.data = variant.unmerge(self, name, delta)
             else:
-                self.weight.data -= delta.to(self.weight.dtype)
+                weight.data -= delta.to(weight.dtype)
 
-    def dora_norm(self, delta: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover
+    # -- the mixed path ---------------------------------------------------------------------
+    def stacks(self, dtype: torch.dtype) -> list[RankStack]:
+        """Every adapter's (A^T, (s B)^T), stacked per rank, so a mix of ranks pays each its own.
 
-    def dora_factor(self, per_output: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # pragma: no cover
+        Derived state: cached under no-grad and rebuilt when adapters are added or removed
+        (`invalidate`) or any adapter tensor's version moves (an optimizer step, a reload).
+        The check is a short loop over integers, since it runs in every layer of every call.
+        """
+        cache = self._stack_cache
+        if (
+            cache is not None
+            and cache.dtype == dtype
+            and all(p._version == v for p, v in zip(cache.params, cache.versions, strict=True))
+        ):
+            return cache.stacks
+        names = sorted(self.specs, key=self.ids.__getitem__)
+        for name in names:
+            if self.specs[name].variant is not None:
+                raise NotImplementedError(
+                    f"adapter {name!r} uses {self.specs[name].variant.name}, which mixed batches "
+                    "(adapter_names=...) do not support yet; merge it, or run its rows in a "
+                    "batch of their own"
+                )
+        size = max(self.ids.values(), default=0) + 1
+        stacks = []
+        for rank in sorted({self.specs[n].r for n in names}):
+            group = [n for n in names if self.specs[n].r == rank]
+            row_of_id = torch.full((size,), -1, dtype=torch.long)
+            row_of_id[[self.ids[n] for n in group]] = torch.arange(len(group))
+            pairs = [self.stack_pair(n, dtype) for n in group]
+            a_t = torch.stack([p[0] for p in pairs])
+            b_t = torch.stack([p[1] for p in pairs])
+            stacks.append(RankStack(tuple(self.ids[n] for n in group), row_of_id, a_t, b_t))
+        params = [p for n in names for p in (self.lora_a[n], self.lora_b[n])]
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            self._stack_cache = _StackCache(dtype, params, [p._version for p in params], stacks)
+        return stacks
+
+    def rank_groups(
+        self, plan: Plan, dtype: torch.dtype
+    ) -> list[tuple[Plan, RankStack, torch.Tensor, torch.Tensor]]:
+        """(sub-plan, stack, A^T, (s B)^T) for each rank whose adapters occur in the plan;
+        A^T and (s B)^T hold the sub-plan's adapters in its group order."""
+        out = []
+        for stack in self.stacks(dtype):
+            sub = plan.subset(stack.ids)
+            if sub is None:
+                continue
+            assert sub.present is not None
+            if len(stack.ids) == sub.present.numel():
+                out.append((sub, stack, stack.a_t, stack.b_t))
+            else:
+                rows = stack.rows_for(sub.present)
+                out.append((sub, stack, stack.a_t[rows], stack.b_t[rows]))
+        return out
 
 
 class LoraLinear(LoraLayer):
-    """LoRA over `nn.Linear` (W is (out, in)) or GPT-2's `Conv1D` (W is (in, out)).
+    """LoRA over a linear-like module: y = base(x) + s * dropout(x) A^T B^T.
 
-    y = x W^T + b + s * dropout(x) A^T B^T, with DoRA's per-row rescaling when enabled.
+    `nn.Linear` (W is (out, in)) and GPT-2's `Conv1D` (W is (in, out)) also have a fused path
+    that runs base and adapter in fewer kernels; any other linear-like module (a quantized
+    linear, say) is called as it is and the adapter term added to its output.
     """
 
-    def __init__(self, base: nn.Module, router: Router | None = None) -> None:
-        super().__init__(base, router)
+    STORES = ("lora_A", "lora_B", "lora_magnitude_vector")
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__(base)
         self.transposed = Conv1D is not None and isinstance(base, Conv1D)
-        w = self.weight
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
-        )
+        if self.transposed:
+            self.in_features, self.out_features = base.weight.shape
+        elif hasattr(base, "in_features") and hasattr(base, "out_features"):
+            self.in_features, self.out_features = int(base.in_features), int(base.out_features)
+        else:
+            self.out_features, self.in_features = base.weight.shape
+        # The fused path multiplies by the weight itself, so it is only for the exact types
+        # whose forward is known to be x W^T + b (x W + b for Conv1D).
+        self.known_forward = type(base) is nn.Linear or (self.transposed and type(base) is Conv1D)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._infer_cache: dict[str, tuple[Any, ...]] = {}  # no-grad operands, per adapter
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.transposed:  # exactly Conv1D.forward, so disabled == base bit for bit
-            shape = (*x.shape[:-1], self.out_features)
-            return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(shape)
-        return F.linear(x, self.weight, self.bias)
+    def invalidate(self) -> None:
+        super().invalidate()
+        self._infer_cache.clear()
 
-    def add(self, name: str, spec: AdapterSpec) -> None:
-        """Create adapter `name` with fresh A, B (and magnitude for DoRA) on the weight's device."""
-        w = self.weight
-        kw: dict[str, Any] = {
-            "device": w.device,
-            "dtype": w.dtype if w.is_floating_point() else None,
-        }
+    def base_bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The wrapped weight as (out, in)."""
+        weight = self.base_layer.weight
+        return weight.T if self.transposed else weight
+
+    def tensor_options(self) -> dict[str, Any]:
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        return {"device": weight.device, "dtype": dtype}
+
+    def create(self, name: str, spec: AdapterSpec) -> None:
+        """Fresh A, B (and the variant's tensors) on the wrapped weight's device."""
+        kw = self.tensor_options()
         a = torch.empty(spec.r, self.in_features, **kw)
         b = torch.empty(self.out_features, spec.r, **kw)
         if spec.init is not None:  # None: left empty, every tensor is about to be loaded
@@ -313,44 +272,56 @@ class LoraLinear(LoraLayer):
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.specs[name] = spec
-        if spec.use_dora:
-            norm = torch.empty(self.out_features, **kw)
-            if spec.init is not None:
-                with torch.no_grad():
-                    norm = self.dora_norm(self.delta_weight(name)).to(a.dtype)
-            self.lora_magnitude_vector[name] = nn.Parameter(norm)
-        self._stack_cache = None
+        if spec.variant is not None:
+            spec.variant.create(self, name, spec.init is not None, kw)
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.specs:
+            return {}
+        out = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
+        if name in self.lora_magnitude_vector:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return out
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s * B A in the base weight's layout, computed in float32 at least."""
         a, b = self.lora_A[name], self.lora_B[name]
         dtype = torch.promote_types(a.dtype, torch.float32)
         delta = (b.to(dtype) @ a.to(dtype)) * self.specs[name].scale  # (out, in)
         return delta.T if self.transposed else delta
 
-    def dora_norm(self, delta: torch.Tensor) -> torch.Tensor:
-        """||W + delta|| per output row, in float32."""
-        w = self.weight.to(delta.dtype) + delta
+    def row_norm(self, delta: torch.Tensor) -> torch.Tensor:
+        """||W + delta|| per output row, in delta's dtype (float32 at least)."""
+        w = self.base_layer.weight.to(delta.dtype) + delta
         return torch.linalg.norm(w, dim=0 if self.transposed else 1)  # (out,)
 
-    def dora_factor(self, per_output: torch.Tensor) -> torch.Tensor:
-        return per_output.view(1, -1) if self.transposed else per_output.view(-1, 1)
+    def per_output(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-output-row vector shaped to broadcast over the wrapped weight."""
+        return values.view(1, -1) if self.transposed else values.view(-1, 1)
 
-    def add_lora(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+    # -- forward ----------------------------------------------------------------------------
+    def adapted_forward(self, x: torch.Tensor, names: list[str], *args: Any, **kw: Any) -> Any:
+        if len(names) == 1 and self.known_forward and not (args or kw):
+            fused = self.fused_forward(x, names[0])
+            if fused is not None:
+                return fused
+        return super().adapted_forward(x, names, *args, **kw)
+
+    def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         spec = self.specs[name]
         # The dicts' own storage: ParameterDict's item lookup goes through Module.__getattr__,
         # which costs more than the rest of this hot path's Python together.
         a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
         dropping = spec.dropout and self.training
-        if not (torch.is_grad_enabled() or spec.use_dora or dropping) and result.is_contiguous():
+        plain = spec.variant is None
+        if plain and not (torch.is_grad_enabled() or dropping) and result.is_contiguous():
             a_t, b_t = self._inference_pair(name, a, b, spec.scale)
             if x.dtype == a_t.dtype == result.dtype:
                 h = torch.mm(x.reshape(-1, self.in_features), a_t)  # (n, r)
                 result.view(-1, self.out_features).addmm_(h, b_t)  # one fused kernel
                 return result
         xd = F.dropout(x, spec.dropout, self.training) if dropping else x
-        if spec.use_dora:
-            return self._add_dora(x, xd, result, name)
+        if spec.variant is not None:
+            return spec.variant.apply(self, x, xd, result, name)
         h = F.linear(xd if xd.dtype == a.dtype else xd.to(a.dtype), a)  # (..., r)
         if result.dtype != h.dtype or not result.is_contiguous():
             return result + F.linear(h, b).to(result.dtype) * spec.scale
@@ -365,16 +336,16 @@ class LoraLinear(LoraLayer):
     def fused_forward(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
         """y = b + s (x A^T) B^T first, then the base GEMM accumulates x W^T into y in place.
 
-        Computing the small LoRA product first lets the large GEMM add it for free (BLAS's
-        beta = 1), instead of a separate pass that reads and writes the output again. With
-        gradients the same runs as one autograd node (`fused.LoraLinearFunction`), which
-        needs a frozen base and no autocast; DoRA always composes its ops.
+        Only for an exact `nn.Linear` / `Conv1D` base (whose forward is known). Computing the
+        small LoRA product first lets the large GEMM add it for free (BLAS's beta = 1),
+        instead of a separate pass over the output. With gradients the same runs as one
+        autograd node (`fused.LoraLinearFunction`), which needs a frozen base and no autocast.
         """
-        spec = self.specs.get(name)
-        if spec is None or name in self.merged or spec.use_dora:
+        spec = self.specs[name]
+        if spec.variant is not None:
             return None
         a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
-        w, bias = self.weight, self.bias
+        w, bias = self.base_layer.weight, self.base_bias()
         if not (x.dtype == a.dtype == w.dtype) or (bias is not None and bias.dtype != w.dtype):
             return None
         dropping = spec.dropout and self.training
@@ -404,8 +375,7 @@ class LoraLinear(LoraLayer):
         """(A^T, (s B)^T), contiguous: BLAS's fastest operand layout, and no alpha to apply.
 
         Derived state for no-grad forwards, rebuilt when A or B is replaced or changed in
-        place (an optimizer step, a reload) or the scale changes. Used only without
-        gradients, DoRA or active dropout.
+        place (an optimizer step, a reload) or the scale changes.
         """
         hit = self._infer_cache.get(name)
         if (
@@ -420,59 +390,32 @@ class LoraLinear(LoraLayer):
         self._infer_cache[name] = (a, b, (a._version, b._version, scale), a_t, b_t)
         return a_t, b_t
 
-    def _add_dora(
-        self, x: torch.Tensor, xd: torch.Tensor, result: torch.Tensor, name: str
-    ) -> torch.Tensor:
+    def stack_pair(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.specs[name]
-        a, b = self.lora_A[name], self.lora_B[name]
-        norm = self.dora_norm(self.delta_weight(name).detach()).detach()  # paper, section 4.3
-        mag = (self.lora_magnitude_vector[name] / norm).to(result.dtype)  # (out,)
-        lora = F.linear(F.linear(xd.to(a.dtype), a), b).to(result.dtype) * spec.scale
-        if xd is x:
-            base = result if self.bias is None else result - self.bias
-        else:  # with dropout, the base term is recomputed on the dropped input (as PEFT does)
-            w = self.weight.T if self.transposed else self.weight
-            base = F.linear(xd, w)
-        return result + (mag - 1) * base + mag * lora
+        return self.lora_A[name].T.to(dtype), (self.lora_B[name].T * spec.scale).to(dtype)
 
-    def stack_pair(
-        self, name: str, rank: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.weight
-        a_t = w.new_zeros(self.in_features, rank, dtype=dtype)
-        b_t = w.new_zeros(rank, self.out_features, dtype=dtype)
-        if name in self.specs:
-            spec = self.specs[name]
-            if spec.use_dora:
-                raise NotImplementedError(
-                    f"adapter {name!r} uses DoRA, which mixed batches (adapter_names=...) do not "
-                    "support yet; merge it, or run its rows in a batch of their own"
-                )
-            a_t = torch.cat([self.lora_A[name].T.to(dtype), a_t[:, spec.r :]], dim=1)
-            b_t = torch.cat([(self.lora_B[name].T * spec.scale).to(dtype), b_t[spec.r :]], dim=0)
-        return a_t, b_t
-
-    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
-        a_t, b_t = self.stacked(x.dtype)
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Plan) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)  # (n, in)
         if self.training:
             x2d = _token_dropout(x2d, self, plan)
         flat = result.view(-1, self.out_features) if result.is_contiguous() else None
         if flat is None:
             flat = result.reshape(-1, self.out_features).clone()
-        grouped_lora(x2d, a_t, b_t, plan, flat)
+        for sub, _, a_t, b_t in self.rank_groups(plan, x.dtype):  # one bmm pair per rank
+            grouped_lora(x2d, a_t, b_t, sub, flat)
         return flat.view(result.shape)
 
 
 class LoraEmbedding(LoraLayer):
     """LoRA over `nn.Embedding`: y = W[ids] + s * A^T[ids] B^T (A is (r, vocab), B (dim, r))."""
 
+    STORES = ("lora_embedding_A", "lora_embedding_B")
     A_KEY = "lora_embedding_A"
     B_KEY = "lora_embedding_B"
 
-    def __init__(self, base: nn.Embedding, router: Router | None = None) -> None:
-        super().__init__(base, router)
-        self.num_embeddings, self.embedding_dim = self.weight.shape
+    def __init__(self, base: nn.Embedding) -> None:
+        super().__init__(base)
+        self.num_embeddings, self.embedding_dim = base.weight.shape
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
 
@@ -480,7 +423,7 @@ class LoraEmbedding(LoraLayer):
         return x.numel()  # one output row per token id
 
     def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        base = self._shell[0]
+        base = self.base_layer
         return F.embedding(
             ids,
             table,
@@ -491,19 +434,22 @@ class LoraEmbedding(LoraLayer):
             base.sparse,
         )
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._embed(x, self.weight)
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.specs:
+            return {}  # PEFT stores embedding LoRA factors as bare parameters
+        return {
+            "lora_embedding_A": self.lora_embedding_A[name],
+            "lora_embedding_B": self.lora_embedding_B[name],
+        }
 
-    def file_key(self, key: str) -> str:
-        return key  # PEFT stores embedding LoRA factors as bare parameters
-
-    def add(self, name: str, spec: AdapterSpec) -> None:
+    def create(self, name: str, spec: AdapterSpec) -> None:
         """Create adapter `name`: A zero and B normal (PEFT's embedding init), or both random."""
-        if spec.use_dora:
+        if spec.variant is not None:
             raise NotImplementedError(
-                "DoRA is supported for Linear and Conv1D layers, not Embedding"
+                f"{spec.variant.name} is supported for Linear and Conv1D layers, not Embedding"
             )
-        kw: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
+        weight = self.base_layer.weight
+        kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
         a = torch.empty(spec.r, self.num_embeddings, **kw)
         b = torch.empty(self.embedding_dim, spec.r, **kw)
         if spec.init is not None:  # None: left empty, every tensor is about to be loaded
@@ -513,70 +459,67 @@ class LoraEmbedding(LoraLayer):
                 nn.init.zeros_(a)
         self.lora_embedding_A[name] = nn.Parameter(a)
         self.lora_embedding_B[name] = nn.Parameter(b)
-        self.specs[name] = spec
-        self._stack_cache = None
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         dtype = torch.promote_types(a.dtype, torch.float32)
         return (b.to(dtype) @ a.to(dtype)).T * self.specs[name].scale  # (vocab, dim)
 
-    def add_lora(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+    def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         h = self._embed(x, a.T)  # (..., r)
         return result + F.linear(h, b).to(result.dtype) * self.specs[name].scale
 
-    def stack_pair(
-        self, name: str, rank: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        a_t = self.weight.new_zeros(self.num_embeddings, rank, dtype=dtype)
-        b_t = self.weight.new_zeros(rank, self.embedding_dim, dtype=dtype)
-        if name in self.specs:
-            spec = self.specs[name]
-            a_t = torch.cat([self.lora_embedding_A[name].T.to(dtype), a_t[:, spec.r :]], dim=1)
-            b_t = torch.cat([(self.lora_embedding_B[name].T * spec.scale).to(dtype), b_t[spec.r :]])
-        return a_t, b_t
+    def stack_pair(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = self.specs[name].scale
+        return self.lora_embedding_A[name].T.to(dtype), (self.lora_embedding_B[name].T * scale).to(
+            dtype
+        )
 
-    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
-        a_t, b_t = self.stacked(result.dtype)  # (G, vocab, r), (G, r, dim)
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Plan) -> torch.Tensor:
         ids = x.reshape(-1)
-        h = a_t[plan.token_ids.clamp(min=0), ids]  # (n, r): each token's own adapter row
         flat = result.reshape(-1, self.embedding_dim)
         if not result.is_contiguous():
             flat = flat.clone()
-        grouped_b(h, b_t, plan, flat)
+        assert plan.token_ids is not None
+        for sub, stack, _, b_t in self.rank_groups(plan, result.dtype):
+            # Each token's row of its own adapter's A^T (G, vocab, r); tokens of adapters
+            # outside this stack read some row but are never scattered back (the sub-plan
+            # holds only this stack's groups).
+            table = stack.row_of_id.to(ids.device)
+            rows = table[plan.token_ids.clamp(0, table.numel() - 1)].clamp(min=0)  # (n,)
+            h = stack.a_t[rows, ids]  # (n, r)
+            grouped_b(h, b_t, sub, flat)
         return flat.view(result.shape)
 
-    def dora_norm(self, delta: torch.Tensor) -> torch.Tensor:  # pragma: no cover - guarded
-        raise NotImplementedError
 
-
-def _token_dropout(x2d: torch.Tensor, layer: LoraLayer, plan: Any) -> torch.Tensor:
+def _token_dropout(x2d: torch.Tensor, layer: LoraLayer, plan: Plan) -> torch.Tensor:
     """Dropout on the LoRA input with each token's own adapter's rate (training only)."""
-    assert layer.router is not None
-    rates = torch.tensor(
-        [layer.specs[n].dropout if n in layer.specs else 0.0 for n in layer.router.names] + [0.0],
-        device=x2d.device,
-        dtype=x2d.dtype,
-    )
+    assert plan.token_ids is not None
+    size = max(layer.ids.values(), default=0) + 2  # the last slot is the base model's (-1)
+    rates = torch.zeros(size, device=x2d.device, dtype=x2d.dtype)
+    for name, adapter_id in layer.ids.items():
+        rates[adapter_id] = layer.specs[name].dropout
     if not bool(rates.any()):
         return x2d
-    p = rates[plan.token_ids].unsqueeze(1)  # (n, 1); id -1 picks the trailing 0
+    p = rates[plan.token_ids.clamp(max=size - 2)]
+    p = torch.where(plan.token_ids >= 0, p, torch.zeros_like(p)).unsqueeze(1)  # (n, 1)
     keep = (torch.rand_like(x2d) >= p).to(x2d.dtype)
     return x2d * keep / (1 - p)
 
 
-def make_layer(module: nn.Module, router: Router | None) -> LoraLayer:
+def make_layer(module: nn.Module) -> LoraLayer:
     """Wrap a supported module in its LoRA layer, or raise naming the unsupported type."""
-    if isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D)):
-        return LoraLinear(module, router)
     if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module, router)
+        return LoraEmbedding(module)
+    if is_linear_like(module):
+        return LoraLinear(module)
     raise TypeError(
-        f"LoRA supports torch.nn.Linear, transformers Conv1D and torch.nn.Embedding, "
-        f"not {type(module).__name__}"
+        f"LoRA supports torch.nn.Linear (and linear-like layers), transformers Conv1D and "
+        f"torch.nn.Embedding, not {type(module).__name__}"
     )
 
 
-LAYER_TYPES: tuple[type[LoraLayer], ...] = (LoraLinear, LoraEmbedding)
-LayerKind = Literal["linear", "embedding"]
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear (and its subclasses, such as quantized linears) or GPT-2's Conv1D."""
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
