@@ -13,8 +13,8 @@ from tests.reference import lora_ref
 from tilpass.layers import AdapterLayer
 from tilpass.methods.lora import AdapterSpec, LoraEmbedding, LoraLinear, make_layer
 from tilpass.methods.lora.dora import DORA
-from tilpass.routing import Routing, routed
 from tilpass.methods.lora.fused import LoraLinearFunction
+from tilpass.routing import Routing, routed
 
 # One tolerance table for every comparison: (atol, rtol) per dtype.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
