@@ -113,12 +113,6 @@ class TargetedConfig(AdapterConfig):
     modules_to_save: list[str] | None = opt(
         None, "Whole modules trained and saved with the adapter (e.g. [lm_head])."
     )
-    layers_to_transform: list[int] | int | None = opt(
-        None, "Only these layer indices (with layers_pattern naming the layer list)."
-    )
-    layers_pattern: list[str] | str | None = opt(
-        None, "Name of the module list that holds the layers (e.g. layers, h)."
-    )
     fan_in_fan_out: bool = opt(False, "Weights stored (in, out), as GPT-2's Conv1D (detected).")
 
     def __post_init__(self) -> None:

@@ -23,14 +23,9 @@ from torch import nn
 
 from tilpass.config import TargetedConfig
 from tilpass.errors import TargetModulesError
-from tilpass.layers import AdapterLayer
+from tilpass.layers import AdapterLayer, is_linear_like
 from tilpass.methods.registry import Method
 from tilpass.saved_modules import ModulesToSave
-
-try:
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
 
 ALL_LINEAR = "all-linear"
 
@@ -86,7 +81,7 @@ def mark_shared_weights(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
 def _is_linear(module: nn.Module) -> bool:
     if isinstance(module, AdapterLayer):
         module = module.base_layer
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+    return is_linear_like(module)
 
 
 def _name_matches(name: str, entry: str) -> bool:
@@ -109,10 +104,10 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def _in_layers(name: str, config: TargetedConfig) -> bool:
-    wanted = config.layers_to_transform
+    wanted = getattr(config, "layers_to_transform", None)  # not every method has it
     if wanted is None:
         return True
-    patterns = config.layers_pattern
+    patterns = getattr(config, "layers_pattern", None)
     if isinstance(patterns, str):
         patterns = [patterns]
     regexes = [rf".*\.{p}\.(\d+)\." for p in patterns] if patterns else [r".*\.[^.]*\.(\d+)\."]
@@ -166,7 +161,8 @@ def find_targets(model: nn.Module, config: TargetedConfig) -> list[str]:
     if not found:
         raise TargetModulesError(
             f"target_modules={spec!r} with exclude_modules={config.exclude_modules!r} and "
-            f"layers_to_transform={config.layers_to_transform!r} leaves no module to adapt"
+            f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r} leaves no "
+            "module to adapt"
         )
     return found
 

@@ -29,6 +29,38 @@ from torch import nn
 
 from tilpass.routing import Plan, current_routing
 
+try:  # GPT-2's transposed linear layer; optional so non-transformers models need nothing.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None  # type: ignore[assignment,misc]
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored (in, out)."""
+    return Conv1D is not None and isinstance(module, Conv1D)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear (and its subclasses, such as quantized linears) or GPT-2's Conv1D."""
+    return isinstance(module, nn.Linear) or is_transposed(module)
+
+
+def has_plain_linear_forward(module: nn.Module) -> bool:
+    """Exactly nn.Linear or Conv1D (not a subclass): its forward is known to be x W^T + b."""
+    return type(module) is nn.Linear or (Conv1D is not None and type(module) is Conv1D)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like module (from its attributes, since a
+    quantized weight's shape is not its logical shape)."""
+    if is_transposed(module):
+        rows, cols = module.weight.shape
+        return int(rows), int(cols)
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    out_features, in_features = module.weight.shape
+    return int(in_features), int(out_features)
+
 
 class AdapterLayer(nn.Module):
     """Base of every method's layer: a wrapped module plus named adapters.
@@ -196,7 +228,7 @@ class AdapterLayer(nn.Module):
         else:
             plan = routing.plan(self.rows(x), self.device_of(x))
             if plan.single is None:
-                return self.mixed_forward(x, self.base_forward(x, *args, **kwargs), plan)
+                return self.mixed_forward(x, plan, *args, **kwargs)
             names = [n for n, i in self.ids.items() if i == plan.single]
         names = [n for n in names if n in self.specs and n not in self.merged]
         if not names:
@@ -214,8 +246,9 @@ class AdapterLayer(nn.Module):
         """Adapter `name`'s change to the base result `result` for input `x`."""
         raise NotImplementedError
 
-    def mixed_forward(self, x: Any, result: Any, plan: Plan) -> Any:
-        """Each token's own adapter applied to `result`, in one batched pass."""
+    def mixed_forward(self, x: Any, plan: Plan, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped module's result with each token's own adapter, in one batched pass
+        (tensor ops over groups of tokens, never a loop over rows or adapters)."""
         raise NotImplementedError(
             f"{type(self).__name__} does not support mixed-adapter batches; run each adapter's "
             "rows in a batch of their own"

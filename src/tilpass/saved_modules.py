@@ -65,11 +65,9 @@ class ModulesToSave(AdapterLayer):
             names = [n for n, i in self.ids.items() if i == plan.single]
             module = self.modules_to_save[names[0]] if names else self.original_module
             return module(x, *args, **kwargs)
-        return self.routed_rows(x, plan, args, kwargs)
+        return self.mixed_forward(x, plan, *args, **kwargs)
 
-    def routed_rows(
-        self, x: torch.Tensor, plan: Plan, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> torch.Tensor:
+    def mixed_forward(self, x: Any, plan: Plan, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each distinct copy runs on its own rows (a full copy per adapter is rare: heads,
         so one call per adapter present is acceptable here)."""
         out = self.original_module(x, *args, **kwargs)

@@ -8,6 +8,7 @@ file loader and the CLI look methods up here (`method_named`, `method_for_peft_t
 
 from __future__ import annotations
 
+from tilpass.methods.ia3 import METHOD as IA3
 from tilpass.methods.lora import METHOD as LORA
 from tilpass.methods.registry import (
     METHODS,
@@ -20,6 +21,7 @@ from tilpass.methods.registry import (
 )
 
 register(LORA)
+register(IA3)
 
 __all__ = [
     "METHODS",

@@ -40,6 +40,12 @@ class LoraConfig(TargetedConfig):
     init_lora_weights: bool | str = opt(
         True, "True (Kaiming A, zero B) | gaussian | False (both random: tests only)."
     )
+    layers_to_transform: list[int] | int | None = opt(
+        None, "Only these layer indices (with layers_pattern naming the layer list)."
+    )
+    layers_pattern: list[str] | str | None = opt(
+        None, "Name of the module list that holds the layers (e.g. layers, h)."
+    )
     rank_pattern: dict[str, int] = opt({}, "Per-module rank overrides: {name or regex: r}.")
     alpha_pattern: dict[str, float] = opt({}, "Per-module alpha overrides: {name: alpha}.")
 

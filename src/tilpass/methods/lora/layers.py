@@ -16,15 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tilpass.layers import AdapterLayer
+from tilpass.layers import (
+    AdapterLayer,
+    has_plain_linear_forward,
+    is_linear_like,
+    is_transposed,
+    linear_features,
+)
 from tilpass.methods.lora.dora import DoraVariant
 from tilpass.methods.lora.fused import LoraLinearFunction
 from tilpass.routing import Plan, grouped_b, grouped_lora
-
-try:  # GPT-2's transposed linear layer; optional so non-transformers models need nothing.
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None  # type: ignore[assignment,misc]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,16 +225,11 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
-        self.transposed = Conv1D is not None and isinstance(base, Conv1D)
-        if self.transposed:
-            self.in_features, self.out_features = base.weight.shape
-        elif hasattr(base, "in_features") and hasattr(base, "out_features"):
-            self.in_features, self.out_features = int(base.in_features), int(base.out_features)
-        else:
-            self.out_features, self.in_features = base.weight.shape
+        self.transposed = is_transposed(base)
+        self.in_features, self.out_features = linear_features(base)
         # The fused path multiplies by the weight itself, so it is only for the exact types
         # whose forward is known to be x W^T + b (x W + b for Conv1D).
-        self.known_forward = type(base) is nn.Linear or (self.transposed and type(base) is Conv1D)
+        self.known_forward = has_plain_linear_forward(base)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
@@ -394,7 +390,8 @@ class LoraLinear(LoraLayer):
         spec = self.specs[name]
         return self.lora_A[name].T.to(dtype), (self.lora_B[name].T * spec.scale).to(dtype)
 
-    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def mixed_forward(self, x: torch.Tensor, plan: Plan, *args: Any, **kw: Any) -> torch.Tensor:
+        result = self.base_forward(x, *args, **kw)
         x2d = x.reshape(-1, self.in_features)  # (n, in)
         if self.training:
             x2d = _token_dropout(x2d, self, plan)
@@ -476,7 +473,8 @@ class LoraEmbedding(LoraLayer):
             dtype
         )
 
-    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Plan) -> torch.Tensor:
+    def mixed_forward(self, x: torch.Tensor, plan: Plan, *args: Any, **kw: Any) -> torch.Tensor:
+        result = self.base_forward(x, *args, **kw)
         ids = x.reshape(-1)
         flat = result.reshape(-1, self.embedding_dim)
         if not result.is_contiguous():
@@ -518,8 +516,3 @@ def make_layer(module: nn.Module) -> LoraLayer:
         f"LoRA supports torch.nn.Linear (and linear-like layers), transformers Conv1D and "
         f"torch.nn.Embedding, not {type(module).__name__}"
     )
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear (and its subclasses, such as quantized linears) or GPT-2's Conv1D."""
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
