@@ -8,6 +8,8 @@ here, with the module, the missing package and the line that imports it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import pkgutil
 import sys
 import traceback
@@ -29,10 +31,20 @@ class Failure:
         return f"FAIL {self.module}: {what} ({self.location}): {self.error}"
 
 
-def failure(module: str, exc: BaseException) -> Failure:
-    """Describe an import error, locating the deepest line of tilpass's own code in it."""
+def package_dirs(package: str) -> list[str]:
+    """The directories of `package`, found without importing it (empty if it is not found)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return []
+    return list(spec.submodule_search_locations or []) if spec is not None else []
+
+
+def failure(module: str, exc: BaseException, roots: list[str]) -> Failure:
+    """Describe an import error, locating the deepest line under `roots` (the package's code)."""
     frames = traceback.extract_tb(exc.__traceback__)
-    own = [f for f in frames if "tilpass" in f.filename and "importlib" not in f.filename]
+    prefixes = tuple(os.path.join(root, "") for root in roots)
+    own = [f for f in frames if f.filename.startswith(prefixes)] if prefixes else []
     frame = own[-1] if own else (frames[-1] if frames else None)
     location = f"{frame.filename}:{frame.lineno}" if frame else "unknown location"
     missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
@@ -41,17 +53,18 @@ def failure(module: str, exc: BaseException) -> Failure:
 
 def import_all(package: str = "tilpass") -> tuple[list[str], list[Failure]]:
     """Import `package` and all its submodules; return the imported names and the failures."""
+    roots = package_dirs(package)
     try:
         root = importlib.import_module(package)
     except Exception as exc:
-        return [], [failure(package, exc)]
+        return [], [failure(package, exc, roots)]
     imported = [package]
     failures: list[Failure] = []
     for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}.", onerror=lambda _: None):
         try:
             importlib.import_module(info.name)
         except Exception as exc:
-            failures.append(failure(info.name, exc))
+            failures.append(failure(info.name, exc, roots))
         else:
             imported.append(info.name)
     return imported, failures
