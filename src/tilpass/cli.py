@@ -1,4 +1,4 @@
-"""The `tilpass` command: quickstart, train, eval, generate, chat.
+"""The `tilpass` command: quickstart, train, eval, generate, chat, doctor.
 
 Argument parsing and printing only; the work is in `tilpass.run` and the modules it calls.
 """
@@ -226,6 +226,12 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
+    from tilpass.doctor import main as doctor
+
+    return doctor()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilpass", description=__doc__.splitlines()[0])
     from tilpass import __version__
@@ -264,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "eval":
             p.add_argument("--data", required=True, help="dataset file")
         p.set_defaults(func=func)
+    p = sub.add_parser("doctor", help="check the installation: versions, default model, device")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -178,13 +178,23 @@ def _is_complete(model_dir: Path) -> bool:
     return all((model_dir / n).is_file() for n in names)
 
 
+def converted_default_dir() -> Path:
+    """Return where the default model's converted directory lives (or will) in the cache."""
+    return cache_dir() / "models" / DEFAULT_MODEL
+
+
+def is_default_converted() -> bool:
+    """Whether the default model is already converted (loads need neither GGUF nor package)."""
+    return _is_complete(converted_default_dir())
+
+
 def _ensure_default_converted() -> Path:
     """Return the cached default model directory, converting the GGUF file if needed.
 
     The conversion writes into a temporary sibling directory and renames it into place, so a
     crashed or concurrent conversion never leaves a half-written model directory behind.
     """
-    target = cache_dir() / "models" / DEFAULT_MODEL
+    target = converted_default_dir()
     if _is_complete(target):
         return target
     gguf = default_gguf_path()
