@@ -154,7 +154,7 @@ def checks() -> list[Row]:
     python_ok = sys.version_info >= MIN_PYTHON
     python = Row(
         "python",
-        f"{platform.python_version()} ({sys.executable})",
+        f"{platform.python_version()} ({Path(sys.executable).resolve()})",
         Status.OK if python_ok else Status.MISSING,
         "" if python_ok else f"use Python {'.'.join(map(str, MIN_PYTHON))} or newer",
     )
