@@ -127,13 +127,13 @@ def make_variant(base: nn.Module, variant: str, copy_base: bool = True) -> nn.Mo
         tensors = peft.get_peft_model_state_dict(wrapped)
     else:
         import tilpass
-        from tilpass.train import _enable_checkpointing
+        from tilpass.train import enable_gradient_checkpointing
 
         wrapped = tilpass.get_peft_model(
             model, tilpass.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS)
         )
         if variant == "tilpass_gc":
-            _enable_checkpointing(wrapped)
+            enable_gradient_checkpointing(wrapped)
         tensors = wrapped.adapter_state_dict("default")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -192,7 +192,7 @@ class Stepper:
 
     def loss(self) -> torch.Tensor:
         """Mean loss per loss token (the quantity whose gradient the loop applies)."""
-        from tilpass.evaluate import causal_lm_loss, count_loss_tokens, trim_padding
+        from tilpass.losses import causal_lm_loss, count_loss_tokens, trim_padding
 
         batch = trim_padding(self.batch) if self.trim else self.batch
         total, _ = causal_lm_loss(self.model, batch, self.selective)
@@ -324,7 +324,7 @@ def bench(
         "padded_trimmed": Stepper(lora, batches["padded"], trim=True),
         "padded_untrimmed": Stepper(lora, batches["padded"], trim=False),
     }
-    from tilpass.evaluate import selective_loss_matches
+    from tilpass.losses import selective_loss_matches
 
     checks = {
         "loss tilpass vs peft": rel_error(steps_["tilpass"].loss(), steps_["peft"].loss()),
@@ -527,7 +527,7 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-steps", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # As tilpass's training loop does on CPU (tilpass.runtime), for every variant alike.
+    # As the tilpass command does on CPU (tilpass.runtime), for every variant alike.
     from tilpass.runtime import keep_freed_memory
 
     keep_freed_memory()

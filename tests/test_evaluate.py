@@ -1,4 +1,4 @@
-"""Tests for evaluation: token-weighted loss, padding trim, greedy exact-match generation."""
+"""Tests for evaluation: token-weighted loss, greedy exact-match generation, both at once."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from tests import helpers
 from tilpass.evaluate import (
     evaluate_generation,
     evaluate_loss,
+    evaluate_model,
     normalize_answer,
-    trim_padding,
 )
 
 VOCAB = 40
@@ -72,18 +72,6 @@ def test_normalize_answer() -> None:
     assert normalize_answer("Straße") == normalize_answer("STRASSE")
     assert normalize_answer("3.5") == "3.5"
     assert normalize_answer("...") == ""
-
-
-def test_trim_padding_drops_only_all_pad_columns() -> None:
-    batch = collate(items(3))
-    wide = {
-        k: torch.nn.functional.pad(v, (0, 3), value=PAD if k != "labels" else -100)
-        for k, v in batch.items()
-    }
-    trimmed = trim_padding(wide)
-    for k in batch:
-        assert torch.equal(trimmed[k], batch[k])
-    assert trim_padding(batch) is batch
 
 
 def test_evaluate_loss_is_token_weighted_mean() -> None:
@@ -155,3 +143,38 @@ def test_generation_through_adapter_wrapper_and_missing_pad(library: str) -> Non
 
     with pytest.raises(ValueError, match="pad_token"):
         evaluate_generation(model, NoPad(), [{"ids": [4]}], lambda r, _t: r["ids"], lambda r: "")
+
+
+def test_evaluate_model_combines_loss_and_exact_match() -> None:
+    model = tiny_llama()
+    tok = CharTokenizer()
+    data = items()
+    records = [{"ids": x["input_ids"][:3], "answer": "zz"} for x in data]
+    prompt_fn, answer_fn = (lambda r, _t: r["ids"]), (lambda r: r["answer"])
+    both = evaluate_model(
+        model,
+        data,
+        collate,
+        tokenizer=tok,
+        records=records,
+        batch_size=3,
+        max_new_tokens=2,
+        generation_samples=4,
+        num_examples=2,
+        prompt_fn=prompt_fn,
+        answer_fn=answer_fn,
+    )
+    loss = evaluate_loss(model, data, collate, batch_size=3)
+    gen = evaluate_generation(model, tok, records[:4], prompt_fn, answer_fn, 2, 3, num_examples=2)
+    assert both == {
+        **loss,
+        "exact_match": gen["exact_match"],
+        "exact_match_n": 4,
+        "examples": gen["examples"],
+    }
+    assert len(both["examples"]) == 2
+    only_loss = evaluate_model(model, data, collate, tokenizer=tok, records=[], batch_size=3)
+    assert only_loss == loss
+    assert evaluate_model(model, None, None, tokenizer=None, records=records) == {}
+    with pytest.raises(ValueError, match="collate_fn"):
+        evaluate_model(model, data, None)

@@ -1,4 +1,5 @@
-"""The blockwise head + cross-entropy against the plain formula and finite differences."""
+"""The training loss: padding trim, loss-token count, and the blockwise head + cross-entropy
+against the plain formula and finite differences."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tilpass import losses
-from tilpass.losses import linear_cross_entropy
+from tilpass.losses import IGNORE_INDEX, count_loss_tokens, linear_cross_entropy, trim_padding
 
 
 def inputs(
@@ -74,3 +75,36 @@ def test_out_of_range_labels_are_named() -> None:
     h, w, b, y = inputs(torch.float32, False)
     with pytest.raises(ValueError, match=r"label ids must lie in \[0, 11\).*-100"):
         linear_cross_entropy(h, w, b, torch.full_like(y, -100))
+
+
+def _padded_batch(extra: int) -> dict[str, torch.Tensor]:
+    """Two right-padded rows of 3 and 5 tokens, then ``extra`` all-padding columns."""
+    width = 5 + extra
+    ids = torch.zeros((2, width), dtype=torch.long)
+    mask = torch.zeros((2, width), dtype=torch.long)
+    labels = torch.full((2, width), IGNORE_INDEX)
+    for row, n in enumerate((3, 5)):
+        ids[row, :n] = torch.arange(3, 3 + n)
+        mask[row, :n] = 1
+        labels[row, 1:n] = torch.arange(4, 3 + n)  # no loss on the first token
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_trim_padding_drops_only_all_pad_columns() -> None:
+    tight = _padded_batch(0)
+    trimmed = trim_padding(_padded_batch(3))
+    assert trimmed.keys() == tight.keys()
+    for key in tight:
+        assert torch.equal(trimmed[key], tight[key]), key
+    assert trim_padding(tight) is tight
+
+
+def test_count_loss_tokens_counts_shifted_labels() -> None:
+    # Targets are labels[:, 1:]: 2 in the 3-token row, 4 in the 5-token row.
+    assert count_loss_tokens(_padded_batch(2)) == 6
+
+
+def test_one_ignore_index_in_the_package() -> None:
+    from tilpass import data
+
+    assert IGNORE_INDEX == -100 and data.IGNORE_INDEX is IGNORE_INDEX

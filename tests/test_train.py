@@ -17,7 +17,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests import helpers
-from tilpass.evaluate import causal_lm_loss, selective_loss_matches
+from tilpass.losses import causal_lm_loss, selective_loss_matches
 from tilpass.train import (
     GradientFlowError,
     TrainConfig,
@@ -140,7 +140,7 @@ def test_config_validation() -> None:
     assert TrainConfig.__dataclass_fields__["seed"].metadata["help"]
     parsed = TrainConfig.from_dict({"learning_rate": "1e-3", "max_steps": "5", "num_epochs": 2})
     assert (parsed.learning_rate, parsed.max_steps, parsed.num_epochs) == (1e-3, 5, 2.0)
-    with pytest.raises(ValueError, match="learning_rate must be a number"):
+    with pytest.raises(ValueError, match="learning_rate: expected float, got 'fast'"):
         TrainConfig(learning_rate="fast")
 
 
@@ -416,3 +416,139 @@ def test_consumed_examples_replays_the_data_order() -> None:
     assert seen[10:] == epoch_batches(10, 4, 3, 1)[0]
     accumulated = TrainConfig(batch_size=2, gradient_accumulation_steps=2, seed=3)
     assert len(consumed_examples(10, 3, accumulated)) == 10  # 5 micro-batches: 2 + 2 + 1
+
+
+# ------------------------------------------------------------------------------- hooks
+
+
+class _Hooked(nn.Module):
+    """A stand-in for an adapter wrapper whose methods bring training hooks."""
+
+    def __init__(self, inner: nn.Module, hooks: list[Any]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.hooks = hooks
+
+    def get_base_model(self) -> nn.Module:
+        return self.inner.get_base_model()
+
+    def forward(self, **kw: Any) -> Any:
+        return self.inner(**kw)
+
+    def training_hooks(self) -> list[Any]:
+        return self.hooks
+
+
+class _L2OnLoraA:
+    """A loss term on parameters only: weight * sum of squares of every lora_A matrix."""
+
+    name = "l2"
+
+    def __init__(self, model: nn.Module, weight: float) -> None:
+        self.params = [p for n, p in model.named_parameters() if "lora_A" in n]
+        self.weight = weight
+        self.calls: list[int] = []
+
+    def loss_term(self, step: int) -> torch.Tensor:
+        self.calls.append(step)
+        return self.weight * sum(p.pow(2).sum() for p in self.params)
+
+
+def test_loss_term_from_model_hooks_changes_training_and_is_logged(tmp_path: Path) -> None:
+    items = make_items(16)
+    c = cfg(max_steps=3, gradient_accumulation_steps=2, batch_size=2)
+    plain = tiny_lora()
+    train(plain, items, None, collate, c, tmp_path / "plain")
+    inner = tiny_lora()
+    initial_l2 = sum(
+        float(p.detach().double().pow(2).sum())
+        for n, p in inner.named_parameters()
+        if "lora_A" in n
+    )
+    hook = _L2OnLoraA(inner, weight=0.5)
+    train(_Hooked(inner, [hook]), items, None, collate, c, tmp_path / "hooked")
+
+    assert hook.calls == [0, 0, 1, 1, 2, 2]  # after each micro-batch's forward
+    lora_a = [n for n in trainable(plain) if "lora_A" in n]
+    assert all(not torch.equal(trainable(inner)[n], trainable(plain)[n]) for n in lora_a)
+    first_plain = next(e for e in events(tmp_path / "plain") if e["event"] == "train")
+    first = next(e for e in events(tmp_path / "hooked") if e["event"] == "train")
+    assert "loss_terms" not in first_plain
+    # Step 1 starts from the same weights: same next-token loss, plus the term once.
+    assert first["loss_terms"]["l2"] == pytest.approx(0.5 * initial_l2, rel=1e-6)
+    assert first["loss"] == pytest.approx(first_plain["loss"] + 0.5 * initial_l2, rel=1e-6)
+
+
+def test_loss_term_enters_once_per_step_whatever_the_accumulation(tmp_path: Path) -> None:
+    items = make_items(24)
+    runs = []
+    for bs, accum in ((2, 4), (8, 1)):
+        inner = tiny_lora(dtype=torch.float64)
+        c = cfg(batch_size=bs, gradient_accumulation_steps=accum, max_steps=3, max_grad_norm=0.5)
+        train(_Hooked(inner, [_L2OnLoraA(inner, 0.3)]), items, None, collate, c, tmp_path / str(bs))
+        runs.append(trainable(inner))
+    assert_same(runs[0], runs[1], atol=1e-10)
+
+
+class _GradProbe:
+    """Records, after backward, the step, whether every gradient exists, and the grad norm."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.seen: list[tuple[int, bool, float]] = []
+
+    def after_backward(self, step: int) -> None:
+        grads = [p.grad for p in self.params]
+        ok = all(g is not None for g in grads)
+        norm = float(
+            torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads if g is not None]))
+        )
+        self.seen.append((step, ok, norm))
+
+
+def test_after_backward_once_per_step_with_gradients_before_clipping(tmp_path: Path) -> None:
+    model = tiny_lora()
+    probe = _GradProbe(model)
+    c = cfg(max_steps=3, gradient_accumulation_steps=2, batch_size=2, max_grad_norm=1e-4)
+    train(model, make_items(16), None, collate, c, tmp_path, callbacks=[probe])
+    assert [s for s, _, _ in probe.seen] == [0, 1, 2]  # once per optimizer step, not per micro
+    assert all(ok for _, ok, _ in probe.seen)
+    logged = [e["grad_norm"] for e in events(tmp_path) if e["event"] == "train"]
+    # The logged norm is the one before clipping; clipping to 1e-4 happened after the probe.
+    assert [n for _, _, n in probe.seen] == pytest.approx(logged, rel=1e-5)
+    assert min(logged) > 1e-2
+
+
+class _FreezeByGradient:
+    """Zeroes one parameter's gradient after backward: that parameter must not move."""
+
+    def __init__(self, param: nn.Parameter) -> None:
+        self.param = param
+
+    def after_backward(self, step: int) -> None:
+        assert self.param.grad is not None
+        self.param.grad.zero_()
+
+
+def test_after_backward_can_modify_gradients(tmp_path: Path) -> None:
+    inner = tiny_lora()
+    # lora_A: zeroing a lora_B would also starve its lora_A (B stays 0), which the
+    # gradient-flow check rightly reports.
+    name, frozen = next((n, p) for n, p in inner.named_parameters() if "lora_A" in n)
+    before = trainable(inner)
+    train(_Hooked(inner, [_FreezeByGradient(frozen)]), make_items(), None, collate, cfg(), tmp_path)
+    after = trainable(inner)
+    assert torch.equal(after[name], before[name])
+    moved = [n for n in before if "lora_A" in n and not torch.equal(after[n], before[n])]
+    assert len(moved) == len([n for n in before if "lora_A" in n]) - 1
+
+
+def test_loss_term_must_be_a_scalar(tmp_path: Path) -> None:
+    class Bad:
+        name = "vector"
+
+        def loss_term(self, step: int) -> torch.Tensor:
+            return torch.ones(3)
+
+    with pytest.raises(TypeError, match="'vector': loss_term"):
+        train(tiny_lora(), make_items(), None, collate, cfg(), tmp_path, callbacks=[Bad()])

@@ -120,6 +120,7 @@ def _usage_hint(adapter_dir: Path, model: str) -> None:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from tilpass.run import build_config, run
+    from tilpass.runtime import apply_process_settings
 
     values: dict[str, Any] = {}
     args.config = extra.pop(0) if extra and not extra[0].startswith("-") else None
@@ -134,6 +135,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.skip_bad_rows:
         values = merge(values, {"data": {"skip_bad_rows": True}})
     config = build_config(values, source=str(args.config or "command line"))
+    apply_process_settings(config.training)  # process-wide: the CLI's choice, not train()'s
     result = run(config, resume=args.resume)
     _print_table(result.before, result.after)
     _usage_hint(result.adapter_dir, config.model)
@@ -142,6 +144,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
     from tilpass.run import build_config, run
+    from tilpass.runtime import apply_process_settings
 
     values = merge(
         QUICKSTART,
@@ -156,6 +159,7 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
     values = merge(values, parse_overrides(extra))
     config = build_config(values, "quickstart")
     print(f"tilpass quickstart: LoRA on {config.model}, task: {QUICKSTART_TASK}")
+    apply_process_settings(config.training)
     result = run(config, resume=args.resume)
     _print_table(result.before, result.after)
     for example in result.examples[:3]:

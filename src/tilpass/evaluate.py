@@ -1,14 +1,9 @@
-"""Evaluation metrics: next-token loss / perplexity and greedy exact-match generation.
+"""Evaluation: next-token loss / perplexity over a dataset and greedy exact-match generation.
 
-The causal-LM loss lives here too, because training and evaluation must compute the very
-same number. It is a *summed* cross-entropy plus a token count, so callers can normalise
-over any group of micro-batches (gradient accumulation) or a whole evaluation set::
-
-    loss = sum_{b, t : labels[b, t+1] != -100} CE(head(h[b, t]), labels[b, t+1])
-
-With ``selective=True`` the language-model head runs only on the hidden states ``h[b, t]``
-that carry loss, instead of on every position: with 49k-token vocabularies the full
-``(B, T, V)`` logits tensor dominates time and memory.
+:func:`evaluate_model` is the one entry point that training and the CLI share; it combines
+:func:`evaluate_loss` (the training loss of :mod:`tilpass.losses`, token-weighted over a
+dataset) and :func:`evaluate_generation` (batched greedy decoding scored by normalised exact
+match).
 """
 
 from __future__ import annotations
@@ -20,162 +15,27 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from tilpass.losses import linear_cross_entropy
+from tilpass.losses import (
+    Batch,
+    causal_lm_loss,
+    model_device,
+    selective_loss_matches,
+    to_device,
+    trim_padding,
+    unwrap_base,
+)
 
-IGNORE_INDEX = -100
 # Trailing characters dropped by answer normalisation (ASCII and common CJK punctuation).
 _TRAILING_PUNCT = string.punctuation + "。！？、，．…"
-
-Batch = dict[str, torch.Tensor]
-
-
-def unwrap_base(model: nn.Module) -> nn.Module:
-    """Return the transformers model under an adapter wrapper, or the model itself."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameter-less module)."""
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """Split a causal LM into (decoder body, output head), or None if it has no such structure."""
-    base = unwrap_base(model)
-    get_head = getattr(base, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    get_decoder = getattr(base, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else getattr(base, "model", None)
-    if not isinstance(head, nn.Module) or not isinstance(decoder, nn.Module) or decoder is base:
-        return None
-    return decoder, head
-
-
-def trim_padding(batch: Batch) -> Batch:
-    """Drop trailing columns that are padding in every row (right-padded batches only)."""
-    mask = batch.get("attention_mask")
-    if mask is None or mask.dim() != 2:
-        return batch
-    used = mask.bool().any(dim=0).nonzero()
-    width = mask.shape[1]
-    end = int(used[-1]) + 1 if used.numel() else width
-    if end == width:
-        return batch
-    return {
-        k: v[:, :end] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == width else v
-        for k, v in batch.items()
-    }
-
-
-def count_loss_tokens(batch: Batch) -> int:
-    """Number of positions whose next-token label is not ignored."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def _logits_of(output: Any) -> torch.Tensor:
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
-
-
-def _hidden_of(output: Any) -> torch.Tensor:
-    if hasattr(output, "last_hidden_state"):
-        return output.last_hidden_state
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    return output
-
-
-def _hf_kwargs(model: nn.Module) -> dict[str, Any]:
-    # Transformers models accept use_cache; a plain nn.Module may not.
-    return {"use_cache": False} if hasattr(unwrap_base(model), "config") else {}
-
-
-def causal_lm_loss(
-    model: nn.Module, batch: Batch, selective: bool = True
-) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over positions that carry loss, and their count.
-
-    Args:
-        model: A causal LM (transformers model, adapter wrapper, or any module returning logits).
-        batch: ``input_ids``, ``labels`` (-100 = ignored) and optionally ``attention_mask``.
-        selective: Run the head only where loss is taken (needs a decoder/head split; falls back
-            to the full forward otherwise).
-
-    Returns:
-        (summed loss as a scalar tensor in at least float32, number of loss tokens).
-    """
-    input_ids, labels = batch["input_ids"], batch["labels"]
-    mask = batch.get("attention_mask")
-    target = labels[:, 1:]  # (B, T-1)
-    keep = target != IGNORE_INDEX  # (B, T-1)
-    parts = decoder_and_head(model) if selective else None
-    if parts is not None:
-        decoder, head = parts
-        hidden = _hidden_of(
-            decoder(input_ids=input_ids, attention_mask=mask, **_hf_kwargs(model))
-        )  # (B, T, H)
-        selected = hidden[:, :-1][keep]  # (N, H)
-        # A frozen head (LoRA) goes blockwise: the (N, V) logits are never materialised. A
-        # trained head stays on the plain path: blockwise, each block would update the whole
-        # (V, H) weight gradient, which costs more than the logits it saves (benchmarked).
-        if type(head) is nn.Linear and not head.weight.requires_grad:
-            loss = linear_cross_entropy(selected, head.weight, head.bias, target[keep])
-            return loss, int(keep.sum())
-        logits = head(selected)  # (N, V)
-    else:
-        out = model(input_ids=input_ids, attention_mask=mask, **_hf_kwargs(model))
-        logits = _logits_of(out)[:, :-1][keep]  # (N, V)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    loss = F.cross_entropy(logits, target[keep], reduction="sum")
-    return loss, int(keep.sum())
-
-
-def selective_loss_matches(
-    model: nn.Module, batch: Batch, autocast: AbstractContextManager[Any] | None = None
-) -> bool:
-    """Check once that the selective loss equals the full-forward loss on ``batch``.
-
-    Catches wrappers whose forward does more than decoder + head (prompt tuning's virtual
-    tokens, logit soft-capping or scaling), for which the selective path would be wrong.
-    """
-    if decoder_and_head(model) is None:
-        return False
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast or nullcontext():
-            fast, _ = causal_lm_loss(model, batch, selective=True)
-            full, _ = causal_lm_loss(model, batch, selective=False)
-    finally:
-        model.train(was_training)
-    low_precision = autocast is not None and getattr(autocast, "fast_dtype", None) in (
-        torch.bfloat16,
-        torch.float16,
-    )
-    tol = 2e-2 if low_precision else 1e-4
-    return bool(torch.isclose(fast.double(), full.double(), rtol=tol, atol=tol))
 
 
 def _batches(dataset: Dataset, batch_size: int) -> Iterator[list[Any]]:
     n = len(dataset)  # type: ignore[arg-type]
     for start in range(0, n, batch_size):
         yield [dataset[i] for i in range(start, min(start + batch_size, n))]
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """Move every tensor in a batch to ``device``."""
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def evaluate_loss(
@@ -333,3 +193,75 @@ def evaluate_generation(
                 }
             )
     return {"exact_match": matches / len(records), "n": len(records), "examples": examples}
+
+
+def default_record_fns() -> tuple[Callable[[Any, Any], list[int]], Callable[[Any], str]]:
+    """``(prompt_fn, answer_fn)`` for tilpass's own record formats (``tilpass.data``)."""
+    from tilpass.data import prompt_ids, reference_answer
+
+    return prompt_ids, reference_answer
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: Dataset | None,
+    collate_fn: Callable[[list[Any]], Batch] | None,
+    *,
+    tokenizer: Any = None,
+    records: Sequence[Any] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    generation_samples: int = 0,
+    num_examples: int = 5,
+    prompt_fn: Callable[[Any, Any], list[int]] | None = None,
+    answer_fn: Callable[[Any], str] | None = None,
+    selective: bool | None = None,
+    autocast: AbstractContextManager[Any] | None = None,
+) -> dict[str, Any]:
+    """Loss / perplexity on a tokenized dataset and exact match on raw records, as available.
+
+    Args:
+        model: The model to evaluate (put in eval mode for the call, then restored).
+        dataset: Tokenized items for the loss; None or empty skips the loss metrics.
+        collate_fn: Pads a list of items into a batch (needed with ``dataset``).
+        tokenizer: With ``records``, enables greedy exact-match generation.
+        records: Raw records for generation; None or empty skips it.
+        batch_size: Examples per forward pass and prompts per ``generate`` call.
+        max_new_tokens: Generation budget per prompt.
+        generation_samples: Score only the first N records (0: all of them).
+        num_examples: How many (prompt, prediction, reference) examples to return.
+        prompt_fn: ``(record, tokenizer) -> ids``; default ``tilpass.data.prompt_ids``.
+        answer_fn: ``record -> str``; default ``tilpass.data.reference_answer``.
+        selective: Force the selective head on/off; None verifies it on the first batch.
+        autocast: Optional autocast context (bf16) around forward passes and generation.
+
+    Returns:
+        ``loss``, ``perplexity``, ``tokens`` (with a dataset) and ``exact_match``,
+        ``exact_match_n``, ``examples`` (with a tokenizer and records); empty if neither.
+    """
+    out: dict[str, Any] = {}
+    if dataset is not None and len(dataset) > 0:  # type: ignore[arg-type]
+        if collate_fn is None:
+            raise ValueError("evaluate_model: a dataset needs a collate_fn to batch it")
+        out |= evaluate_loss(
+            model, dataset, collate_fn, batch_size, selective=selective, autocast=autocast
+        )
+    if tokenizer is not None and records:
+        if prompt_fn is None or answer_fn is None:
+            default_prompt, default_answer = default_record_fns()
+            prompt_fn, answer_fn = prompt_fn or default_prompt, answer_fn or default_answer
+        sample = list(records[:generation_samples] if generation_samples else records)
+        with autocast or nullcontext():
+            gen = evaluate_generation(
+                model,
+                tokenizer,
+                sample,
+                prompt_fn,
+                answer_fn,
+                max_new_tokens,
+                batch_size,
+                num_examples=num_examples,
+            )
+        out |= {"exact_match": gen["exact_match"], "exact_match_n": gen["n"]}
+        out["examples"] = gen["examples"]
+    return out

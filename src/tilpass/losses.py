@@ -1,22 +1,40 @@
-"""Cross-entropy through the output head, chunked, without the full logits tensor.
+"""The training loss: next-token cross-entropy of a causal LM, summed, with its token count.
 
-With a 49k vocabulary the logits of a 4 x 128 batch are 100 MB in float32, and a plain
-`F.cross_entropy(head(h), y)` also allocates their log-softmax and its gradient: three such
-buffers per step, each freshly page-faulted, for a result that is one number. Here the head
-runs on a block of rows at a time; each block's gradient (softmax minus one-hot) is formed in
-the block's own buffer and multiplied out at once into the gradients of the hidden states
-(and of the head's weight and bias when they train). Only those gradients are kept for
-the backward, which just scales them.
+Training and evaluation compute the very same number from here. It is a *summed*
+cross-entropy plus a token count, so callers can normalise over any group of micro-batches
+(gradient accumulation) or a whole evaluation set::
+
+    loss = sum_{b, t : labels[b, t+1] != IGNORE_INDEX} CE(head(h[b, t]), labels[b, t+1])
+
+Selective head: with ``selective=True`` the language-model head runs only on the hidden states
+``h[b, t]`` that carry loss, instead of on every position: with 49k-token vocabularies the full
+``(B, T, V)`` logits tensor dominates time and memory. :func:`selective_loss_matches` checks
+once per run that this equals the model's own forward.
+
+Blockwise cross-entropy (:func:`linear_cross_entropy`, for a frozen head): the logits of a
+4 x 128 batch are 100 MB in float32, and a plain `F.cross_entropy(head(h), y)` also allocates
+their log-softmax and its gradient: three such buffers per step, each freshly page-faulted, for
+a result that is one number. Here the head runs on a block of rows at a time; each block's
+gradient (softmax minus one-hot) is formed in the block's own buffer and multiplied out at once
+into the gradients of the hidden states (and of the head's weight and bias when they train).
+Only those gradients are kept for the backward, which just scales them.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+# Labels with this value carry no loss (PyTorch's and transformers' convention).
+IGNORE_INDEX = -100
 # Rows per block: about 4M logits (16 MB in float32), large enough for efficient GEMMs.
 BLOCK_LOGITS = 1 << 22
+
+Batch = dict[str, torch.Tensor]
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -92,3 +110,142 @@ def linear_cross_entropy(
     loss = LinearCrossEntropy.apply(hidden, weight, bias, target)
     assert isinstance(loss, torch.Tensor)
     return loss
+
+
+def unwrap_base(model: nn.Module) -> nn.Module:
+    """Return the transformers model under an adapter wrapper, or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameter-less module)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """Split a causal LM into (decoder body, output head), or None if it has no such structure."""
+    base = unwrap_base(model)
+    get_head = getattr(base, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    get_decoder = getattr(base, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else getattr(base, "model", None)
+    if not isinstance(head, nn.Module) or not isinstance(decoder, nn.Module) or decoder is base:
+        return None
+    return decoder, head
+
+
+def trim_padding(batch: Batch) -> Batch:
+    """Drop trailing columns that are padding in every row (right-padded batches only)."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    used = mask.bool().any(dim=0).nonzero()
+    width = mask.shape[1]
+    end = int(used[-1]) + 1 if used.numel() else width
+    if end == width:
+        return batch
+    return {
+        k: v[:, :end] if torch.is_tensor(v) and v.dim() == 2 and v.shape[1] == width else v
+        for k, v in batch.items()
+    }
+
+
+def count_loss_tokens(batch: Batch) -> int:
+    """Number of positions whose next-token label is not ignored."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _logits_of(output: Any) -> torch.Tensor:
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def _hidden_of(output: Any) -> torch.Tensor:
+    if hasattr(output, "last_hidden_state"):
+        return output.last_hidden_state
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def _hf_kwargs(model: nn.Module) -> dict[str, Any]:
+    # Transformers models accept use_cache; a plain nn.Module may not.
+    return {"use_cache": False} if hasattr(unwrap_base(model), "config") else {}
+
+
+def causal_lm_loss(
+    model: nn.Module, batch: Batch, selective: bool = True
+) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over positions that carry loss, and their count.
+
+    Args:
+        model: A causal LM (transformers model, adapter wrapper, or any module returning logits).
+        batch: ``input_ids``, ``labels`` (-100 = ignored) and optionally ``attention_mask``.
+        selective: Run the head only where loss is taken (needs a decoder/head split; falls back
+            to the full forward otherwise).
+
+    Returns:
+        (summed loss as a scalar tensor in at least float32, number of loss tokens).
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    mask = batch.get("attention_mask")
+    target = labels[:, 1:]  # (B, T-1)
+    keep = target != IGNORE_INDEX  # (B, T-1)
+    parts = decoder_and_head(model) if selective else None
+    if parts is not None:
+        decoder, head = parts
+        hidden = _hidden_of(
+            decoder(input_ids=input_ids, attention_mask=mask, **_hf_kwargs(model))
+        )  # (B, T, H)
+        selected = hidden[:, :-1][keep]  # (N, H)
+        # A frozen head (LoRA) goes blockwise: the (N, V) logits are never materialised. A
+        # trained head stays on the plain path: blockwise, each block would update the whole
+        # (V, H) weight gradient, which costs more than the logits it saves (benchmarked).
+        if type(head) is nn.Linear and not head.weight.requires_grad:
+            loss = linear_cross_entropy(selected, head.weight, head.bias, target[keep])
+            return loss, int(keep.sum())
+        logits = head(selected)  # (N, V)
+    else:
+        out = model(input_ids=input_ids, attention_mask=mask, **_hf_kwargs(model))
+        logits = _logits_of(out)[:, :-1][keep]  # (N, V)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    loss = F.cross_entropy(logits, target[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+def selective_loss_matches(
+    model: nn.Module, batch: Batch, autocast: AbstractContextManager[Any] | None = None
+) -> bool:
+    """Check once that the selective loss equals the full-forward loss on ``batch``.
+
+    Catches wrappers whose forward does more than decoder + head (prompt tuning's virtual
+    tokens, logit soft-capping or scaling), for which the selective path would be wrong.
+    """
+    if decoder_and_head(model) is None:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast or nullcontext():
+            fast, _ = causal_lm_loss(model, batch, selective=True)
+            full, _ = causal_lm_loss(model, batch, selective=False)
+    finally:
+        model.train(was_training)
+    low_precision = autocast is not None and getattr(autocast, "fast_dtype", None) in (
+        torch.bfloat16,
+        torch.float16,
+    )
+    tol = 2e-2 if low_precision else 1e-4
+    return bool(torch.isclose(fast.double(), full.double(), rtol=tol, atol=tol))
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move every tensor in a batch to ``device``."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

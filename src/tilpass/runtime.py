@@ -1,4 +1,7 @@
-"""Process settings that make CPU training faster, applied by the training loop.
+"""Process-wide settings that make CPU training faster, applied by the `tilpass` command only.
+
+The library's `train()` never changes them: a notebook or service that trains in-process keeps
+its own malloc behaviour. The CLI calls :func:`apply_process_settings` before a run.
 
 Every training step allocates and frees the same large buffers (activations, logits,
 gradients). glibc's malloc unmaps freed blocks above a threshold (at most 32 MB by default)
@@ -12,6 +15,9 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from typing import Protocol
+
+import torch
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -19,6 +25,12 @@ M_MMAP_THRESHOLD = -3
 KEEP_LIMIT = 1 << 30  # blocks up to 1 GiB come from (and return to) the heap
 
 _applied = False
+
+
+class ProcessSettings(Protocol):
+    """The part of a training config that decides process settings (``TrainConfig``)."""
+
+    keep_freed_memory: bool
 
 
 def keep_freed_memory() -> bool:
@@ -41,3 +53,26 @@ def keep_freed_memory() -> bool:
     mmap_ok = mallopt(M_MMAP_THRESHOLD, KEEP_LIMIT) == 1
     _applied = mmap_ok and mallopt(M_TRIM_THRESHOLD, 2 * KEEP_LIMIT - 1) == 1
     return _applied
+
+
+def apply_process_settings(
+    config: ProcessSettings, device: str | torch.device | None = None
+) -> bool:
+    """Apply the process settings a training config asks for; for the CLI, before a run.
+
+    Today that is :func:`keep_freed_memory`, when ``config.keep_freed_memory`` is set and the
+    run trains on the CPU (a GPU's memory is not glibc's).
+
+    Args:
+        config: The run's training config (``TrainConfig``).
+        device: Where the model trains; None means CUDA when available, else CPU (as
+            ``tilpass.run`` chooses).
+
+    Returns:
+        Whether freed memory is now kept for reuse.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not config.keep_freed_memory or torch.device(device).type != "cpu":
+        return False
+    return keep_freed_memory()

@@ -4,11 +4,24 @@ It trains whatever parameters have ``requires_grad=True`` (LoRA or any other ada
 every parameter for full fine-tuning) with AdamW, warm-up plus a cosine/linear/constant
 schedule, gradient accumulation normalised by loss tokens, and gradient clipping.
 
+:class:`Trainer` runs it; each optimizer step goes through the same phases, in order::
+
+    batch -> forward -> loss (+ hooks' loss terms) -> backward -> hooks' after_backward
+      -> clip -> optimizer step -> schedule -> log -> evaluate -> checkpoint -> on_step_end
+
+Methods and users plug in through :class:`TrainingHook` objects: from the ``hooks`` argument
+and from the model's own ``training_hooks()`` (an adapter wrapper returns its methods' hooks).
+:func:`train` is the one-call form.
+
 Data order is a pure function of ``(seed, epoch)``, so a resumed run skips exactly the
 micro-batches already consumed and, with the optimizer, scheduler and RNG states restored
-from ``checkpoint-N/`` (see :mod:`tilpass.train_checkpoints`), reaches the same final parameters as
-an uninterrupted run. Outputs: ``metrics.jsonl`` (one JSON line per event), ``loss.png``
+from ``checkpoint-N/`` (see :mod:`tilpass.train_checkpoints`), reaches the same final parameters
+as an uninterrupted run. Outputs: ``metrics.jsonl`` (one JSON line per event), ``loss.png``
 and the last ``save_total_limit`` checkpoints.
+
+The settings and what follows from them (data order, step plan, schedule) are in
+:mod:`tilpass.train_config`, the loop's running state in :mod:`tilpass.train_state`; this
+module re-exports their public names.
 """
 
 from __future__ import annotations
@@ -16,13 +29,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import resource
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,21 +42,19 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tilpass.errors import TilpassError
-from tilpass.evaluate import (
+from tilpass.evaluate import evaluate_model
+from tilpass.losses import (
+    Batch,
     causal_lm_loss,
     count_loss_tokens,
-    evaluate_generation,
-    evaluate_loss,
     model_device,
     selective_loss_matches,
     to_device,
     trim_padding,
     unwrap_base,
 )
-from tilpass.runtime import keep_freed_memory
 from tilpass.train_checkpoints import (
-    clean_json,
+    MetricsLog,
     load_checkpoint,
     plot_losses,
     remove_stale,
@@ -52,99 +62,59 @@ from tilpass.train_checkpoints import (
     save_checkpoint,
     truncate_metrics,
 )
+from tilpass.train_config import (
+    PRECISIONS,
+    SCHEDULERS,
+    StepPlan,
+    TrainConfig,
+    consumed_examples,
+    epoch_batches,
+    lr_factor,
+    seed_everything,
+)
+from tilpass.train_state import (
+    GradientAudit,
+    GradientFlowError,
+    LogWindow,
+    LoopState,
+    StepOutput,
+    check_gradient_flow,
+)
 
-SCHEDULERS = ("cosine", "linear", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
+__all__ = [
+    "METRICS_FILE",
+    "PLOT_FILE",
+    "PRECISIONS",
+    "SCHEDULERS",
+    "Callback",
+    "GradientFlowError",
+    "StepPlan",
+    "TrainConfig",
+    "TrainResult",
+    "TrainState",
+    "Trainer",
+    "TrainingHook",
+    "check_gradient_flow",
+    "consumed_examples",
+    "enable_gradient_checkpointing",
+    "epoch_batches",
+    "lr_factor",
+    "seed_everything",
+    "train",
+]
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-# A zero gradient is legitimate on the first step (LoRA's A while B == 0), so a parameter
-# whose gradient is exactly zero is re-checked until this step before it counts as unused.
-_GRAD_CHECK_STEPS = 3
-
-
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of :func:`train`; each field's ``help`` is shown by ``tilpass train``."""
-
-    learning_rate: float = _opt(2e-4, "Peak AdamW learning rate.")
-    weight_decay: float = _opt(0.0, "AdamW weight decay, applied to matrices (not biases/norms).")
-    adam_beta1: float = _opt(0.9, "AdamW beta1.")
-    adam_beta2: float = _opt(0.999, "AdamW beta2.")
-    adam_epsilon: float = _opt(1e-8, "AdamW epsilon.")
-    num_epochs: float = _opt(1.0, "Passes over the training set (used when max_steps is 0).")
-    max_steps: int = _opt(0, "Total optimizer steps; 0 derives them from num_epochs.")
-    batch_size: int = _opt(8, "Examples per micro-batch (per device).")
-    gradient_accumulation_steps: int = _opt(1, "Micro-batches per optimizer step.")
-    lr_scheduler: str = _opt("cosine", "Decay after warm-up: cosine | linear | constant.")
-    warmup_steps: int = _opt(0, "Linear warm-up steps (overrides warmup_ratio when > 0).")
-    warmup_ratio: float = _opt(0.0, "Warm-up as a fraction of the total steps.")
-    max_grad_norm: float = _opt(1.0, "Clip the global gradient norm to this; 0 disables.")
-    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward (non-reentrant).")
-    seed: int = _opt(42, "Seed for python/numpy/torch RNGs and the data order.")
-    logging_steps: int = _opt(10, "Log train loss, lr and throughput every N steps.")
-    eval_steps: int = _opt(0, "Evaluate every N steps (0: only at the end).")
-    eval_batch_size: int = _opt(8, "Examples per evaluation forward / generate call.")
-    eval_max_new_tokens: int = _opt(64, "Generation budget for exact-match evaluation.")
-    eval_generation_samples: int = _opt(64, "Records used for exact-match evaluation (0: all).")
-    save_steps: int = _opt(0, "Save a checkpoint every N steps (0: only at the end).")
-    save_total_limit: int = _opt(2, "Keep only the last K checkpoints (0: keep all).")
-    early_stopping_patience: int = _opt(0, "Stop after N evals without eval-loss gain (0: off).")
-    early_stopping_threshold: float = _opt(0.0, "Minimum eval-loss decrease that counts as gain.")
-    precision: str = _opt("auto", "auto (bf16 autocast on a bf16 GPU, else fp32) | fp32 | bf16.")
-    selective_lm_head: bool = _opt(True, "Run the LM head only where loss is taken (verified).")
-    keep_freed_memory: bool = _opt(
-        True, "CPU: glibc keeps freed buffers for the next step (no page faults; RSS stays)."
-    )
-    progress_bar: bool = _opt(True, "Show a tqdm progress bar.")
-
-    def __post_init__(self) -> None:
-        # YAML 1.1 reads "1e-3" as a string and CLI overrides arrive as text: coerce numbers.
-        for f in fields(self):
-            value, kind = getattr(self, f.name), type(f.default)
-            if kind in (int, float) and isinstance(value, str):
-                try:
-                    setattr(self, f.name, kind(float(value)) if kind is int else float(value))
-                except ValueError:
-                    raise ValueError(f"{f.name} must be a number, got {value!r}") from None
-            elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-        if self.lr_scheduler not in SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "gradient_accumulation_steps", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "logging_steps", "eval_steps", "save_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.max_steps == 0 and self.num_epochs <= 0:
-            raise ValueError("set max_steps > 0 or num_epochs > 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a dict, rejecting unknown keys with the list of valid ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid: {sorted(known)}")
-        return cls(**values)
+# Examples shown in an eval event.
+_EVAL_EXAMPLES = 3
 
 
 @dataclass
 class TrainState:
-    """What callbacks see at the end of every optimizer step; set ``should_stop`` to stop."""
+    """What ``on_step_end`` hooks see after every optimizer step; set ``should_stop`` to stop.
+
+    ``loss`` is the step's mean loss per loss token plus its hooks' loss terms.
+    """
 
     step: int
     max_steps: int
@@ -154,14 +124,42 @@ class TrainState:
     should_stop: bool = False
 
 
-class Callback(Protocol):
-    """Training hooks; implement either method or both."""
+class TrainingHook(Protocol):
+    """What a hook may implement; every method is optional (implement any subset).
+
+    Hooks come from the ``hooks`` argument of :class:`Trainer` (``callbacks`` of
+    :func:`train`) and from ``model.training_hooks()`` when the model has that method (called
+    once, at setup; the model's hooks run first). In the methods, ``step`` counts the optimizer
+    steps completed before the current one (0 during the first step), as the learning-rate
+    schedule does. A hook's optional ``name`` attribute (a string) names its loss term in the
+    log; the default is its class name.
+    """
+
+    def loss_term(self, step: int) -> torch.Tensor | None:
+        """A scalar added to the loss before backward, or None for no term this time.
+
+        Called after each micro-batch's forward; the trainer adds ``term / k`` to each of the
+        step's ``k`` micro-batch losses, so a term that depends only on parameters enters each
+        optimizer step exactly once, whatever the gradient accumulation (and a term computed
+        from the forward just run averages over the micro-batches). Its value per step is
+        logged in the train event under ``loss_terms`` and included in ``loss``.
+        """
+
+    def after_backward(self, step: int) -> None:
+        """Called once per optimizer step, after all micro-batches' backward, before clipping.
+
+        The gradients are complete here (``p.grad``) and may be read or modified.
+        """
+
+    def on_step_end(self, state: TrainState) -> None:
+        """Called after each optimizer step, once its logging/eval/checkpoint is done."""
 
     def on_log(self, event: dict[str, Any]) -> None:
         """Called with every event written to ``metrics.jsonl``."""
 
-    def on_step_end(self, state: TrainState) -> None:
-        """Called after each optimizer step, once its logging/eval/checkpoint is done."""
+
+# The name the hook protocol had when hooks could only log and stop.
+Callback = TrainingHook
 
 
 @dataclass
@@ -179,61 +177,11 @@ class TrainResult:
     runtime_s: float
 
 
-class GradientFlowError(TilpassError, RuntimeError):
-    """Trainable parameters received no gradient: they would silently never train."""
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy (if installed) and torch (CPU and CUDA)."""
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-    torch.manual_seed(seed)
-
-
-def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Micro-batches of example indices for one epoch; a pure function of (seed, epoch)."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(num_examples, generator=gen).tolist()
-    return [perm[i : i + batch_size] for i in range(0, num_examples, batch_size)]
-
-
-def consumed_examples(num_examples: int, steps: int, config: TrainConfig) -> list[int]:
-    """Indices of the examples the first `steps` optimizer steps train on, in order.
-
-    The data order depends only on the seed and the epoch, so this replays it exactly (the
-    change record counts trained tokens with it, resumed runs included).
-    """
-    accum = config.gradient_accumulation_steps
-    per_epoch = math.ceil(math.ceil(num_examples / config.batch_size) / accum)
-    out: list[int] = []
-    for step in range(steps):
-        batches = epoch_batches(num_examples, config.batch_size, config.seed, step // per_epoch)
-        first = (step % per_epoch) * accum
-        out += [i for batch in batches[first : first + accum] for i in batch]
-    return out
-
-
-def lr_factor(step: int, total: int, warmup: int, kind: str) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if kind == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if kind == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def _autocast(config: TrainConfig, device: torch.device) -> AbstractContextManager[Any] | None:
+    """bf16 autocast when asked for, or on ``auto`` with a bf16-capable GPU; else None (fp32)."""
     use_bf16 = config.precision == "bf16" or (
         config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
@@ -241,13 +189,19 @@ def _autocast(config: TrainConfig, device: torch.device) -> AbstractContextManag
 
 
 def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocations on a GPU, else the process's peak RSS."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on non-reentrant activation checkpointing in the transformers model under ``model``.
+
+    Non-reentrant, because the reentrant kind cuts the graph when no input requires grad
+    (frozen embeddings), so adapters inside checkpointed layers would silently not train.
+    """
     base = unwrap_base(model)
     kwargs = {"use_reentrant": False}
     if callable(getattr(base, "activation_checkpointing_enable", None)):
@@ -261,34 +215,458 @@ def _enable_checkpointing(model: nn.Module) -> None:
         )
 
 
-def check_gradient_flow(named: Sequence[tuple[str, nn.Parameter]], allow_zero: bool) -> list[str]:
-    """Raise :class:`GradientFlowError` for trainable parameters without a gradient.
+# ------------------------------------------------------------------------- loop pieces
 
-    Returns the names whose gradient is exactly zero (an error unless ``allow_zero``).
+
+@dataclass
+class HookSet:
+    """A run's hooks, grouped by phase as bound methods (looked up once, not every step)."""
+
+    loss_terms: list[tuple[str, Callable[[int], torch.Tensor | None]]] = field(default_factory=list)
+    after_backward: list[Callable[[int], None]] = field(default_factory=list)
+    on_step_end: list[Callable[[TrainState], None]] = field(default_factory=list)
+    on_log: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+
+    @classmethod
+    def collect(cls, model: nn.Module, hooks: Iterable[TrainingHook]) -> HookSet:
+        """The model's ``training_hooks()`` (if it has that method), then ``hooks``."""
+        get_model_hooks = getattr(model, "training_hooks", None)
+        found = list(get_model_hooks()) if callable(get_model_hooks) else []
+        out = cls()
+        for hook in [*found, *hooks]:
+            term = getattr(hook, "loss_term", None)
+            if callable(term):
+                out.loss_terms.append((out._term_name(hook), term))
+            for phase in ("after_backward", "on_step_end", "on_log"):
+                method = getattr(hook, phase, None)
+                if callable(method):
+                    getattr(out, phase).append(method)
+        return out
+
+    def _term_name(self, hook: object) -> str:
+        """The hook's ``name`` (else its class name), made unique among the loss terms."""
+        name = getattr(hook, "name", None)
+        base = name if isinstance(name, str) and name else type(hook).__name__
+        taken = {n for n, _ in self.loss_terms}
+        unique, k = base, 1
+        while unique in taken:
+            k += 1
+            unique = f"{base}.{k}"
+        return unique
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Trains every parameter with ``requires_grad=True``; evaluates, logs and checkpoints.
+
+    Build it, then call :meth:`fit` once. Arguments are those of :func:`train`, with
+    ``hooks`` for ``callbacks``; setup (optimizer, schedule, gradient checkpointing, hooks)
+    happens here, the run (resume, log, steps, final eval and checkpoint) in :meth:`fit`.
     """
-    missing = [n for n, p in named if p.grad is None]
-    zero = [n for n, p in named if p.grad is not None and not bool(p.grad.any())]
-    bad = missing + ([] if allow_zero else zero)
-    if bad:
-        shown = ", ".join(bad[:10]) + (f" (+{len(bad) - 10} more)" if len(bad) > 10 else "")
-        raise GradientFlowError(
-            f"{len(bad)} of {len(named)} trainable parameters received no gradient: {shown}. "
-            "They are unused by the forward pass, or cut off from the loss: reentrant "
-            "gradient checkpointing with frozen inputs does this (use non-reentrant "
-            "checkpointing or model.enable_input_require_grads()); else freeze them."
+
+    _log: MetricsLog  # open during fit()
+    _pbar: Any  # tqdm progress bar, during fit()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataset: Dataset,
+        eval_dataset: Dataset | None,
+        collate_fn: Callable[[list[Any]], Batch],
+        config: TrainConfig,
+        output_dir: str | os.PathLike[str],
+        *,
+        tokenizer: Any = None,
+        eval_records: Sequence[Any] | None = None,
+        hooks: Iterable[TrainingHook] = (),
+        prompt_fn: Callable[[Any, Any], list[int]] | None = None,
+        answer_fn: Callable[[Any], str] | None = None,
+    ) -> None:
+        config.validate()
+        self.started = time.perf_counter()
+        self.model, self.config = model, config
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.collate_fn = collate_fn
+        self.tokenizer, self.eval_records = tokenizer, eval_records
+        self.prompt_fn, self.answer_fn = prompt_fn, answer_fn
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.output_dir / METRICS_FILE
+        n = len(train_dataset)  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError("train_dataset is empty: check the data file and its filters")
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters (requires_grad=True)")
+        # Matrices first: the order of the optimizer's parameter groups.
+        self.named = [x for x in named if x[1].ndim >= 2] + [x for x in named if x[1].ndim < 2]
+        self.params = [p for _, p in self.named]
+        self.hooks = HookSet.collect(model, hooks)
+        self.device = model_device(model)
+        self.autocast = _autocast(config, self.device)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.plan = StepPlan.of(n, config)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self.state = LoopState(selective=None if config.selective_lm_head else False)
+        self._audit = GradientAudit(self.named)
+        self._window = LogWindow(torch.zeros((), dtype=torch.float64, device=self.device))
+        self._fitted = False
+
+    # -------------------------------------------------------------------------- setup
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; weight decay on matrices only (not biases or norms)."""
+        c = self.config
+        groups = [
+            {"params": [p for p in self.params if p.ndim >= 2], "weight_decay": c.weight_decay},
+            {"params": [p for p in self.params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(
+            [g for g in groups if g["params"]],
+            lr=c.learning_rate,
+            betas=(c.adam_beta1, c.adam_beta2),
+            eps=c.adam_epsilon,
         )
-    return zero
 
+    def _build_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        """Linear warm-up, then the configured decay, over the plan's steps."""
+        plan, kind = self.plan, self.config.lr_scheduler
+        return torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, plan.max_steps, plan.warmup, kind)
+        )
 
-def _default_record_fns() -> tuple[Callable[[Any, Any], list[int]], Callable[[Any], str]]:
-    try:
-        from tilpass.data import prompt_ids, reference_answer
-    except ImportError as exc:
-        raise ImportError(
-            "generation eval needs prompt_fn/answer_fn, or tilpass.data.prompt_ids / "
-            f"reference_answer ({exc}); pass prompt_fn= and answer_fn= to train()."
-        ) from exc
-    return prompt_ids, reference_answer
+    def _data_info(self) -> dict[str, Any]:
+        """What fixes the data order; a checkpoint only resumes a run with the same."""
+        return {
+            "seed": self.config.seed,
+            "num_examples": self.plan.num_examples,
+            "batch_size": self.plan.batch_size,
+            "gradient_accumulation_steps": self.plan.accumulation,
+        }
+
+    def _resume(self, resume: str | os.PathLike[str] | None) -> Path | None:
+        """Restore a checkpoint into the model, optimizer, schedule, RNGs and loop state."""
+        remove_stale(self.output_dir)
+        ckpt = resolve_resume(resume, self.output_dir)
+        if ckpt is None:
+            if self.metrics_path.exists():
+                self.metrics_path.unlink()  # a fresh run starts a fresh log
+            return None
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        if saved["data"] != self._data_info():
+            raise ValueError(
+                f"{ckpt} was written with data settings {saved['data']} but this run has "
+                f"{self._data_info()}; resuming would not replay the same data order. Use the "
+                "same dataset, batch_size, gradient_accumulation_steps and seed, or a new "
+                "output_dir."
+            )
+        load_checkpoint(ckpt, self.named, self.optimizer, self.scheduler, self.device)
+        st = self.state
+        st.step = st.saved_at = saved["global_step"]
+        st.best, st.bad_evals = saved["best_eval_loss"], saved["evals_without_improvement"]
+        st.evaled_at, st.last_checkpoint = saved["last_eval_step"], ckpt
+        if self.config.selective_lm_head:
+            st.selective = saved["selective_lm_head"]
+        truncate_metrics(self.metrics_path, st.step)
+        return ckpt
+
+    def _open_log(self, resumed_from: Path | None) -> MetricsLog:
+        """Open ``metrics.jsonl`` (appending after a resume) and write the start event."""
+        log = MetricsLog(self.metrics_path, self.hooks.on_log)
+        log.write(
+            {
+                "event": "start",
+                "step": self.state.step,
+                "max_steps": self.plan.max_steps,
+                "num_examples": self.plan.num_examples,
+                "steps_per_epoch": self.plan.steps_per_epoch,
+                "trainable_params": sum(p.numel() for p in self.params),
+                "total_params": sum(p.numel() for p in self.model.parameters()),
+                "precision": "bf16" if self.autocast is not None else "fp32",
+                "device": str(self.device),
+                "resumed_from": str(resumed_from) if resumed_from else None,
+            }
+        )
+        return log
+
+    # ---------------------------------------------------------------------------- run
+
+    def fit(self, resume: str | os.PathLike[str] | None = None) -> TrainResult:
+        """Run to ``max_steps`` (or an early stop), then evaluate and checkpoint the end.
+
+        Args:
+            resume: ``"auto"`` (latest complete checkpoint in output_dir, if any) or a path.
+        """
+        from tqdm.auto import tqdm
+
+        if self._fitted:
+            raise RuntimeError("Trainer.fit() runs once; build a new Trainer for another run")
+        self._fitted = True
+        seed_everything(self.config.seed)
+        ckpt = self._resume(resume)
+        self._log = self._open_log(ckpt)
+        self._pbar = tqdm(
+            total=self.plan.max_steps,
+            initial=self.state.step,
+            disable=not self.config.progress_bar,
+            desc="train",
+        )
+        try:
+            self.model.train()
+            self._window.reset(time.perf_counter())
+            self._run_steps()
+            runtime = self._finish()
+        finally:
+            self._pbar.close()
+            self._log.close()
+        st = self.state
+        return TrainResult(
+            global_step=st.step,
+            train_loss=st.train_loss,
+            eval_metrics=st.last_eval,
+            best_eval_loss=st.best,
+            stopped_early=st.stopped_early,
+            checkpoint_dir=st.last_checkpoint,
+            metrics_path=self.metrics_path,
+            plot_path=plot_losses(self.metrics_path, self.output_dir / PLOT_FILE),
+            runtime_s=runtime,
+        )
+
+    def _run_steps(self) -> None:
+        """Optimizer steps, epoch by epoch, from the current step to the end or a stop."""
+        st, plan, accum = self.state, self.plan, self.plan.accumulation
+        while st.step < plan.max_steps and not st.stop:
+            epoch = st.step // plan.steps_per_epoch
+            batches = epoch_batches(plan.num_examples, plan.batch_size, self.config.seed, epoch)
+            for first in range((st.step % plan.steps_per_epoch) * accum, len(batches), accum):
+                self._train_step(batches[first : first + accum], epoch)
+                if st.step >= plan.max_steps or st.stop:
+                    break
+
+    def _train_step(self, index_groups: list[list[int]], epoch: int) -> None:
+        """One optimizer step over the micro-batches of ``index_groups``, phase by phase."""
+        micro = self._batch(index_groups)
+        out = self._forward_backward(micro)
+        self._audit.check(out.loss_tokens)
+        for after_backward in self.hooks.after_backward:
+            after_backward(self.state.step)
+        out.grad_norm = self._clip()
+        out.lr = self._optimizer_step()
+        self.state.step += 1
+        self._window.add(out)
+        self._pbar.update(1)
+        self._maybe_log(out)
+        self._maybe_evaluate()
+        self._maybe_checkpoint()
+        self._end_step(out, epoch)
+
+    # --------------------------------------------------------------------- step phases
+
+    def _batch(self, index_groups: list[list[int]]) -> list[Batch]:
+        """Collate each micro-batch, trailing all-padding columns dropped."""
+        data, collate_fn = self.train_dataset, self.collate_fn
+        return [trim_padding(collate_fn([data[i] for i in idx])) for idx in index_groups]
+
+    def _forward_backward(self, micro: list[Batch]) -> StepOutput:
+        """Forward, loss (+ hooks' loss terms) and backward of every micro-batch of a step."""
+        n_tok = sum(count_loss_tokens(b) for b in micro)
+        seen = sum(int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b in micro)
+        if self.state.selective is None:
+            first = to_device(micro[0], self.device)
+            self.state.selective = selective_loss_matches(self.model, first, self.autocast)
+        out = StepOutput(torch.zeros((), dtype=torch.float64, device=self.device), n_tok, seen, {})
+        for b in micro:
+            with self.autocast or nullcontext():
+                loss, _ = causal_lm_loss(
+                    self.model, to_device(b, self.device), self.state.selective
+                )
+            # Normalise by the loss tokens of the whole step: accumulation 4 x batch 2 is then
+            # the same update as batch 8.
+            objective = loss / max(n_tok, 1)
+            if self.hooks.loss_terms:
+                objective = objective + self._loss_terms(out.terms, len(micro))
+            objective.backward()
+            out.loss += loss.detach().double()
+        return out
+
+    def _loss_terms(self, terms: dict[str, torch.Tensor], parts: int) -> torch.Tensor | float:
+        """The hooks' loss terms for one of a step's ``parts`` micro-batches, each ``/ parts``."""
+        total: torch.Tensor | float = 0.0
+        for name, loss_term in self.hooks.loss_terms:
+            term = loss_term(self.state.step)
+            if term is None:
+                continue
+            if not torch.is_tensor(term) or term.numel() != 1:
+                raise TypeError(
+                    f"training hook {name!r}: loss_term() must return a scalar tensor or None, "
+                    f"got {type(term).__name__} {tuple(getattr(term, 'shape', ()))}"
+                )
+            share = term.reshape(()) / parts
+            total = total + share
+            value = share.detach().double()
+            terms[name] = terms[name] + value if name in terms else value
+        return total
+
+    def _clip(self) -> torch.Tensor:
+        """Clip the global gradient norm; returns the norm before clipping."""
+        limit = self.config.max_grad_norm
+        return torch.nn.utils.clip_grad_norm_(self.params, limit if limit > 0 else float("inf"))
+
+    def _optimizer_step(self) -> float:
+        """Optimizer step, schedule step, gradients cleared; returns the lr the step used."""
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def _maybe_log(self, out: StepOutput) -> None:
+        """Every ``logging_steps`` (and at the last step): a train event over the window."""
+        every, step = self.config.logging_steps, self.state.step
+        if not every or (step % every != 0 and step != self.plan.max_steps):
+            return
+        now, window = time.perf_counter(), self._window
+        names = [name for name, _ in self.hooks.loss_terms]
+        loss, terms = window.means(names)
+        self.state.train_loss = loss
+        tps, mem = window.seen / max(now - window.started, 1e-9), _peak_memory_mb(self.device)
+        grad_norm = None if out.grad_norm is None else float(out.grad_norm)
+        self._log.write(
+            {
+                "event": "train",
+                "step": step,
+                "epoch": step / self.plan.steps_per_epoch,
+                "loss": loss,
+                **({"loss_terms": terms} if names else {}),
+                "lr": out.lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tps,
+                "loss_tokens": window.tokens,
+                "peak_mem_mb": mem,
+                "elapsed_s": now - self.started,
+            }
+        )
+        self._pbar.set_postfix(
+            loss=f"{loss:.4f}", lr=f"{out.lr:.2e}", tok_s=f"{tps:.0f}", mem=f"{mem:.0f}MB"
+        )
+        window.reset(now)
+
+    def _maybe_evaluate(self) -> None:
+        """Every ``eval_steps``: evaluate, and stop early after ``patience`` evals without gain."""
+        c, st = self.config, self.state
+        if not c.eval_steps or st.step % c.eval_steps != 0:
+            return
+        st.last_eval, st.evaled_at = self._evaluate(), st.step
+        loss = st.last_eval.get("eval_loss")
+        if loss is None or not math.isfinite(loss):
+            return
+        if st.best is None or loss < st.best - c.early_stopping_threshold:
+            st.best, st.bad_evals = loss, 0
+        else:
+            st.bad_evals += 1
+        if c.early_stopping_patience and st.bad_evals >= c.early_stopping_patience:
+            st.stop = st.stopped_early = True
+            self._log.write({"event": "early_stop", "step": st.step, "best_eval_loss": st.best})
+
+    def _maybe_checkpoint(self) -> None:
+        """Every ``save_steps``: a checkpoint."""
+        every, st = self.config.save_steps, self.state
+        if every and st.step % every == 0:
+            st.last_checkpoint, st.saved_at = self._save(), st.step
+
+    def _end_step(self, out: StepOutput, epoch: int) -> None:
+        """``on_step_end`` hooks; any of them may ask to stop."""
+        if not self.hooks.on_step_end:
+            return
+        loss = float(out.loss) / max(out.loss_tokens, 1)
+        loss += sum(float(v) for v in out.terms.values())
+        state = TrainState(self.state.step, self.plan.max_steps, epoch, loss, out.lr)
+        for on_step_end in self.hooks.on_step_end:
+            on_step_end(state)
+        self.state.stop = self.state.stop or state.should_stop
+
+    # ------------------------------------------------------------- evaluate, save, end
+
+    def _evaluate(self) -> dict[str, Any]:
+        """Eval loss / perplexity and exact match as configured; logged as an eval event."""
+        c, st = self.config, self.state
+        metrics = evaluate_model(
+            self.model,
+            self.eval_dataset,
+            self.collate_fn,
+            tokenizer=self.tokenizer,
+            records=self.eval_records,
+            batch_size=c.eval_batch_size,
+            max_new_tokens=c.eval_max_new_tokens,
+            generation_samples=c.eval_generation_samples,
+            num_examples=_EVAL_EXAMPLES,
+            prompt_fn=self.prompt_fn,
+            answer_fn=self.answer_fn,
+            selective=st.selective,
+            autocast=self.autocast,
+        )
+        ev: dict[str, Any] = {}
+        if "loss" in metrics:
+            ev |= {"eval_loss": metrics["loss"], "eval_perplexity": metrics["perplexity"]}
+            ev["eval_tokens"] = metrics["tokens"]
+        if "exact_match" in metrics:
+            ev |= {k: metrics[k] for k in ("exact_match", "exact_match_n", "examples")}
+        if ev:
+            self._log.write({"event": "eval", "step": st.step, **ev})
+        return ev
+
+    def _save(self) -> Path:
+        """A checkpoint of the current step (rotating out the oldest), logged."""
+        st, plan = self.state, self.plan
+        trainer_state = {
+            "format": 1,
+            "global_step": st.step,
+            "epoch": st.step // plan.steps_per_epoch,
+            "batch_in_epoch": (st.step % plan.steps_per_epoch) * plan.accumulation,
+            "data": self._data_info(),
+            "max_steps": plan.max_steps,
+            "best_eval_loss": st.best,
+            "evals_without_improvement": st.bad_evals,
+            "last_eval_step": st.evaled_at,
+            "selective_lm_head": st.selective,
+            "config": asdict(self.config),
+        }
+        path = save_checkpoint(
+            self.output_dir,
+            st.step,
+            self.named,
+            self.optimizer,
+            self.scheduler,
+            trainer_state,
+            self.config.save_total_limit,
+        )
+        self._log.write({"event": "checkpoint", "step": st.step, "path": str(path)})
+        return path
+
+    def _finish(self) -> float:
+        """Final evaluation and checkpoint unless this step has them; the end event."""
+        st = self.state
+        if st.evaled_at != st.step:
+            st.last_eval, st.evaled_at = self._evaluate(), st.step
+            loss = st.last_eval.get("eval_loss")
+            if loss is not None and math.isfinite(loss):
+                st.best = loss if st.best is None else min(st.best, loss)
+        if st.saved_at != st.step:
+            st.last_checkpoint, st.saved_at = self._save(), st.step
+        runtime = time.perf_counter() - self.started
+        self._log.write(
+            {
+                "event": "end",
+                "step": st.step,
+                "runtime_s": runtime,
+                "stopped_early": st.stopped_early,
+            }
+        )
+        return runtime
 
 
 def train(
@@ -301,15 +679,18 @@ def train(
     tokenizer: Any = None,
     eval_records: Sequence[Any] | None = None,
     resume: str | os.PathLike[str] | None = None,
-    callbacks: Iterable[Callback] = (),
+    callbacks: Iterable[TrainingHook] = (),
     *,
     prompt_fn: Callable[[Any, Any], list[int]] | None = None,
     answer_fn: Callable[[Any], str] | None = None,
 ) -> TrainResult:
     """Train every parameter with ``requires_grad=True``; evaluate, log and checkpoint.
 
+    Builds a :class:`Trainer` and runs :meth:`Trainer.fit`.
+
     Args:
-        model: A causal LM (adapter wrapper or plain model), already on its device.
+        model: A causal LM (adapter wrapper or plain model), already on its device. If it
+            has a ``training_hooks()`` method, the hooks it returns are used too.
         train_dataset: Items ``{"input_ids": [...], "labels": [...]}`` (-100 = no loss).
         eval_dataset: Same format, for eval loss/perplexity; None skips it.
         collate_fn: Pads a list of items into tensors (``input_ids``, ``attention_mask``,
@@ -319,7 +700,8 @@ def train(
         tokenizer: With ``eval_records``, enables greedy exact-match evaluation.
         eval_records: Raw records for generation eval.
         resume: ``"auto"`` (latest complete checkpoint in output_dir, if any) or a path.
-        callbacks: Objects with ``on_log(event)`` and/or ``on_step_end(state)``.
+        callbacks: :class:`TrainingHook` objects (any of ``loss_term``, ``after_backward``,
+            ``on_step_end``, ``on_log``).
         prompt_fn: ``(record, tokenizer) -> ids``; defaults to ``tilpass.data.prompt_ids``.
         answer_fn: ``record -> str``; defaults to ``tilpass.data.reference_answer``.
 
@@ -330,267 +712,17 @@ def train(
         GradientFlowError: Some trainable parameter gets no gradient (checked on early steps).
         ValueError: Invalid config, empty data, or a checkpoint that does not fit this run.
     """
-    from tqdm.auto import tqdm
-
-    config.validate()
-    t0 = time.perf_counter()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n = len(train_dataset)  # type: ignore[arg-type]
-    if n == 0:
-        raise ValueError("train_dataset is empty: check the data file and its filters")
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    if not named:
-        raise ValueError("the model has no trainable parameters (requires_grad=True)")
-    if config.keep_freed_memory and named[0][1].device.type == "cpu":
-        keep_freed_memory()  # no page faults for each step's buffers (tilpass.runtime)
-    gen_eval = tokenizer is not None and bool(eval_records)
-    if gen_eval and (prompt_fn is None or answer_fn is None):
-        default_prompt, default_answer = _default_record_fns()
-        prompt_fn, answer_fn = prompt_fn or default_prompt, answer_fn or default_answer
-    callbacks = list(callbacks)
-    seed_everything(config.seed)
-    device = model_device(model)
-    autocast = _autocast(config, device)
-    if config.gradient_checkpointing:
-        _enable_checkpointing(model)
-
-    accum = config.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(math.ceil(n / config.batch_size) / accum)
-    max_steps = config.max_steps or math.ceil(config.num_epochs * steps_per_epoch)
-    warmup = config.warmup_steps or math.ceil(config.warmup_ratio * max_steps)
-    named = [x for x in named if x[1].ndim >= 2] + [x for x in named if x[1].ndim < 2]
-    groups = [
-        {"params": [p for _, p in named if p.ndim >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for _, p in named if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(
-        [g for g in groups if g["params"]],
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
+    trainer = Trainer(
+        model,
+        train_dataset,
+        eval_dataset,
+        collate_fn,
+        config,
+        output_dir,
+        tokenizer=tokenizer,
+        eval_records=eval_records,
+        hooks=callbacks,
+        prompt_fn=prompt_fn,
+        answer_fn=answer_fn,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, max_steps, warmup, config.lr_scheduler)
-    )
-    data_info = {"seed": config.seed, "num_examples": n, "batch_size": config.batch_size}
-    data_info["gradient_accumulation_steps"] = accum
-    selective: bool | None = None if config.selective_lm_head else False
-    start, best, bad_evals, evaled_at = 0, None, 0, -1
-    metrics_path = out / METRICS_FILE
-
-    remove_stale(out)
-    ckpt = resolve_resume(resume, out)
-    if ckpt is not None:
-        st = json.loads((ckpt / "trainer_state.json").read_text())
-        if st["data"] != data_info:
-            raise ValueError(
-                f"{ckpt} was written with data settings {st['data']} but this run has "
-                f"{data_info}; resuming would not replay the same data order. Use the same "
-                "dataset, batch_size, gradient_accumulation_steps and seed, or a new output_dir."
-            )
-        load_checkpoint(ckpt, named, optimizer, scheduler, device)
-        start, best = st["global_step"], st["best_eval_loss"]
-        bad_evals, evaled_at = st["evals_without_improvement"], st["last_eval_step"]
-        selective = st["selective_lm_head"] if config.selective_lm_head else False
-        truncate_metrics(metrics_path, start)
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
-
-    log_file = metrics_path.open("a")
-
-    def log(event: dict[str, Any]) -> None:
-        event = clean_json(event)
-        log_file.write(json.dumps(event) + "\n")
-        log_file.flush()
-        for cb in callbacks:
-            if callable(getattr(cb, "on_log", None)):
-                cb.on_log(event)
-
-    def run_eval(at: int) -> dict[str, Any]:
-        ev: dict[str, Any] = {}
-        if eval_dataset is not None and len(eval_dataset) > 0:  # type: ignore[arg-type]
-            m = evaluate_loss(
-                model,
-                eval_dataset,
-                collate_fn,
-                config.eval_batch_size,
-                selective=selective,
-                autocast=autocast,
-            )
-            ev |= {"eval_loss": m["loss"], "eval_perplexity": m["perplexity"]}
-            ev["eval_tokens"] = m["tokens"]
-        if gen_eval and eval_records is not None:
-            k = config.eval_generation_samples
-            with autocast or nullcontext():
-                g = evaluate_generation(
-                    model,
-                    tokenizer,
-                    list(eval_records[:k] if k else eval_records),
-                    prompt_fn,
-                    answer_fn,  # type: ignore[arg-type]
-                    config.eval_max_new_tokens,
-                    config.eval_batch_size,
-                )
-            ev |= {"exact_match": g["exact_match"], "exact_match_n": g["n"]}
-            ev["examples"] = g["examples"][:3]
-        if ev:
-            log({"event": "eval", "step": at, **ev})
-        return ev
-
-    def save(at: int) -> Path:
-        state = {
-            "format": 1,
-            "global_step": at,
-            "epoch": at // steps_per_epoch,
-            "batch_in_epoch": (at % steps_per_epoch) * accum,
-            "data": data_info,
-            "max_steps": max_steps,
-            "best_eval_loss": best,
-            "evals_without_improvement": bad_evals,
-            "last_eval_step": evaled_at,
-            "selective_lm_head": selective,
-            "config": asdict(config),
-        }
-        path = save_checkpoint(out, at, named, optimizer, scheduler, state, config.save_total_limit)
-        log({"event": "checkpoint", "step": at, "path": str(path)})
-        return path
-
-    n_trainable = sum(p.numel() for _, p in named)
-    log(
-        {
-            "event": "start",
-            "step": start,
-            "max_steps": max_steps,
-            "num_examples": n,
-            "steps_per_epoch": steps_per_epoch,
-            "trainable_params": n_trainable,
-            "total_params": sum(p.numel() for p in model.parameters()),
-            "precision": "bf16" if autocast is not None else "fp32",
-            "device": str(device),
-            "resumed_from": str(ckpt) if ckpt else None,
-        }
-    )
-
-    model.train()
-    step, stop, stopped_early = start, False, False
-    last_ckpt: Path | None = ckpt
-    saved_at = start if ckpt is not None else -1
-    train_loss: float | None = None
-    last_eval: dict[str, Any] = {}
-    pending: list[tuple[str, nn.Parameter]] | None = named  # gradient-flow audit
-    checks = 0
-    win_loss = torch.zeros((), dtype=torch.float64, device=device)
-    win_tokens = win_seen = 0
-    win_t = time.perf_counter()
-    params = [p for _, p in named]
-    pbar = tqdm(total=max_steps, initial=step, disable=not config.progress_bar, desc="train")
-    try:
-        while step < max_steps and not stop:
-            epoch = step // steps_per_epoch
-            batches = epoch_batches(n, config.batch_size, config.seed, epoch)
-            for first in range((step % steps_per_epoch) * accum, len(batches), accum):
-                micro = [
-                    trim_padding(collate_fn([train_dataset[i] for i in idx]))
-                    for idx in batches[first : first + accum]
-                ]
-                n_tok = sum(count_loss_tokens(b) for b in micro)
-                win_seen += sum(
-                    int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b in micro
-                )
-                if selective is None:
-                    selective = selective_loss_matches(model, to_device(micro[0], device), autocast)
-                step_loss = torch.zeros((), dtype=torch.float64, device=device)
-                for b in micro:
-                    with autocast or nullcontext():
-                        loss, _ = causal_lm_loss(model, to_device(b, device), selective)
-                    # Normalise by the loss tokens of the whole step: accumulation 4 x batch 2
-                    # is then the same update as batch 8.
-                    (loss / max(n_tok, 1)).backward()
-                    step_loss += loss.detach().double()
-                if pending and n_tok > 0:
-                    checks += 1
-                    zero = check_gradient_flow(pending, allow_zero=checks < _GRAD_CHECK_STEPS)
-                    pending = [(nm, p) for nm, p in named if nm in set(zero)]
-                clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                win_loss += step_loss
-                win_tokens += n_tok
-                pbar.update(1)
-                if config.logging_steps and (step % config.logging_steps == 0 or step == max_steps):
-                    now = time.perf_counter()
-                    train_loss = float(win_loss) / max(win_tokens, 1)
-                    tps, mem = win_seen / max(now - win_t, 1e-9), _peak_memory_mb(device)
-                    log(
-                        {
-                            "event": "train",
-                            "step": step,
-                            "epoch": step / steps_per_epoch,
-                            "loss": train_loss,
-                            "lr": lr,
-                            "grad_norm": float(grad_norm),
-                            "tokens_per_s": tps,
-                            "loss_tokens": win_tokens,
-                            "peak_mem_mb": mem,
-                            "elapsed_s": now - t0,
-                        }
-                    )
-                    pbar.set_postfix(
-                        loss=f"{train_loss:.4f}",
-                        lr=f"{lr:.2e}",
-                        tok_s=f"{tps:.0f}",
-                        mem=f"{mem:.0f}MB",
-                    )
-                    win_loss.zero_()
-                    win_tokens = win_seen = 0
-                    win_t = now
-                if config.eval_steps and step % config.eval_steps == 0:
-                    last_eval, evaled_at = run_eval(step), step
-                    loss_now = last_eval.get("eval_loss")
-                    if loss_now is not None and math.isfinite(loss_now):
-                        if best is None or loss_now < best - config.early_stopping_threshold:
-                            best, bad_evals = loss_now, 0
-                        else:
-                            bad_evals += 1
-                        patience = config.early_stopping_patience
-                        if patience and bad_evals >= patience:
-                            stop = stopped_early = True
-                            log({"event": "early_stop", "step": step, "best_eval_loss": best})
-                if config.save_steps and step % config.save_steps == 0:
-                    last_ckpt, saved_at = save(step), step
-                state = TrainState(step, max_steps, epoch, float(step_loss) / max(n_tok, 1), lr)
-                for cb in callbacks:
-                    if callable(getattr(cb, "on_step_end", None)):
-                        cb.on_step_end(state)
-                stop = stop or state.should_stop
-                if step >= max_steps or stop:
-                    break
-        if evaled_at != step:
-            last_eval, evaled_at = run_eval(step), step
-            final_loss = last_eval.get("eval_loss")
-            if final_loss is not None and math.isfinite(final_loss):
-                best = final_loss if best is None else min(best, final_loss)
-        if saved_at != step:
-            last_ckpt = save(step)
-        runtime = time.perf_counter() - t0
-        log({"event": "end", "step": step, "runtime_s": runtime, "stopped_early": stopped_early})
-    finally:
-        pbar.close()
-        log_file.close()
-    plot = plot_losses(metrics_path, out / PLOT_FILE)
-    return TrainResult(
-        global_step=step,
-        train_loss=train_loss,
-        eval_metrics=last_eval,
-        best_eval_loss=best,
-        stopped_early=stopped_early,
-        checkpoint_dir=last_ckpt,
-        metrics_path=metrics_path,
-        plot_path=plot,
-        runtime_s=runtime,
-    )
+    return trainer.fit(resume)

@@ -1,5 +1,8 @@
 """Files a training run writes: checkpoints (save, list, load, rotate) and the metrics log.
 
+The metrics log ``metrics.jsonl`` holds one JSON object per event (:class:`MetricsLog`); a
+resumed run first drops the events logged after its checkpoint (:func:`truncate_metrics`).
+
 A checkpoint ``checkpoint-N/`` holds::
 
     trainable.safetensors   trainable parameters keyed by name (loaded back strictly)
@@ -19,7 +22,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +130,11 @@ def save_checkpoint(
     state: dict[str, Any],
     save_total_limit: int,
 ) -> Path:
+    """Write ``checkpoint-{step}/`` atomically, then keep only the last ``save_total_limit``.
+
+    ``state`` is the trainer's own state (step, data position, early stopping); the optimizer,
+    scheduler and RNG states are added to it here. Returns the checkpoint's path.
+    """
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -156,6 +164,7 @@ def save_checkpoint(
 
 
 def resolve_resume(resume: str | os.PathLike[str] | None, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: None, the latest in ``output_dir`` (``"auto"``), or a path."""
     if resume is None:
         return None
     if str(resume) == "auto":
@@ -171,6 +180,7 @@ def resolve_resume(resume: str | os.PathLike[str] | None, output_dir: Path) -> P
 
 
 def load_trainable(path: Path, named: Sequence[tuple[str, nn.Parameter]]) -> None:
+    """Copy a checkpoint's trainable tensors into ``named``; names and shapes must match."""
     saved = load_file(str(path / "trainable.safetensors"))
     params = dict(named)
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
@@ -227,6 +237,7 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
 
 
 def clean_json(value: Any) -> Any:
+    """``value`` with NaN and infinities replaced by None, in nested dicts and lists too."""
     if isinstance(value, float) and not math.isfinite(value):
         return None  # strict JSON has no NaN/inf
     if isinstance(value, dict):
@@ -258,3 +269,28 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
     return state
+
+
+class MetricsLog:
+    """``metrics.jsonl``, one strict-JSON line per event, each also handed to listeners.
+
+    Every line is flushed as it is written, so a killed run loses at most the event being
+    written (a resumed run truncates the log to its checkpoint anyway).
+    """
+
+    def __init__(self, path: Path, listeners: Sequence[Callable[[dict[str, Any]], None]]) -> None:
+        self.path = path
+        self.listeners = list(listeners)
+        self._file = path.open("a")
+
+    def write(self, event: dict[str, Any]) -> None:
+        """Append ``event`` (NaN/inf become null) and pass it to every listener."""
+        event = clean_json(event)
+        self._file.write(json.dumps(event) + "\n")
+        self._file.flush()
+        for listener in self.listeners:
+            listener(event)
+
+    def close(self) -> None:
+        """Close the file; the log stays readable (and appendable by a resumed run)."""
+        self._file.close()

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tilpass.data.sources import DataError, _normalize, _record_format, _RowError
-
-IGNORE_INDEX = -100
+from tilpass.losses import IGNORE_INDEX
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
