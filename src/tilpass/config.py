@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+from tilpass.config_fields import opt
 from tilpass.errors import AdapterFileError
 
 CONFIG_NAME = "adapter_config.json"
@@ -23,15 +24,6 @@ C = TypeVar("C", bound="AdapterConfig")
 
 BOOKKEEPING_FIELDS = ("task_type", "base_model_name_or_path", "revision", "inference_mode")
 """Fields every config has that describe the file, not the method (not CLI settings)."""
-
-
-def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a one-line help text (shown by the CLI)."""
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(
-            default_factory=lambda: type(default)(default), metadata={"help": help}
-        )
-    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass

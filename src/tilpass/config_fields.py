@@ -15,7 +15,14 @@ _NUMBER_KINDS = ("int", "float")
 
 
 def opt(default: Any, help: str) -> Any:
-    """A dataclass field with a default and the ``help`` text shown by the CLI."""
+    """A dataclass field with a default and the ``help`` text shown by the CLI.
+
+    A mutable default (list, dict, set) becomes a factory, so instances never share it.
+    """
+    if isinstance(default, (list, dict, set)):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"help": help}
+        )
     return dataclasses.field(default=default, metadata={"help": help})
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tilpass.config import TargetedConfig, opt
+from tilpass.config import TargetedConfig
+from tilpass.config_fields import opt
 from tilpass.errors import TargetModulesError
 from tilpass.inject import find_targets
 from tilpass.layers import AdapterLayer, is_linear_like, is_transposed, linear_features

@@ -6,7 +6,8 @@ import dataclasses
 import re
 import warnings
 
-from tilpass.config import TargetedConfig, opt
+from tilpass.config import TargetedConfig
+from tilpass.config_fields import opt
 from tilpass.methods.lora.dora import DORA
 from tilpass.methods.lora.layers import AdapterSpec
 
