@@ -1,4 +1,8 @@
-"""Process-wide settings that make CPU training faster, applied by the `tilpass` command only.
+"""Process and device settings for training: freed-memory reuse, autocast, peak memory,
+activation checkpointing.
+
+The process-wide settings that make CPU training faster are applied by the `tilpass` command
+only.
 
 The library's `train()` never changes them: a notebook or service that trains in-process keeps
 its own malloc behaviour. The CLI calls :func:`apply_process_settings` before a run.
@@ -14,10 +18,15 @@ process's resident size then stays at its peak instead of dropping between steps
 from __future__ import annotations
 
 import ctypes
+import resource
 import sys
-from typing import Protocol
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
+from torch import nn
+
+from tilpass.losses import unwrap_base
 
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -76,3 +85,38 @@ def apply_process_settings(
     if not config.keep_freed_memory or torch.device(device).type != "cpu":
         return False
     return keep_freed_memory()
+
+
+def autocast_for(config: Any, device: torch.device) -> AbstractContextManager[Any] | None:
+    """bf16 autocast when asked for, or on ``auto`` with a bf16-capable GPU; else None (fp32)."""
+    use_bf16 = config.precision == "bf16" or (
+        config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocations on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Turn on non-reentrant activation checkpointing in the transformers model under ``model``.
+
+    Non-reentrant, because the reentrant kind cuts the graph when no input requires grad
+    (frozen embeddings), so adapters inside checkpointed layers would silently not train.
+    """
+    base = unwrap_base(model)
+    kwargs = {"use_reentrant": False}
+    if callable(getattr(base, "activation_checkpointing_enable", None)):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif callable(getattr(base, "gradient_checkpointing_enable", None)):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            f"gradient_checkpointing=True but {type(base).__name__} has no "
+            "gradient_checkpointing_enable(); use a transformers model or set it to False."
+        )

@@ -29,14 +29,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,8 +49,8 @@ from tilpass.losses import (
     selective_loss_matches,
     to_device,
     trim_padding,
-    unwrap_base,
 )
+from tilpass.runtime import autocast_for, enable_gradient_checkpointing, peak_memory_mb
 from tilpass.train_checkpoints import (
     MetricsLog,
     load_checkpoint,
@@ -72,6 +70,7 @@ from tilpass.train_config import (
     lr_factor,
     seed_everything,
 )
+from tilpass.train_hooks import Callback, HookSet, TrainingHook, TrainState
 from tilpass.train_state import (
     GradientAudit,
     GradientFlowError,
@@ -110,59 +109,6 @@ _EVAL_EXAMPLES = 3
 
 
 @dataclass
-class TrainState:
-    """What ``on_step_end`` hooks see after every optimizer step; set ``should_stop`` to stop.
-
-    ``loss`` is the step's mean loss per loss token plus its hooks' loss terms.
-    """
-
-    step: int
-    max_steps: int
-    epoch: int
-    loss: float
-    lr: float
-    should_stop: bool = False
-
-
-class TrainingHook(Protocol):
-    """What a hook may implement; every method is optional (implement any subset).
-
-    Hooks come from the ``hooks`` argument of :class:`Trainer` (``callbacks`` of
-    :func:`train`) and from ``model.training_hooks()`` when the model has that method (called
-    once, at setup; the model's hooks run first). In the methods, ``step`` counts the optimizer
-    steps completed before the current one (0 during the first step), as the learning-rate
-    schedule does. A hook's optional ``name`` attribute (a string) names its loss term in the
-    log; the default is its class name.
-    """
-
-    def loss_term(self, step: int) -> torch.Tensor | None:
-        """A scalar added to the loss before backward, or None for no term this time.
-
-        Called after each micro-batch's forward; the trainer adds ``term / k`` to each of the
-        step's ``k`` micro-batch losses, so a term that depends only on parameters enters each
-        optimizer step exactly once, whatever the gradient accumulation (and a term computed
-        from the forward just run averages over the micro-batches). Its value per step is
-        logged in the train event under ``loss_terms`` and included in ``loss``.
-        """
-
-    def after_backward(self, step: int) -> None:
-        """Called once per optimizer step, after all micro-batches' backward, before clipping.
-
-        The gradients are complete here (``p.grad``) and may be read or modified.
-        """
-
-    def on_step_end(self, state: TrainState) -> None:
-        """Called after each optimizer step, once its logging/eval/checkpoint is done."""
-
-    def on_log(self, event: dict[str, Any]) -> None:
-        """Called with every event written to ``metrics.jsonl``."""
-
-
-# The name the hook protocol had when hooks could only log and stop.
-Callback = TrainingHook
-
-
-@dataclass
 class TrainResult:
     """Summary of a finished :func:`train` call."""
 
@@ -175,84 +121,6 @@ class TrainResult:
     metrics_path: Path
     plot_path: Path | None
     runtime_s: float
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _autocast(config: TrainConfig, device: torch.device) -> AbstractContextManager[Any] | None:
-    """bf16 autocast when asked for, or on ``auto`` with a bf16-capable GPU; else None (fp32)."""
-    use_bf16 = config.precision == "bf16" or (
-        config.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    )
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else None
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: CUDA allocations on a GPU, else the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB else
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Turn on non-reentrant activation checkpointing in the transformers model under ``model``.
-
-    Non-reentrant, because the reentrant kind cuts the graph when no input requires grad
-    (frozen embeddings), so adapters inside checkpointed layers would silently not train.
-    """
-    base = unwrap_base(model)
-    kwargs = {"use_reentrant": False}
-    if callable(getattr(base, "activation_checkpointing_enable", None)):
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif callable(getattr(base, "gradient_checkpointing_enable", None)):
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ValueError(
-            f"gradient_checkpointing=True but {type(base).__name__} has no "
-            "gradient_checkpointing_enable(); use a transformers model or set it to False."
-        )
-
-
-# ------------------------------------------------------------------------- loop pieces
-
-
-@dataclass
-class HookSet:
-    """A run's hooks, grouped by phase as bound methods (looked up once, not every step)."""
-
-    loss_terms: list[tuple[str, Callable[[int], torch.Tensor | None]]] = field(default_factory=list)
-    after_backward: list[Callable[[int], None]] = field(default_factory=list)
-    on_step_end: list[Callable[[TrainState], None]] = field(default_factory=list)
-    on_log: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
-
-    @classmethod
-    def collect(cls, model: nn.Module, hooks: Iterable[TrainingHook]) -> HookSet:
-        """The model's ``training_hooks()`` (if it has that method), then ``hooks``."""
-        get_model_hooks = getattr(model, "training_hooks", None)
-        found = list(get_model_hooks()) if callable(get_model_hooks) else []
-        out = cls()
-        for hook in [*found, *hooks]:
-            term = getattr(hook, "loss_term", None)
-            if callable(term):
-                out.loss_terms.append((out._term_name(hook), term))
-            for phase in ("after_backward", "on_step_end", "on_log"):
-                method = getattr(hook, phase, None)
-                if callable(method):
-                    getattr(out, phase).append(method)
-        return out
-
-    def _term_name(self, hook: object) -> str:
-        """The hook's ``name`` (else its class name), made unique among the loss terms."""
-        name = getattr(hook, "name", None)
-        base = name if isinstance(name, str) and name else type(hook).__name__
-        taken = {n for n, _ in self.loss_terms}
-        unique, k = base, 1
-        while unique in taken:
-            k += 1
-            unique = f"{base}.{k}"
-        return unique
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -305,7 +173,7 @@ class Trainer:
         self.params = [p for _, p in self.named]
         self.hooks = HookSet.collect(model, hooks)
         self.device = model_device(model)
-        self.autocast = _autocast(config, self.device)
+        self.autocast = autocast_for(config, self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.plan = StepPlan.of(n, config)
@@ -533,7 +401,7 @@ class Trainer:
         names = [name for name, _ in self.hooks.loss_terms]
         loss, terms = window.means(names)
         self.state.train_loss = loss
-        tps, mem = window.seen / max(now - window.started, 1e-9), _peak_memory_mb(self.device)
+        tps, mem = window.seen / max(now - window.started, 1e-9), peak_memory_mb(self.device)
         grad_norm = None if out.grad_norm is None else float(out.grad_norm)
         self._log.write(
             {
