@@ -3,11 +3,14 @@
 `RunConfig` is the whole of a `tilpass train` YAML file: the model, the method and its
 settings, the data, the loop's hyper-parameters and the output directory. Each registered
 method (`tilpass.methods.METHODS`) has a section named after it (`lora:`) whose keys are the
-fields of its config class, with that class's defaults; `method: full` trains every parameter
-instead (the baseline) and has no section. `run` executes a config:
+fields of its config class, with that class's defaults. Only the run's method's section is
+read, so a section for another method is an error rather than settings silently ignored;
+`method: full` trains every parameter instead (the baseline) and has no section. `run`
+executes a config:
 
-    load model -> add adapter -> tokenize data -> evaluate base -> train -> evaluate again
-      -> save adapter (PEFT layout) + model card + tilpass_record.json (hashes) + config
+    load model -> add adapter -> tokenize data -> evaluate base (adapter off) -> train
+      -> evaluate again -> save adapter (PEFT layout) + model card + tilpass_record.json
+      (hashes) + config
 
 A full fine-tuning run saves the whole model (Hugging Face layout) in `model/` instead of
 `adapter/`. Every file is written atomically; the saved directory appears by one rename.
