@@ -1,9 +1,10 @@
-"""What an adapter changed: a Hugging Face model card and a machine-readable record.
+"""What a run changed: a Hugging Face model card and a machine-readable record.
 
 An adapter is an exact, inspectable diff of a base model. The record (`tilpass_record.json`)
 pins that diff down with hashes: of the base weights, of the adapter file and of every data
 file, next to the resolved config, the metrics before and after, and the software versions.
-It is what a user shows an auditor who asks what was changed in a model.
+It is what a user shows an auditor who asks what was changed in a model. A full fine-tuning
+run (the baseline) changes every weight; its card and record describe a complete model.
 """
 
 from __future__ import annotations
@@ -25,14 +26,25 @@ CARD_NAME = "README.md"
 
 @dataclass
 class ChangeRecord:
-    """Everything the card and the record say about one trained adapter."""
+    """Everything the card and the record say about one trained adapter or fine-tuned model.
+
+    Attributes:
+        method: the method's registry name ("lora"), or "full fine-tuning".
+        full_model: True when every parameter was trained and the whole model is saved.
+        config: the saved `adapter_config.json`, or the full model's `config.json`.
+        settings: the adapter settings that differ from its method's defaults (for the card).
+        weights_files: the saved weight files, hashed into the record.
+    """
 
     base_model: str
     base_weights_sha256: str | None
     method: str
-    adapter_config: dict[str, Any]
     trainable_parameters: int
     total_parameters: int
+    full_model: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    weights_files: list[str] = field(default_factory=lambda: [WEIGHTS_NAME])
     data_files: dict[str, str] = field(default_factory=dict)  # path -> sha256
     metrics_before: dict[str, float] = field(default_factory=dict)
     metrics_after: dict[str, float] = field(default_factory=dict)
@@ -64,23 +76,29 @@ def hash_files(paths: list[str | Path]) -> dict[str, str]:
     return out
 
 
-def write_record(
-    adapter_dir: str | Path, change: ChangeRecord, weights_file: str = WEIGHTS_NAME
-) -> Path:
-    """Write `tilpass_record.json` beside the adapter files (atomically)."""
-    adapter_dir = Path(adapter_dir)
+def write_record(directory: str | Path, change: ChangeRecord) -> Path:
+    """Write `tilpass_record.json` beside the saved weights (atomically).
+
+    An adapter is described under "adapter" (its file, hash and `adapter_config.json`); a
+    fully fine-tuned model under "model" (each weight file with its hash, and `config.json`).
+    """
+    directory = Path(directory)
+    files = [{"file": f, "sha256": file_sha256(directory / f)} for f in change.weights_files]
+    counts = {
+        "trainable_parameters": change.trainable_parameters,
+        "total_parameters": change.total_parameters,
+    }
+    if change.full_model:
+        saved = {"model": {"method": change.method, "files": files, "config": change.config}}
+    else:
+        (only,) = files  # an adapter is one weights file
+        saved = {"adapter": {"method": change.method, **only, "config": change.config}}
+    next(iter(saved.values())).update(counts)
     record = {
         "format": "tilpass-change-record/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "base_model": {"name_or_path": change.base_model, "sha256": change.base_weights_sha256},
-        "adapter": {
-            "method": change.method,
-            "file": weights_file,
-            "sha256": file_sha256(adapter_dir / weights_file),
-            "config": change.adapter_config,
-            "trainable_parameters": change.trainable_parameters,
-            "total_parameters": change.total_parameters,
-        },
+        **saved,
         "data": [{"path": p, "sha256": h} for p, h in sorted(change.data_files.items())],
         "metrics": {"before": change.metrics_before, "after": change.metrics_after},
         "training": {
@@ -93,13 +111,13 @@ def write_record(
         "versions": versions(),
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
     }
-    path = adapter_dir / RECORD_NAME
+    path = directory / RECORD_NAME
     atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=False) + "\n").encode())
     return path
 
 
-def _metric_rows(before: dict[str, float], after: dict[str, float]) -> list[str]:
-    rows = ["| metric | base model | with adapter |", "| --- | --- | --- |"]
+def _metric_rows(before: dict[str, float], after: dict[str, float], trained: str) -> list[str]:
+    rows = [f"| metric | base model | {trained} |", "| --- | --- | --- |"]
     for key in sorted(set(before) | set(after)):
         rows.append(f"| {key} | {_fmt(before.get(key))} | {_fmt(after.get(key))} |")
     return rows
@@ -111,36 +129,83 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def write_card(adapter_dir: str | Path, change: ChangeRecord) -> Path:
-    """Write a Hugging Face model card (`README.md` with a YAML header) for the adapter."""
-    adapter_dir = Path(adapter_dir)
-    config = change.adapter_config
-    targets = config.get("target_modules")
-    header = [
-        "---",
-        f"base_model: {change.base_model}",
-        "library_name: peft",
-        "tags:",
-        "- tilpass",
-        f"- {change.method.lower()}",
-        "- peft",
-        "---",
+def _header(change: ChangeRecord) -> list[str]:
+    """The card's YAML metadata (what the Hugging Face Hub reads)."""
+    if change.full_model:
+        kind = ["library_name: transformers", "base_model_relation: finetune"]
+        tags = ["- tilpass", "- full-fine-tuning"]
+    else:
+        kind = ["library_name: peft"]
+        tags = ["- tilpass", f"- {change.method}", "- peft"]
+    return ["---", f"base_model: {change.base_model}", *kind, "tags:", *tags, "---"]
+
+
+def _what_changed(change: ChangeRecord) -> list[str]:
+    """The method, its settings and how many parameters it changed."""
+    total, trained = change.total_parameters, change.trainable_parameters
+    if change.full_model:
+        share = "all of them" if trained == total else f"{100 * trained / max(total, 1):.4f}%"
+        return [
+            "## What was changed",
+            "",
+            "- method: full fine-tuning (every weight of the base model was trained)",
+            f"- changed parameters: {trained:,d} of {total:,d} ({share})",
+        ]
+    peft_type = change.config.get("peft_type", change.method.upper())
+    settings = [f"  - `{key}`: {value!r}" for key, value in change.settings.items()]
+    return [
+        "## What was adapted",
+        "",
+        f"- method: {change.method} (PEFT type {peft_type})",
+        f"- settings other than {change.method}'s defaults:"
+        if settings
+        else f"- settings: all of {change.method}'s defaults",
+        *settings,
+        f"- trainable parameters: {trained:,d} of {total:,d} "
+        f"({100 * trained / max(total, 1):.4f}%); the base model's weights are unchanged",
     ]
-    share = 100 * change.trainable_parameters / max(change.total_parameters, 1)
+
+
+def _how_to_load(change: ChangeRecord, location: str) -> list[str]:
+    if change.full_model:
+        return [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{location}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{location}")',
+            "```",
+            "",
+            "The directory is a complete model in the Hugging Face layout (weights, config and "
+            "tokenizer); it does not need the base model. `tilpass_record.json` holds the hashes "
+            "and the full configuration.",
+        ]
+    return [
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        "from tilpass import AdaptedModel",
+        "",
+        'base = AutoModelForCausalLM.from_pretrained("<base model directory>")',
+        f'model = AdaptedModel.from_pretrained(base, "{location}")',
+        "```",
+        "",
+        "The directory is in the Hugging Face PEFT layout, so `peft.PeftModel.from_pretrained`"
+        " reads it too. `tilpass_record.json` holds the hashes and the full configuration.",
+    ]
+
+
+def render_card(change: ChangeRecord, location: str | Path) -> str:
+    """The model card's text; `location` is the directory named in the loading example."""
+    if change.full_model:
+        title = f"# Full fine-tuning of {change.base_model}"
+    else:
+        title = f"# {change.method} adapter for {change.base_model}"
     body = [
-        f"# {change.method} adapter for {change.base_model}",
+        title,
         "",
         f"Trained with tilpass{f' on the task: {change.task}' if change.task else ''}.",
         "",
-        "## What was adapted",
-        "",
-        f"- method: {change.method}, rank r={config.get('r')}, "
-        f"lora_alpha={config.get('lora_alpha')}, dropout={config.get('lora_dropout')}, "
-        f"rsLoRA={config.get('use_rslora')}, "
-        f"DoRA={config.get('use_dora')}",
-        f"- target modules: {targets}",
-        f"- trainable parameters: {change.trainable_parameters:,d} of "
-        f"{change.total_parameters:,d} ({share:.4f}%)",
+        *_what_changed(change),
         f"- base weights SHA-256: `{change.base_weights_sha256}`",
         "",
         "## Data",
@@ -149,24 +214,31 @@ def write_card(adapter_dir: str | Path, change: ChangeRecord) -> Path:
         "",
         "## Results (held-out split, measured before and after training)",
         "",
-        *_metric_rows(change.metrics_before, change.metrics_after),
+        *_metric_rows(
+            change.metrics_before,
+            change.metrics_after,
+            "fine-tuned" if change.full_model else "with adapter",
+        ),
         "",
         f"Training: {change.steps} steps, {change.tokens:,d} tokens, {change.wall_time_s:.0f} s.",
         "",
         "## How to load",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        "from tilpass import AdaptedModel",
-        "",
-        'base = AutoModelForCausalLM.from_pretrained("<base model directory>")',
-        f'model = AdaptedModel.from_pretrained(base, "{adapter_dir}")',
-        "```",
-        "",
-        "The directory is in the Hugging Face PEFT layout, so `peft.PeftModel.from_pretrained`"
-        " reads it too. `tilpass_record.json` holds the hashes and the full configuration.",
+        *_how_to_load(change, str(location)),
         "",
     ]
-    path = adapter_dir / CARD_NAME
-    atomic_write_bytes(path, "\n".join(header + body).encode())
+    return "\n".join(_header(change) + body)
+
+
+def write_card(
+    directory: str | Path, change: ChangeRecord, location: str | Path | None = None
+) -> Path:
+    """Write the model card (`README.md` with a YAML header) into `directory`, atomically.
+
+    `location` is the path the loading example names (default: `directory`); a run writes the
+    card into a staging directory that is renamed to `location` afterwards.
+    """
+    directory = Path(directory)
+    path = directory / CARD_NAME
+    atomic_write_bytes(path, render_card(change, location or directory).encode())
     return path

@@ -11,11 +11,14 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from tilpass.errors import TilpassError
+
+if TYPE_CHECKING:  # run.py imports torch; the CLI imports it only when a command needs it
+    from tilpass.run import RunConfig, RunResult
 
 QUICKSTART_TASK = "map a patient's symptom description to the medical specialty that treats it"
 # Settings for the quickstart, measured to fit the 10-minute budget on 2 CPU cores
@@ -82,17 +85,23 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def _train_help() -> str:
-    from tilpass.run import field_help
+    from tilpass.run import FULL, help_sections
 
-    lines = ["fields (set in the YAML file, or override with --section.key value):"]
-    for key, default, text in field_help():
-        lines.append(f"  {key:<40} {default!r:<22} {text}")
+    lines = [
+        "fields (set in the YAML file, or override with --section.key value; lists and",
+        "mappings in YAML flow syntax, e.g. --lora.rank_pattern '{q_proj: 4}'). Only the",
+        "section of the run's method is read: a section for another method is an error;",
+        f"method: {FULL} trains every parameter and takes no section.",
+    ]
+    for title, rows in help_sections():
+        lines += ["", f"{title}:"]
+        lines += [f"  {key:<40} {default!r:<22} {text}".rstrip() for key, default, text in rows]
     return "\n".join(lines)
 
 
-def _print_table(before: dict[str, Any], after: dict[str, Any]) -> None:
+def _print_table(before: dict[str, Any], after: dict[str, Any], trained: str) -> None:
     keys = [k for k in ("exact_match", "loss", "perplexity") if k in before or k in after]
-    print(f"\n{'metric':<14}{'base model':>14}{'with adapter':>16}")
+    print(f"\n{'metric':<14}{'base model':>14}{trained:>16}")
     for key in keys:
         b, a = before.get(key), after.get(key)
         fmt = (lambda v: f"{100 * v:.1f}%") if key == "exact_match" else (lambda v: f"{v:.3f}")
@@ -101,21 +110,45 @@ def _print_table(before: dict[str, Any], after: dict[str, Any]) -> None:
         )
 
 
+def _print_outcome(result: RunResult, config: RunConfig) -> None:
+    """The before/after table and how to use what the run saved."""
+    from tilpass.run import FULL
+
+    full = config.method == FULL
+    _print_table(result.before, result.after, "fine-tuned" if full else "with adapter")
+    if full:
+        _full_model_hint(result.saved_dir)
+    else:
+        _usage_hint(result.saved_dir, config.model)
+
+
+_EXAMPLE_PROMPT = '"I have had chest pain and palpitations for two weeks."'
+
+
 def _usage_hint(adapter_dir: Path, model: str) -> None:
     print(
         f"\nadapter saved in {adapter_dir} (adapter_model.safetensors, README.md, "
         "tilpass_record.json)"
     )
     print("try it:")
-    print(
-        f'  tilpass generate --model {model} --adapter {adapter_dir} "I have had chest pain '
-        'and palpitations for two weeks."'
-    )
+    print(f"  tilpass generate --model {model} --adapter {adapter_dir} {_EXAMPLE_PROMPT}")
     print("in Python:")
     print("  from tilpass import AdaptedModel")
     print("  from tilpass.pretrained import load_model")
     print(f'  base, tokenizer = load_model("{model}")')
     print(f'  model = AdaptedModel.from_pretrained(base, "{adapter_dir}")')
+
+
+def _full_model_hint(model_dir: Path) -> None:
+    print(
+        f"\nfine-tuned model saved in {model_dir} (a complete Hugging Face model: weights, "
+        "config, tokenizer, README.md, tilpass_record.json)"
+    )
+    print("try it:")
+    print(f"  tilpass generate --model {model_dir} {_EXAMPLE_PROMPT}")
+    print("in Python:")
+    print("  from transformers import AutoModelForCausalLM")
+    print(f'  model = AutoModelForCausalLM.from_pretrained("{model_dir}")')
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -131,14 +164,16 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a YAML mapping at the top level")
-    values = merge(values, parse_overrides(extra))
+    overrides = parse_overrides(extra)
     if args.skip_bad_rows:
-        values = merge(values, {"data": {"skip_bad_rows": True}})
-    config = build_config(values, source=str(args.config or "command line"))
+        overrides = merge(overrides, {"data": {"skip_bad_rows": True}})
+    values = merge(values, overrides)
+    sources = [str(args.config)] if args.config else []
+    sources += ["command line"] if overrides or not args.config else []
+    config = build_config(values, source=" + ".join(sources))
     apply_process_settings(config.training)  # process-wide: the CLI's choice, not train()'s
     result = run(config, resume=args.resume)
-    _print_table(result.before, result.after)
-    _usage_hint(result.adapter_dir, config.model)
+    _print_outcome(result, config)
     return 0
 
 
@@ -161,10 +196,10 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
     print(f"tilpass quickstart: LoRA on {config.model}, task: {QUICKSTART_TASK}")
     apply_process_settings(config.training)
     result = run(config, resume=args.resume)
-    _print_table(result.before, result.after)
+    _print_table(result.before, result.after, "with adapter")
     for example in result.examples[:3]:
         print(f"  e.g. expected {example.get('reference')!r}, got {example.get('prediction')!r}")
-    _usage_hint(result.adapter_dir, config.model)
+    _usage_hint(result.saved_dir, config.model)
     return 0
 
 
@@ -217,13 +252,13 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from tilpass.data import build_dataset, load_records
-    from tilpass.run import RunConfig, build_config, evaluate_all
+    from tilpass.run import build_config, held_out_metrics
 
     config: RunConfig = build_config(parse_overrides(extra), "command line")
     model, tokenizer = _load(args.model, args.adapter)
     dataset = build_dataset(args.data, tokenizer, max_length=config.data.max_length)
     records = load_records(args.data)[0]
-    metrics = evaluate_all(model, tokenizer, dataset, records, config)
+    metrics = held_out_metrics(model, tokenizer, dataset, records, config)
     metrics.pop("examples", None)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")

@@ -1,17 +1,31 @@
 """tilpass's main job: model + dataset -> trained adapter, measured before and after, documented.
 
 `RunConfig` is the whole of a `tilpass train` YAML file: the model, the method and its
-settings, the data, the loop's hyper-parameters and the output directory. `run` executes it:
+settings, the data, the loop's hyper-parameters and the output directory. Each registered
+method (`tilpass.methods.METHODS`) has a section named after it (`lora:`) whose keys are the
+fields of its config class, with that class's defaults. Only the run's method's section is
+read, so a section for another method is an error rather than settings silently ignored;
+`method: full` trains every parameter instead (the baseline) and has no section. `run`
+executes a config:
 
-    load model -> tokenize data -> evaluate base -> add adapter -> train -> evaluate again
-      -> save adapter (PEFT layout) + model card + tilpass_record.json (hashes) + config
+    load model -> add adapter -> tokenize data -> evaluate base (adapter off) -> train
+      -> evaluate again -> save adapter (PEFT layout) + model card + tilpass_record.json
+      (hashes) + config
+
+A full fine-tuning run saves the whole model (Hugging Face layout) in `model/` instead of
+`adapter/`. Every file is written atomically; the saved directory appears by one rename.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import os
+import secrets
+import shutil
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,12 +34,15 @@ from typing import Any
 import torch
 import yaml
 
-from tilpass.adapter_files import atomic_write_bytes
+from tilpass.adapter_files import WEIGHTS_NAME, atomic_write_bytes
 from tilpass.card import ChangeRecord, hash_files, write_card, write_record
-from tilpass.data import build_dataset, collate, load_records
-from tilpass.evaluate import evaluate_generation, evaluate_loss
-from tilpass.methods.lora import LoraConfig
-from tilpass.model import get_peft_model
+from tilpass.config import CONFIG_NAME, AdapterConfig
+from tilpass.config_fields import coerce, opt
+from tilpass.data import TokenizedDataset, build_dataset, collate, load_records
+from tilpass.errors import TilpassError
+from tilpass.evaluate import evaluate_model
+from tilpass.methods import METHODS, method_named, method_of
+from tilpass.model import AdaptedModel, get_peft_model
 from tilpass.pretrained import (
     DEFAULT_MODEL,
     DEFAULT_MODEL_ALIASES,
@@ -41,62 +58,86 @@ from tilpass.train import (
     train,
 )
 
-METHODS = ("lora", "full")
+FULL = "full"
+"""The `method` that trains every parameter of the model: the baseline, not an adapter."""
+
+FULL_METHOD_NAME = "full fine-tuning"
+"""How records and cards name `method: full`."""
+
+BOOKKEEPING = frozenset(f.name for f in dataclasses.fields(AdapterConfig))
+"""Fields every adapter config has that the run fills in itself (not settable in YAML)."""
+
+DEFAULT_METHOD = next(iter(METHODS))
+"""The first registered method: what a run uses when its config names none."""
+
+ADAPTER_DIR, MODEL_DIR = "adapter", "model"
 
 
-def _opt(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+class RunConfigError(TilpassError, ValueError):
+    """A `tilpass train` config (file or command line) that cannot describe a run."""
 
 
 @dataclass
 class DataSection:
     """Where the examples come from and how they become tokens."""
 
-    train: str = _opt("", "Training file (JSONL/JSON/CSV/Parquet) or load_from_disk directory.")
-    eval: str = _opt("", "Held-out file for loss and exact-match evaluation (optional).")
-    format: str | None = _opt(None, "chat | prompt_completion | alpaca | text (default: detect).")
-    max_length: int = _opt(512, "Truncate examples to this many tokens (counted in the log).")
-    train_on_prompt: bool = _opt(False, "Put loss on prompt tokens too (default: answers only).")
-    skip_bad_rows: bool = _opt(False, "Skip and count malformed rows instead of stopping.")
-
-
-@dataclass
-class LoraSection:
-    """LoRA settings (PEFT's field names)."""
-
-    r: int = _opt(8, "Rank of the update.")
-    lora_alpha: float = _opt(16, "Scale numerator: the update is scaled by alpha / r.")
-    lora_dropout: float = _opt(0.05, "Dropout on the LoRA branch input.")
-    target_modules: list[str] | str = field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": "Names, a regex, or 'all-linear'."},
-    )
-    use_rslora: bool = _opt(False, "Scale by alpha / sqrt(r).")
-    use_dora: bool = _opt(False, "Weight-decomposed LoRA.")
-    init_lora_weights: bool | str = field(
-        default=True, metadata={"help": "True (Kaiming A, zero B) | gaussian."}
-    )
-    modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Whole modules to train and save (e.g. [lm_head])."}
-    )
+    train: str = opt("", "Training file (JSONL/JSON/CSV/Parquet) or load_from_disk directory.")
+    eval: str = opt("", "Held-out file for loss and exact-match evaluation (optional).")
+    format: str | None = opt(None, "chat | prompt_completion | alpaca | text (default: detect).")
+    max_length: int = opt(512, "Truncate examples to this many tokens (counted in the log).")
+    train_on_prompt: bool = opt(False, "Put loss on prompt tokens too (default: answers only).")
+    skip_bad_rows: bool = opt(False, "Skip and count malformed rows instead of stopping.")
 
 
 @dataclass
 class RunConfig:
-    """One training run, as written in a `tilpass train` YAML file."""
+    """One training run, as written in a `tilpass train` YAML file.
 
-    model: str = _opt(DEFAULT_MODEL, "Default model name or a local Hugging Face directory.")
-    method: str = _opt("lora", "lora | full (full fine-tuning, the baseline).")
-    output_dir: str = _opt("runs/tilpass", "Receives adapter/, checkpoints, metrics and plot.")
-    task: str = _opt("", "One line saying what the adapter is for (goes in the model card).")
-    eval_before: bool = _opt(True, "Evaluate the base model first, for the before/after table.")
-    lora: LoraSection = field(default_factory=LoraSection)
+    `adapter` is the chosen method's config object, built from its section (`lora:`); it is
+    None for `method: full`. Left out, it is the method's config with its own defaults.
+    """
+
+    model: str = opt(DEFAULT_MODEL, "Default model name or a local Hugging Face directory.")
+    method: str = opt(
+        DEFAULT_METHOD,
+        f"{' | '.join(METHODS)} | {FULL} (every parameter trained: the baseline).",
+    )
+    output_dir: str = opt(
+        "runs/tilpass", "Receives adapter/ (model/ for full), checkpoints, metrics and plot."
+    )
+    task: str = opt("", "One line saying what the run trains for (goes in the model card).")
+    eval_before: bool = opt(True, "Evaluate the base model first, for the before/after table.")
     data: DataSection = field(default_factory=DataSection)
     training: TrainConfig = field(default_factory=TrainConfig)
+    adapter: AdapterConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.method == FULL:
+            if self.adapter is not None:
+                raise RunConfigError(f"method {FULL!r} trains no adapter, but one was given")
+            return
+        method = method_named(self.method)
+        if self.adapter is None:
+            self.adapter = method.config_class()
+        elif method_of(self.adapter) is not method:
+            raise RunConfigError(
+                f"method {self.method!r} needs a {method.config_class.__name__}, "
+                f"got a {type(self.adapter).__name__}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config as plain data (saved with the run)."""
-        return dataclasses.asdict(self)
+        """The resolved config as plain data, in the YAML layout `build_config` reads."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in _SCALAR_KEYS}
+        if self.adapter is not None:
+            saved = self.adapter.to_dict()
+            out[self.method] = {f.name: saved[f.name] for f in method_fields(type(self.adapter))}
+        out["data"] = dataclasses.asdict(self.data)
+        out["training"] = dataclasses.asdict(self.training)
+        return out
+
+
+_SECTIONS: dict[str, type] = {"data": DataSection, "training": TrainConfig}
+_SCALAR_KEYS = ("model", "method", "output_dir", "task", "eval_before")
 
 
 @dataclass
@@ -105,60 +146,161 @@ class RunResult:
 
     before: dict[str, float]
     after: dict[str, float]
-    adapter_dir: Path
+    saved_dir: Path  # adapter/ for an adapter method, model/ for full fine-tuning
     train: TrainResult
     examples: list[dict[str, Any]]
 
 
+def method_fields(config_class: type[AdapterConfig]) -> list[dataclasses.Field[Any]]:
+    """The fields of a method's config a YAML section sets (the bookkeeping ones left out)."""
+    return [f for f in dataclasses.fields(config_class) if f.name not in BOOKKEEPING]
+
+
+def field_default(f: dataclasses.Field[Any]) -> Any:
+    """A dataclass field's default value (a fresh one for `default_factory` fields)."""
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
+def changed_settings(config: AdapterConfig) -> dict[str, Any]:
+    """The settings of an adapter config that differ from its class's defaults."""
+    saved = config.to_dict()
+    return {
+        f.name: saved[f.name]
+        for f in method_fields(type(config))
+        if saved[f.name] != json.loads(json.dumps(field_default(f)))
+    }
+
+
+def _annotation(f: dataclasses.Field[Any]) -> str:
+    if isinstance(f.type, str):
+        return f.type
+    return f.type.__name__ if isinstance(f.type, type) else str(f.type)
+
+
 def build_config(values: dict[str, Any], source: str = "config") -> RunConfig:
-    """A `RunConfig` from nested dicts; unknown keys are errors that list the valid ones."""
-    return _build(RunConfig, values, source)
+    """A `RunConfig` from nested dicts, with every setting checked before a model is loaded.
 
-
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    Unknown keys, values of the wrong type and values the method's config rejects (`r: 0`)
+    raise `RunConfigError` naming `source` (the file, or "command line"), the section and key.
+    """
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(values).__name__}")
-    fields_by_name = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields_by_name))
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: "
-            f"{', '.join(sorted(fields_by_name))} (tilpass train --help lists them)"
+        raise RunConfigError(f"{source}: expected a mapping, got {type(values).__name__}")
+    method = _chosen_method(values, source)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name in _SECTIONS and f.name in values:
+            kwargs[f.name] = _build_section(_SECTIONS[f.name], values[f.name], source, f.name)
+        elif f.name in _SCALAR_KEYS and f.name in values:
+            kwargs[f.name] = coerce(values[f.name], _annotation(f), f"{source}: {f.name}")
+    kwargs["method"] = method
+    if method != FULL:
+        kwargs["adapter"] = _build_section(
+            method_named(method).config_class, values.get(method), source, method
         )
-    kwargs = {}
-    for name, value in values.items():
-        default = fields_by_name[name].default_factory  # type: ignore[misc]
-        nested = default() if callable(default) else None
-        if dataclasses.is_dataclass(nested):
-            kwargs[name] = _build(type(nested), value or {}, f"{where}: {name}")
-        else:
-            kwargs[name] = _coerce(value, str(fields_by_name[name].type), f"{where}: {name}")
-    return cls(**kwargs)
+    config = RunConfig(**kwargs)
+    try:
+        config.training.validate()
+    except ValueError as exc:
+        raise RunConfigError(f"{source}: training: {exc}") from exc
+    return config
 
 
-def _coerce(value: Any, annotation: str, where: str) -> Any:
-    """Numbers YAML reads as strings (`1e-3` is a string in YAML 1.1) become numbers."""
-    kinds = {"float": float, "int": int}
-    if annotation in kinds and isinstance(value, str):
-        try:
-            return kinds[annotation](value)
-        except ValueError:
-            raise ValueError(f"{where}: expected {annotation}, got {value!r}") from None
-    if annotation == "float" and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+def _chosen_method(values: dict[str, Any], source: str) -> str:
+    """The run's method; unknown top-level keys and other methods' sections are errors."""
+    valid = [*_SCALAR_KEYS, *_SECTIONS, *METHODS]
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise RunConfigError(
+            f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)} "
+            "(tilpass train --help lists them)"
+        )
+    method = coerce(values.get("method", DEFAULT_METHOD), "str", f"{source}: method")
+    choices = [*METHODS, FULL]
+    if method not in choices:
+        raise RunConfigError(
+            f"{source}: method: unknown method {method!r}; choose one of {', '.join(choices)}"
+        )
+    others = [name for name in METHODS if name in values and name != method]
+    if others:
+        raise RunConfigError(
+            f"{source}: section '{others[0]}' is for method {others[0]}, but the run's method "
+            f"is {method}; remove the section or set method: {others[0]}"
+        )
+    return method
 
 
-def field_help(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, default, help) for every field, nested sections flattened."""
-    rows = []
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        if dataclasses.is_dataclass(default):
-            rows += field_help(type(default), f"{prefix}{f.name}.")
-        else:
-            rows.append((prefix + f.name, default, f.metadata.get("help", "")))
-    return rows
+def _build_section(cls: type, values: Any, source: str, section: str) -> Any:
+    """One section's dataclass from its mapping; the config class's own checks run here."""
+    where = f"{source}: {section}"
+    values = {} if values is None else values
+    if not isinstance(values, dict):
+        raise RunConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+    by_name = {f.name: f for f in dataclasses.fields(cls) if f.name not in BOOKKEEPING}
+    unknown = sorted(set(values) - set(by_name))
+    if unknown:
+        raise RunConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: "
+            f"{', '.join(sorted(by_name))} (tilpass train --help lists them)"
+        )
+    kwargs = {
+        name: coerce(value, _annotation(by_name[name]), f"{where}: {name}")
+        for name, value in values.items()
+    }
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise RunConfigError(f"{where}: {exc}") from exc
+
+
+def documented_attributes(cls: type) -> dict[str, str]:
+    """Field descriptions from a Google-style docstring's `Attributes:` block.
+
+    `a / b: text` describes both fields; indented lines continue the description above them.
+    """
+    out: dict[str, str] = {}
+    lines = (cls.__doc__ or "").expandtabs().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "Attributes:"]
+    names: list[str] = []
+    for line in lines[starts[0] + 1 :] if starts else []:
+        text = line.strip()
+        head, colon, rest = text.partition(":")
+        keys = [k.strip() for k in head.split("/")]
+        if colon and all(k.isidentifier() for k in keys):
+            names = keys
+            out.update(dict.fromkeys(names, rest.strip()))
+        elif text and names:
+            out.update({n: f"{out[n]} {text}" for n in names})
+        elif not text:
+            break
+    return out
+
+
+def help_sections() -> list[tuple[str, list[tuple[str, Any, str]]]]:
+    """`tilpass train --help`'s blocks: (title, [(dotted key, default, help)]) per section.
+
+    A field's help is its `help` metadata, else its line in the class's `Attributes:` block.
+    """
+
+    def rows(cls: type, fields: list[dataclasses.Field[Any]], prefix: str) -> list[Any]:
+        documented = documented_attributes(cls)
+        return [
+            (
+                prefix + f.name,
+                field_default(f),
+                f.metadata.get("help") or documented.get(f.name, ""),
+            )
+            for f in fields
+        ]
+
+    top = [f for f in dataclasses.fields(RunConfig) if f.name in _SCALAR_KEYS]
+    blocks = [("run (top level)", rows(RunConfig, top, ""))]
+    for name, cls in _SECTIONS.items():
+        blocks.append((name, rows(cls, list(dataclasses.fields(cls)), f"{name}.")))
+    for method in METHODS.values():
+        config_class = method.config_class
+        title = f"{method.name} (used when method: {method.name}): {method.description}"
+        blocks.append((title, rows(config_class, method_fields(config_class), f"{method.name}.")))
+    return blocks
 
 
 def save_config(config: RunConfig, path: Path) -> None:
@@ -166,77 +308,98 @@ def save_config(config: RunConfig, path: Path) -> None:
     atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
 
 
-def evaluate_all(model: Any, tokenizer: Any, eval_ds: Any, records: list, cfg: RunConfig) -> dict:
-    """Loss, perplexity and exact match on the held-out split."""
-    t = cfg.training
-    out: dict[str, Any] = {}
-    pad = eval_ds.pad_token_id
-    losses = evaluate_loss(model, eval_ds, partial(collate, pad_token_id=pad), t.eval_batch_size)
-    out.update(loss=losses["loss"], perplexity=losses["perplexity"])
-    if records:
-        from tilpass.data import prompt_ids, reference_answer
+@dataclass
+class RunData:
+    """The run's tokenized splits and the held-out records exact match is scored on."""
 
-        sample = records[: t.eval_generation_samples] if t.eval_generation_samples else records
-        gen = evaluate_generation(
-            model,
-            tokenizer,
-            sample,
-            prompt_ids,
-            reference_answer,
-            t.eval_max_new_tokens,
-            t.eval_batch_size,
-        )
-        out.update(exact_match=gen["exact_match"], examples=gen["examples"])
-    return out
+    train: TokenizedDataset
+    eval: TokenizedDataset | None
+    records: list[dict[str, Any]]
+
+
+def load_data(section: DataSection, tokenizer: Any, log: Any = print) -> RunData:
+    """Tokenize the training (and held-out) data as the `data:` section says."""
+    build = partial(
+        build_dataset,
+        tokenizer=tokenizer,
+        max_length=section.max_length,
+        train_on_prompt=section.train_on_prompt,
+        skip_bad_rows=section.skip_bad_rows,
+        format=section.format,
+    )
+    train_ds = build(section.train)
+    log(f"train data: {train_ds.stats.summary()}")
+    if not section.eval:
+        return RunData(train_ds, None, [])
+    eval_ds = build(section.eval)
+    log(f"eval data: {eval_ds.stats.summary()}")
+    records = load_records(section.eval, skip_bad_rows=section.skip_bad_rows, format=section.format)
+    return RunData(train_ds, eval_ds, records[0])
+
+
+def held_out_metrics(
+    model: Any, tokenizer: Any, eval_ds: Any, records: list, cfg: RunConfig
+) -> dict[str, Any]:
+    """Loss, perplexity and exact match on the held-out split: the trainer's own measurement
+    (`evaluate_model`) with the run's settings, for the base-model column and `tilpass eval`."""
+    t = cfg.training
+    metrics = evaluate_model(
+        model,
+        eval_ds,
+        partial(collate, pad_token_id=eval_ds.pad_token_id),
+        tokenizer=tokenizer,
+        records=records,
+        batch_size=t.eval_batch_size,
+        max_new_tokens=t.eval_max_new_tokens,
+        generation_samples=t.eval_generation_samples,
+    )
+    return {
+        k: metrics[k] for k in ("loss", "perplexity", "exact_match", "examples") if k in metrics
+    }
+
+
+def base_model_name(model: str) -> str:
+    """The name cards and adapter configs give the base: the hub id for the default model."""
+    return DEFAULT_MODEL_ALIASES[1] if model in DEFAULT_MODEL_ALIASES else model
+
+
+def prepare_model(model: Any, config: RunConfig) -> Any:
+    """Add the method's adapter (base frozen), or make every parameter trainable for `full`."""
+    if config.adapter is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    adapter = copy.deepcopy(config.adapter)
+    adapter.task_type = "CAUSAL_LM"
+    adapter.base_model_name_or_path = base_model_name(config.model)
+    return get_peft_model(model, adapter)
+
+
+def _as_base(model: Any) -> AbstractContextManager[Any]:
+    """Within the block the model computes as the base model (adapters switched off)."""
+    return model.disable_adapter() if isinstance(model, AdaptedModel) else nullcontext()
 
 
 def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunResult:
     """Execute one run end to end; see the module docstring for the steps."""
-    if config.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {config.method!r}")
     if not config.data.train:
-        raise ValueError("data.train is not set: give a training file (--data.train PATH)")
+        raise RunConfigError("data.train is not set: give a training file (--data.train PATH)")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-    model_dir = resolve_model_path(config.model)
     model, tokenizer = load_model(
         config.model, device="cuda" if torch.cuda.is_available() else None
     )
-    d = config.data
-    build = partial(
-        build_dataset,
-        tokenizer=tokenizer,
-        max_length=d.max_length,
-        train_on_prompt=d.train_on_prompt,
-        skip_bad_rows=d.skip_bad_rows,
-        format=d.format,
-    )
-    train_ds = build(d.train)
-    log(f"train data: {train_ds.stats.summary()}")
-    eval_ds = build(d.eval) if d.eval else None
-    records = (
-        load_records(d.eval, skip_bad_rows=d.skip_bad_rows, format=d.format)[0] if d.eval else []
-    )
-    if eval_ds is not None:
-        log(f"eval data: {eval_ds.stats.summary()}")
-    before: dict[str, Any] = {}
-    if eval_ds is not None and config.eval_before:
-        log("evaluating the base model ...")
-        before = evaluate_all(model, tokenizer, eval_ds, records, config)
-    # Cards and adapter configs name the default model by its hub id, as PEFT and vLLM expect.
-    base_name = DEFAULT_MODEL_ALIASES[1] if config.model in DEFAULT_MODEL_ALIASES else config.model
     seed_everything(config.training.seed)  # the adapter's initial weights follow the seed
-    if config.method == "lora":
-        lora = LoraConfig(
-            **dataclasses.asdict(config.lora),
-            task_type="CAUSAL_LM",
-            base_model_name_or_path=base_name,
-        )
-        model = get_peft_model(model, lora)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
+    # The adapter goes in before the data and the base evaluation, so that an adapter that
+    # does not fit the model (target_modules matching nothing) stops the run at once.
+    model = prepare_model(model, config)
+    data = load_data(config.data, tokenizer, log)
+    before: dict[str, Any] = {}
+    if data.eval is not None and config.eval_before:
+        log("evaluating the base model ...")
+        with _as_base(model):
+            before = held_out_metrics(model, tokenizer, data.eval, data.records, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(
@@ -248,57 +411,92 @@ def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunRe
     # evaluation is the "after" column.
     result = train(
         model,
-        train_ds,
-        eval_ds,
-        partial(collate, pad_token_id=train_ds.pad_token_id),
+        data.train,
+        data.eval,
+        partial(collate, pad_token_id=data.train.pad_token_id),
         config.training,
         out,
-        tokenizer=tokenizer if records else None,
-        eval_records=records or None,
+        tokenizer=tokenizer if data.records else None,
+        eval_records=data.records or None,
         resume=resume,
     )
     wall = time.perf_counter() - started
+    after = _after_metrics(result, model, tokenizer, data, config)
+    examples = after.pop("examples", [])
+    before.pop("examples", None)
+    consumed = consumed_examples(len(data.train), result.global_step, config.training)
+    change = ChangeRecord(
+        base_model=base_model_name(config.model),
+        base_weights_sha256=weights_sha256(resolve_model_path(config.model)),
+        method=config.method if config.adapter is not None else FULL_METHOD_NAME,
+        full_model=config.adapter is None,
+        settings=changed_settings(config.adapter) if config.adapter is not None else {},
+        trainable_parameters=trainable,
+        total_parameters=total,
+        data_files=hash_files([p for p in (config.data.train, config.data.eval) if p]),
+        metrics_before=before,
+        metrics_after=after,
+        steps=result.global_step,
+        tokens=sum(data.train.lengths[i] for i in consumed),
+        wall_time_s=wall,
+        run_config=config.to_dict(),
+        task=config.task or None,
+    )
+    saved = save_trained(model, tokenizer, out, change)
+    body = json.dumps({"before": before, "after": after}, indent=2) + "\n"
+    atomic_write_bytes(out / "result.json", body.encode())
+    return RunResult(before, after, saved, result, examples)
+
+
+def _after_metrics(
+    result: TrainResult, model: Any, tokenizer: Any, data: RunData, config: RunConfig
+) -> dict[str, Any]:
+    """The trained model's held-out metrics: the loop's final evaluation, or a new one."""
     final = result.eval_metrics
     after: dict[str, Any] = {}
     if "eval_loss" in final:
         after = {"loss": final["eval_loss"], "perplexity": final["eval_perplexity"]}
     if "exact_match" in final:
         after |= {"exact_match": final["exact_match"], "examples": final.get("examples", [])}
-    if eval_ds is not None and not after:  # resumed from a checkpoint of a finished run
-        after = evaluate_all(model, tokenizer, eval_ds, records, config)
-    adapter_dir = out / "adapter"
-    if config.method == "lora":
-        model.save_pretrained(adapter_dir)
-        adapter_config = model.peft_config["default"].to_dict()
-    else:
-        model.save_pretrained(adapter_dir, safe_serialization=True)
-        tokenizer.save_pretrained(adapter_dir)
-        adapter_config = {"method": "full"}
-    examples = after.pop("examples", [])
-    before.pop("examples", None)
-    lengths = train_ds.lengths
-    consumed = consumed_examples(len(train_ds), result.global_step, config.training)
-    change = ChangeRecord(
-        base_model=base_name,
-        base_weights_sha256=weights_sha256(model_dir),
-        method="LoRA" if config.method == "lora" else "full fine-tuning",
-        adapter_config=adapter_config,
-        trainable_parameters=trainable,
-        total_parameters=total,
-        data_files=hash_files([p for p in (d.train, d.eval) if p]),
-        metrics_before=before,
-        metrics_after=after,
-        steps=result.global_step,
-        tokens=sum(lengths[i] for i in consumed),
-        wall_time_s=wall,
-        run_config=config.to_dict(),
-        task=config.task or None,
-    )
-    write_record(
-        adapter_dir,
-        change,
-        "adapter_model.safetensors" if config.method == "lora" else "model.safetensors",
-    )
-    write_card(adapter_dir, change)
-    (out / "result.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
-    return RunResult(before, after, adapter_dir, result, examples)
+    if data.eval is not None and not after:  # resumed from a checkpoint of a finished run
+        after = held_out_metrics(model, tokenizer, data.eval, data.records, config)
+    return after
+
+
+def save_trained(model: Any, tokenizer: Any, out: Path, change: ChangeRecord) -> Path:
+    """Save the adapter (or the full model), its record and card; the directory appears whole.
+
+    Everything is written into a hidden directory beside the destination, which then replaces
+    `out/adapter` (`out/model` for full fine-tuning) by a rename, so a crash never leaves a
+    half-written directory under that name. `change` gets the saved config and weight files.
+    """
+    final = out / (MODEL_DIR if change.full_model else ADAPTER_DIR)
+    staging = out / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        model.save_pretrained(staging)
+        if change.full_model:
+            tokenizer.save_pretrained(staging)
+            change.config = json.loads((staging / "config.json").read_text())
+            change.weights_files = sorted(p.name for p in staging.glob("*.safetensors"))
+        else:
+            change.config = json.loads((staging / CONFIG_NAME).read_text())
+            change.weights_files = [WEIGHTS_NAME]
+        write_record(staging, change)
+        write_card(staging, change, location=final)
+        _replace_dir(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Put directory `new` at `final` by renames; an existing `final` is removed afterwards."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        os.replace(final, old)
+    os.replace(new, final)
+    if old is not None:
+        shutil.rmtree(old)
