@@ -485,3 +485,38 @@ def test_override_parsing() -> None:
         parse_overrides(["--lora.r"])
     with pytest.raises(ValueError, match=r"expected --key\.sub value"):
         parse_overrides(["lora.r", "3"])
+
+
+def test_train_with_ia3_end_to_end(
+    tmp_path: Path, tiny_model_dir: Path, data: tuple[Path, Path]
+) -> None:
+    """A second method through the same command: its section comes from IA3Config."""
+    import tilpass
+
+    train, test = data
+    out = tmp_path / "ia3"
+    tilpass(
+        "train",
+        *common(tiny_model_dir, train, test, out, steps=4, lora=False),
+        "--method",
+        "ia3",
+        "--ia3.init_ia3_weights",
+        "true",
+        cwd=tmp_path,
+    )
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3"
+    assert config["target_modules"] == ["down_proj", "k_proj", "v_proj"]  # Llama's default
+    assert config["feedforward_modules"] == ["down_proj"]
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert tensors and all(key.endswith(".ia3_l") for key in tensors)
+    assert any(not torch.equal(t, torch.ones_like(t)) for t in tensors.values())  # it trained
+    record = json.loads((adapter / "tilpass_record.json").read_text())
+    assert record["adapter"]["config"]["peft_type"] == "IA3"
+    from transformers import AutoModelForCausalLM
+
+    model = tilpass.AdaptedModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter
+    )
+    assert model.peft_config["default"].peft_type == "IA3"
