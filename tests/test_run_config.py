@@ -15,6 +15,7 @@ from tilpass import LoraConfig
 from tilpass.card import ChangeRecord
 from tilpass.cli import QUICKSTART, merge, parse_overrides
 from tilpass.config_fields import coerce, opt
+from tilpass.methods import METHODS
 from tilpass.run import (
     RunConfig,
     RunConfigError,
@@ -105,7 +106,8 @@ def test_every_field_is_reachable_from_the_command_line() -> None:
         ),
         (
             {"method": "adalora"},
-            "run.yaml: method: unknown method 'adalora'; choose one of lora, full",
+            "run.yaml: method: unknown method 'adalora'; choose one of "
+            + ", ".join([*METHODS, "full"]),
         ),
         (
             {"method": "full", "lora": {"r": 4}},
@@ -233,8 +235,15 @@ def test_help_falls_back_to_the_docstring_attributes() -> None:
         "beta": "shared text.",
         "gamma": "shared text.",
     }
-    lora_rows = dict((key, text) for key, _, text in help_sections()[-1][1])
-    assert lora_rows["lora.r"] == "rank of the update."  # from LoraConfig's docstring
+    blocks = dict(help_sections())
+    lora_rows = {
+        key: text
+        for title, rows in blocks.items()
+        if title.startswith("lora ")
+        for key, _, text in rows
+    }
+    assert lora_rows["lora.r"] == "Rank of the update."  # the field's own help metadata
+    assert lora_rows["lora.target_modules"].startswith("Module names")  # inherited fields too
     assert help_sections()[2][1][0] == ("training.learning_rate", 2e-4, "Peak AdamW learning rate.")
 
 
