@@ -233,3 +233,20 @@ def test_atomic_write_leaves_no_partial_file(
     assert file_sha256(tmp_path / "x.txt") == (
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
     )
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    """Saved files get the mode a plain open() gives them (0644 under umask 022), not 0600."""
+    import os
+    import stat
+
+    from tilpass.adapter_files import save_tensors
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        save_tensors(tmp_path / "b.safetensors", {"x": torch.zeros(2)}, metadata={})
+    finally:
+        os.umask(old)
+    for name in ("a.json", "b.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
