@@ -395,11 +395,7 @@ def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunRe
     # does not fit the model (target_modules matching nothing) stops the run at once.
     model = prepare_model(model, config)
     data = load_data(config.data, tokenizer, log)
-    before: dict[str, Any] = {}
-    if data.eval is not None and config.eval_before:
-        log("evaluating the base model ...")
-        with _as_base(model):
-            before = held_out_metrics(model, tokenizer, data.eval, data.records, config)
+    before = _base_metrics(model, tokenizer, data, config, log)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log(
@@ -424,28 +420,52 @@ def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunRe
     after = _after_metrics(result, model, tokenizer, data, config)
     examples = after.pop("examples", [])
     before.pop("examples", None)
+    change = _change_record(config, data, result, (trainable, total), (before, after), wall)
+    saved = save_trained(model, tokenizer, out, change)
+    body = json.dumps({"before": before, "after": after}, indent=2) + "\n"
+    atomic_write_bytes(out / "result.json", body.encode())
+    return RunResult(before, after, saved, result, examples)
+
+
+def _base_metrics(
+    model: Any, tokenizer: Any, data: RunData, config: RunConfig, log: Any
+) -> dict[str, Any]:
+    """The base model's held-out metrics (the adapter switched off), if asked for."""
+    if data.eval is None or not config.eval_before:
+        return {}
+    log("evaluating the base model ...")
+    with _as_base(model):
+        return held_out_metrics(model, tokenizer, data.eval, data.records, config)
+
+
+def _change_record(
+    config: RunConfig,
+    data: RunData,
+    result: TrainResult,
+    counts: tuple[int, int],
+    metrics: tuple[dict[str, Any], dict[str, Any]],
+    wall: float,
+) -> ChangeRecord:
+    """What the card and the record say about this run: (trainable, total) parameter counts,
+    (before, after) metrics."""
     consumed = consumed_examples(len(data.train), result.global_step, config.training)
-    change = ChangeRecord(
+    return ChangeRecord(
         base_model=base_model_name(config.model),
         base_weights_sha256=weights_sha256(resolve_model_path(config.model)),
         method=config.method if config.adapter is not None else FULL_METHOD_NAME,
         full_model=config.adapter is None,
         settings=changed_settings(config.adapter) if config.adapter is not None else {},
-        trainable_parameters=trainable,
-        total_parameters=total,
+        trainable_parameters=counts[0],
+        total_parameters=counts[1],
         data_files=hash_files([p for p in (config.data.train, config.data.eval) if p]),
-        metrics_before=before,
-        metrics_after=after,
+        metrics_before=metrics[0],
+        metrics_after=metrics[1],
         steps=result.global_step,
         tokens=sum(data.train.lengths[i] for i in consumed),
         wall_time_s=wall,
         run_config=config.to_dict(),
         task=config.task or None,
     )
-    saved = save_trained(model, tokenizer, out, change)
-    body = json.dumps({"before": before, "after": after}, indent=2) + "\n"
-    atomic_write_bytes(out / "result.json", body.encode())
-    return RunResult(before, after, saved, result, examples)
 
 
 def _after_metrics(
