@@ -1,4 +1,4 @@
-"""Core LoRA benchmark (issue 2): tilpass against PEFT and against the merged / base model.
+"""Core LoRA benchmark: tilpass against PEFT and against the merged / base model.
 
 A random-weight Llama-style model (hidden 1024, MLP 2816, 8 layers, 16 heads, vocab 32000,
 fp32, seed 0) with LoRA r=16, alpha 32 on q,k,v,o,gate,up,down. Adapters have non-zero B and

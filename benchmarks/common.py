@@ -1,7 +1,7 @@
 """Shared helpers for the scripts in `benchmarks/`: timing, interleaved rounds, ratios, gates,
 machine information, tables and JSON output.
 
-Method (DESIGN.md, principle 6): every variant of a comparison runs in the same process, in
+Method: every variant of a comparison runs in the same process, in
 rounds; each round times every variant once, in an order that rotates from round to round, so
 slow drift of the machine (other jobs, thermal state) hits all variants alike. A comparison is
 the median over rounds of the per-round ratio, never a ratio of medians.
@@ -29,7 +29,7 @@ Timer = Callable[[], float]  # runs one measurement, returns seconds (it may exc
 
 # -- timing ----------
 def core_llama_config() -> Any:
-    """The benchmarks' random Llama (issue 2): hidden 1024, MLP 2816, 8 layers, 16 heads /
+    """The benchmarks' random Llama: hidden 1024, MLP 2816, 8 layers, 16 heads /
     16 KV heads, vocab 32000, untied, fp32 (168.3M parameters)."""
     from transformers import LlamaConfig
 

@@ -1,4 +1,4 @@
-"""Training-step benchmark (issue 3): tilpass LoRA against PEFT LoRA, full fine-tuning and
+"""Training-step benchmark: tilpass LoRA against PEFT LoRA, full fine-tuning and
 gradient checkpointing with the same loop step; also the selective LM head and padding trimming.
 
 One step is the step of `tilpass.train.train` built from tilpass's own functions (no logging,
