@@ -98,6 +98,7 @@ class AdapterLayer(nn.Module):
         self.adopted = adopt
         self.specs: dict[str, Any] = {}
         self.ids: dict[str, int] = {}
+        self.name_of: dict[int, str] = {}  # the reverse of `ids`, for routed calls
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
@@ -156,6 +157,7 @@ class AdapterLayer(nn.Module):
         self.create(name, spec)
         self.specs[name] = spec
         self.ids[name] = adapter_id
+        self.name_of[adapter_id] = name
         self.invalidate()
 
     def create(self, name: str, spec: Any) -> None:  # pragma: no cover - abstract
@@ -171,7 +173,7 @@ class AdapterLayer(nn.Module):
             if name in holder:
                 del holder[name]
         self.specs.pop(name, None)
-        self.ids.pop(name, None)
+        self.name_of.pop(self.ids.pop(name, -1), None)
         self.active = [a for a in self.active if a != name]
         self.invalidate()
 
@@ -229,7 +231,7 @@ class AdapterLayer(nn.Module):
             plan = routing.plan(self.rows(x), self.device_of(x))
             if plan.single is None:
                 return self.mixed_forward(x, plan, *args, **kwargs)
-            names = [n for n, i in self.ids.items() if i == plan.single]
+            names = [self.name_of[plan.single]] if plan.single in self.name_of else []
         names = [n for n in names if n in self.specs and n not in self.merged]
         if not names:
             return self.base_forward(x, *args, **kwargs)

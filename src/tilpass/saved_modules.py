@@ -62,8 +62,8 @@ class ModulesToSave(AdapterLayer):
             return self.current()(x, *args, **kwargs)
         plan = routing.plan(self.rows(x), x.device)
         if plan.single is not None:
-            names = [n for n, i in self.ids.items() if i == plan.single]
-            module = self.modules_to_save[names[0]] if names else self.original_module
+            name = self.name_of.get(plan.single)
+            module = self.modules_to_save[name] if name is not None else self.original_module
             return module(x, *args, **kwargs)
         return self.mixed_forward(x, plan, *args, **kwargs)
 
