@@ -190,6 +190,26 @@ def test_mixed_batch_rows_equal_single_adapter_runs(row: Row) -> None:
         torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("row", [r for r in ROWS if r.mixed_batches], ids=str)
+def test_mixed_batch_follows_in_place_updates(row: Row) -> None:
+    """Derived state of the mixed path (stacked or tabled adapter tensors) is rebuilt when an
+    adapter tensor changes in place, as an optimizer step changes it."""
+    model = adapted(row)
+    torch.manual_seed(7)
+    model.add_adapter("other", row.config())
+    x = tokens(batch=2, length=5)
+    names = ["default", "other"]
+    before = logits(model, x, adapter_names=names)
+    with torch.no_grad():
+        for param in model.adapter_parameters("other"):
+            param.mul_(1.5).add_(0.25)
+    after = logits(model, x, adapter_names=names)
+    model.set_adapter("other")
+    torch.testing.assert_close(after[1], logits(model, x)[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after[1], before[1], atol=1e-3)
+    torch.testing.assert_close(after[0], before[0], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("row", ROWS, ids=str)
 def test_merge_equals_unmerged_and_unmerge_restores_the_base(row: Row) -> None:
     x = tokens()

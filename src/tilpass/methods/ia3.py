@@ -103,6 +103,7 @@ class IA3Linear(AdapterLayer):
         self.transposed = is_transposed(base)
         self.in_features, self.out_features = linear_features(base)
         self.ia3_l = nn.ParameterDict()
+        self._table_cache: tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
     def create(self, name: str, spec: IA3Spec) -> None:
         weight = self.base_layer.weight
@@ -148,18 +149,33 @@ class IA3Linear(AdapterLayer):
         return out.view(result.shape)
 
     def tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A + 1, in) and (A + 1, out) vectors per adapter slot; the last row is ones (base)."""
+        """(A + 1, in) and (A + 1, out) vectors per adapter slot; the last row is ones (base).
+
+        Derived state: cached under no-grad and rebuilt when adapters are added or removed
+        (`invalidate`) or a vector's version moves (an optimizer step, a reload); with
+        gradients it is built fresh, so the vectors stay in the autograd graph.
+        """
         names = sorted(self.specs, key=self.ids.__getitem__)
+        params = [self.ia3_l[name] for name in names]
+        key = (dtype, tuple(id(p) for p in params), tuple(p._version for p in params))
+        if self._table_cache is not None and self._table_cache[0] == key:
+            return self._table_cache[1], self._table_cache[2]
         weight = self.base_layer.weight
         ones_in = torch.ones(self.in_features, dtype=dtype, device=weight.device)
         ones_out = torch.ones(self.out_features, dtype=dtype, device=weight.device)
         rows_in, rows_out = [], []
-        for name in names:
-            vector = self.ia3_l[name].flatten().to(dtype)
+        for name, param in zip(names, params, strict=True):
+            vector = param.flatten().to(dtype)
             feedforward = self.specs[name].feedforward
             rows_in.append(vector if feedforward else ones_in)
             rows_out.append(ones_out if feedforward else vector)
-        return torch.stack([*rows_in, ones_in]), torch.stack([*rows_out, ones_out])
+        table_in, table_out = torch.stack([*rows_in, ones_in]), torch.stack([*rows_out, ones_out])
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            self._table_cache = (key, table_in, table_out)
+        return table_in, table_out
+
+    def invalidate(self) -> None:
+        self._table_cache = None
 
     def slot_of(self, token_ids: torch.Tensor, base_slot: int) -> torch.Tensor:
         """Each token's row in `tables` (adapters this layer lacks use the base row)."""
