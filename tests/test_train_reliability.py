@@ -1,0 +1,455 @@
+"""Training never hands back the wrong adapter: each safety net, through `tilpass` subprocesses.
+
+Output directories that hold another run, configuration checked before any model is loaded,
+divergence, strict YAML, `tilpass eval`'s options, evaluation formats, what resume says, and
+the messages and files a run leaves. Runs use the tiny random model of `test_cli` and one or
+two optimizer steps; checks that fail early must do so in seconds.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.test_cli import common, greedy_reply, save_tiny_model, sha256, tilpass, write_data
+from tilpass.train_config import lr_factor
+
+EARLY_S = 20.0  # a check that runs before any model load: ~2 s; generous for a busy machine
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama of the CLI tests, saved as a local Hugging Face directory."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The CLI tests' chat training and held-out files."""
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+def short(model: Path, train: Path, test: Path, out: Path, steps: int = 2) -> list[str]:
+    """A run of `steps` steps that checkpoints every step and keeps every checkpoint."""
+    return [
+        *common(model, train, test, out, steps=steps),
+        "--training.save_steps",
+        "1",
+        "--training.save_total_limit",
+        "0",
+        "--training.logging_steps",
+        "1",
+        "--eval_before",
+        "false",
+    ]
+
+
+def strict_json(text: str) -> Any:
+    """Parse `text` as strict JSON (NaN / Infinity are errors)."""
+
+    def refuse(token: str) -> Any:
+        raise AssertionError(f"non-strict JSON token {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): sha256(p) for p in directory.rglob("*") if p.is_file()}
+
+
+def run_id(out: Path) -> str:
+    return json.loads((out / "run.json").read_text())["run_id"]
+
+
+def checkpoint_owner(checkpoint: Path) -> str:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["run_id"]
+
+
+# ------------------------------------------------------------------ 1. reused output_dir
+
+
+def test_a_reused_output_dir_is_refused_replaced_or_resumed_never_mixed(
+    tmp_path: Path, tiny_model_dir: Path, data: tuple[Path, Path]
+) -> None:
+    train, test = data
+    out = tmp_path / "out"
+    tilpass("train", *short(tiny_model_dir, train, test, out), cwd=tmp_path)
+    first = run_id(out)
+    kept = snapshot(out)
+
+    again = tilpass("train", *short(tiny_model_dir, train, test, out), cwd=tmp_path, check=False)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert f"output_dir {out} holds another run: run {first} (finished, adapter/ saved)" in (
+        again.stderr
+    )
+    assert "checkpoint-1/, checkpoint-2/" in again.stderr and "--overwrite" in again.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    failed = tilpass("train", *short(tiny_model_dir, bad, test, out), cwd=tmp_path, check=False)
+    assert failed.returncode == 2 and "holds another run" in failed.stderr
+    assert snapshot(out) == kept  # neither attempt touched the finished run (config.yaml too)
+
+    old_checkpoint = tmp_path / "old-checkpoint"
+    shutil.copytree(out / "checkpoint-2", old_checkpoint)
+    tilpass("train", *short(tiny_model_dir, train, test, out, steps=1), "--overwrite", cwd=tmp_path)
+    second = run_id(out)
+    assert second != first
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert checkpoint_owner(out / "checkpoint-1") == second
+
+    # Another run's checkpoint, put beside this run's, is neither resumed nor rotated out.
+    shutil.copytree(old_checkpoint, out / "checkpoint-9")
+    resumed = tilpass(
+        "train",
+        *short(tiny_model_dir, train, test, out, steps=3),
+        "--training.save_total_limit",
+        "1",
+        "--resume",
+        "auto",
+        cwd=tmp_path,
+    )
+    assert f"resumed from {out / 'checkpoint-1'} (step 1 of 3)" in resumed.stdout
+    assert "checkpoint-9 in" in resumed.stdout and "belong to another run" in resumed.stdout
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-9"]
+    assert checkpoint_owner(out / "checkpoint-9") == first
+    foreign = tilpass(
+        "train",
+        *short(tiny_model_dir, train, test, out, steps=4),
+        "--resume",
+        str(out / "checkpoint-9"),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert foreign.returncode == 2 and f"was written by run {first}" in foreign.stderr
+    assert "Traceback" not in foreign.stderr
+
+
+# ------------------------------------------------------- 2. config errors before any load
+
+
+def yaml_case(model: Path, train: Path, out: Path, extra: str) -> str:
+    return (
+        f"model: {model}\noutput_dir: {out}\ndata:\n  train: {train}\n"
+        f"lora:\n  target_modules: [q_proj, v_proj]\n{extra}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("yaml_extra", "flags", "expected"),
+    [
+        ("  r: 0\n", [], "run.yaml, line 7: lora: r must be a positive integer, got 0"),
+        (
+            "",
+            ["--training.learning_rate", "-1"],
+            "command line (--training.learning_rate): training: learning_rate must be a "
+            "finite number > 0, got -1.0",
+        ),
+        (
+            "training:\n  lr_scheduler: cosin\n",
+            [],
+            "run.yaml, line 8: training: lr_scheduler must be one of ('cosine', 'linear', "
+            "'constant'), got 'cosin'",
+        ),
+        (
+            "",
+            ["--data.max_length", "0"],
+            "command line (--data.max_length): data: max_length must be >= 1, got 0",
+        ),
+        (
+            "",
+            ["--lora.target_modules", "[q_porj]"],
+            "command line (--lora.target_modules): lora: target_modules: target_modules entry "
+            "'q_porj' matches no module of LlamaForCausalLM",
+        ),
+        (
+            "",
+            ["--data.eval", "missing.jsonl"],
+            "command line (--data.eval): data: eval: missing.jsonl: no such file or directory",
+        ),
+    ],
+)
+def test_config_errors_stop_the_run_before_any_model_or_data_load(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    data: tuple[Path, Path],
+    yaml_extra: str,
+    flags: list[str],
+    expected: str,
+) -> None:
+    out = tmp_path / "out"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml_case(tiny_model_dir, data[0], out, yaml_extra))
+    started = time.monotonic()
+    proc = tilpass("train", str(config), *flags, cwd=tmp_path, check=False)
+    took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"tilpass train: error: {expected}"), proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""  # nothing loaded or logged
+    assert not out.exists()  # and nothing written
+    assert took < EARLY_S
+
+
+# ------------------------------------------------------------------------ 3. divergence
+
+
+def test_divergence_stops_the_run_and_saves_no_adapter(
+    tmp_path: Path, tiny_model_dir: Path, data: tuple[Path, Path]
+) -> None:
+    train, test = data
+    out = tmp_path / "out"
+    args = [*short(tiny_model_dir, train, test, out, steps=4), "--training.learning_rate", "1e30"]
+    proc = tilpass("train", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "training diverged" in proc.stderr and "training.on_nonfinite: skip" in proc.stderr
+    assert proc.stderr.startswith("tilpass train: error: step ")
+    assert not (out / "adapter").exists()
+    events = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "nonfinite" and events[-1]["loss"] is None
+
+    # Skipping instead: the run ends, its diverged steps are counted, every file is strict JSON.
+    skipped = tmp_path / "skipped"
+    args = [*short(tiny_model_dir, train, test, skipped, steps=4), "--training.learning_rate"]
+    tilpass("train", *args, "1e30", "--training.on_nonfinite", "skip", cwd=tmp_path)
+    events = [strict_json(line) for line in (skipped / "metrics.jsonl").read_text().splitlines()]
+    assert any(e["event"] == "skipped_step" for e in events)
+    assert events[-1]["event"] == "end" and events[-1]["skipped_steps"] >= 1
+    record = strict_json((skipped / "adapter" / "tilpass_record.json").read_text())
+    assert record["metrics"]["after"]["loss"] is None  # NaN written as null
+    strict_json((skipped / "result.json").read_text())
+    for checkpoint in skipped.glob("checkpoint-*"):
+        strict_json((checkpoint / "trainer_state.json").read_text())
+
+
+# ------------------------------------------------------------------------------- 4. YAML
+
+
+@pytest.mark.parametrize(
+    ("text", "flags", "expected"),
+    [
+        ("lora:\n  r: [4\n", [], "run.yaml, line 3, column 1: invalid YAML"),
+        (
+            'lora:\n  init_lora_weights: "false"\n',
+            [],
+            "run.yaml, line 2: lora: init_lora_weights: expected bool | str, got 'false': a "
+            "quoted string, not a boolean; write false without quotes",
+        ),
+        ('eval_before: "no"\n', [], "run.yaml, line 1: eval_before: expected bool, got 'no'"),
+        (
+            "training:\n  max_steps: 2\nlora:\n  r: 4\ntraining:\n  seed: 1\n",
+            [],
+            "run.yaml, line 5, column 1: invalid YAML: key 'training' appears twice in one "
+            "mapping (first on line 1)",
+        ),
+        (
+            "training:\n  max_steps: 2\n",
+            ["--training.learning_rat", "1"],
+            "command line (--training.learning_rat): training: unknown key(s) learning_rat",
+        ),
+    ],
+)
+def test_yaml_errors_name_the_file_and_line_or_the_flag(
+    tmp_path: Path, text: str, flags: list[str], expected: str
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    proc = tilpass("train", "run.yaml", *flags, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"tilpass train: error: {expected}"), proc.stderr
+
+
+# ------------------------------------------------------------------------ 5. tilpass eval
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, data: Any) -> Path:
+    """The output directory of one short training run."""
+    where = tmp_path_factory.mktemp("trained")
+    out = where / "out"
+    tilpass("train", *short(tiny_model_dir, *data, out), cwd=where)
+    return out
+
+
+def test_eval_honours_max_new_tokens_and_skip_bad_rows(
+    tmp_path: Path, tiny_model_dir: Path, trained: Path
+) -> None:
+    adapter = trained / "adapter"
+    prompt = "patient 7 has headache"
+    record = {
+        "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "x"}]
+    }
+    file = tmp_path / "one.jsonl"
+    file.write_text(json.dumps(record) + "\n")
+    expected = greedy_reply(tiny_model_dir, adapter, prompt, 2)
+    assert expected != greedy_reply(tiny_model_dir, adapter, prompt, 16)  # the budget matters
+    args = ["--model", str(tiny_model_dir), "--adapter", str(adapter), "--data", str(file)]
+    proc = tilpass("eval", *args, "--max-new-tokens", "2", cwd=tmp_path)
+    shown = [ln for ln in proc.stdout.splitlines() if ln.startswith("  e.g. expected 'x', got ")]
+    assert [ast.literal_eval(ln.split(", got ", 1)[1]).strip() for ln in shown] == [expected]
+
+    file.write_text(json.dumps(record) + "\n{broken\n")
+    proc = tilpass("eval", *args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "--skip-bad-rows" in proc.stderr
+    proc = tilpass("eval", *args, "--skip-bad-rows", cwd=tmp_path)
+    assert "1 bad rows skipped" in proc.stdout and "exact_match" in proc.stdout
+
+
+# ------------------------------------------------------------ 6. formats of the eval file
+
+
+def test_text_eval_files_give_loss_only_and_unknown_formats_fail_early(
+    tmp_path: Path, tiny_model_dir: Path, data: tuple[Path, Path]
+) -> None:
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": f"note {i}: headache"}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    args = [*short(tiny_model_dir, data[0], text, out), "--training.save_steps", "0"]
+    proc = tilpass("train", *args, cwd=tmp_path)
+    assert "text records have no answers: loss and perplexity only" in proc.stdout
+    result = strict_json((out / "result.json").read_text())
+    assert set(result["after"]) == {"loss", "perplexity"}
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events if e["step"] == 2 and e["event"] in ("checkpoint", "eval")]
+    assert kinds == ["checkpoint", "eval"]  # saved before the final evaluation can fail
+
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"question": "q", "label": "a"}) + "\n")
+    started = time.monotonic()
+    proc = tilpass(
+        "train", *short(tiny_model_dir, data[0], odd, tmp_path / "o2"), cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 2 and time.monotonic() - started < EARLY_S
+    assert f"data: eval: cannot tell the format of the first record of {odd}" in proc.stderr
+    assert "--data.format" in proc.stderr and not (tmp_path / "o2").exists()
+
+
+# ----------------------------------------------------------------------------- 7. resume
+
+
+def test_resume_says_where_from_and_applies_changed_settings(
+    tmp_path: Path, tiny_model_dir: Path, data: tuple[Path, Path]
+) -> None:
+    train, test = data
+    out = tmp_path / "out"
+    proc = tilpass(
+        "train", *short(tiny_model_dir, train, test, out), "--resume", "auto", cwd=tmp_path
+    )
+    assert f"no complete checkpoint of this run in {out}; training from step 0" in proc.stdout
+    proc = tilpass(
+        "train",
+        *short(tiny_model_dir, train, test, out, steps=4),
+        "--training.learning_rate",
+        "0.02",
+        "--resume",
+        "auto",
+        cwd=tmp_path,
+    )
+    assert f"resumed from {out / 'checkpoint-2'} (step 2 of 4)" in proc.stdout
+    assert "applied from step 3 on: learning_rate 0.01 -> 0.02, max_steps 2 -> 4" in proc.stdout
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lrs = {e["step"]: e["lr"] for e in events if e["event"] == "train"}
+    assert lrs[3] == 0.02 * lr_factor(2, 4, 0, "cosine") and lrs[3] > 0
+    assert lrs[4] == 0.02 * lr_factor(3, 4, 0, "cosine")
+
+
+# ------------------------------------------------------- 8. hints, checkpoints, files, base
+
+
+def test_messages_name_real_flags_and_the_right_place(
+    tmp_path: Path, tiny_model_dir: Path, data: tuple[Path, Path]
+) -> None:
+    train, test = data
+
+    def fails(train_file: Path, *flags: str) -> str:
+        out = tmp_path / f"o-{train_file.stem}"
+        args = common(tiny_model_dir, train_file, test, out)
+        proc = tilpass("train", *args, *flags, cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        return proc.stderr
+
+    masked = fails(train, "--data.max_length", "3")
+    assert "raise data.max_length, --data.max_length on the command line" in masked
+    shown = masked.split("cut here by max_length)):\n", 1)[1]
+    assert "patient" not in shown and "cardiology" not in shown  # the truncated text only
+    columns = tmp_path / "columns.jsonl"
+    columns.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "é", "completion": "b",}\n')
+    assert "columns.jsonl, line 2: invalid JSON (Expecting property name" in fails(columns)
+    assert "at column 35)" in fails(columns)
+    listed = tmp_path / "listed.json"
+    listed.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a" "x"}\n]\n')
+    assert "listed.json, line 3, column 18: invalid JSON (Expecting ',' delimiter)" in fails(listed)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": ""}\n')
+    error = fails(empty)
+    assert 'empty.jsonl, line 2: "completion" is empty' in error and "--skip-bad-rows" in error
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"question": "q"}) + "\n")
+    assert "--data.format on the command line" in fails(unknown)
+    missing = fails(train, "--resume", str(tmp_path / "nope"))
+    assert "not a complete checkpoint" in missing and "pass --resume auto" in missing
+
+
+def test_damaged_checkpoint_falls_back_and_files_are_world_readable(
+    tmp_path: Path, tiny_model_dir: Path, data: tuple[Path, Path]
+) -> None:
+    import os
+
+    train, test = data
+    out = tmp_path / "out"
+    old_mask = os.umask(0o022)
+    try:
+        tilpass("train", *short(tiny_model_dir, train, test, out), cwd=tmp_path)
+        damaged = out / "checkpoint-2" / "optimizer.safetensors"
+        damaged.write_bytes(damaged.read_bytes()[:100])  # cut by hand
+        proc = tilpass(
+            "train",
+            *short(tiny_model_dir, train, test, out, steps=3),
+            "--resume",
+            "auto",
+            cwd=tmp_path,
+        )
+    finally:
+        os.umask(old_mask)
+    assert f"warning: {damaged} cannot be read" in proc.stdout
+    assert "falling back to the checkpoint before it" in proc.stdout
+    assert f"resumed from {out / 'checkpoint-1'} (step 1 of 3)" in proc.stdout
+    for path in out.rglob("*"):
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_an_adapter_on_another_base_model_warns(
+    tmp_path: Path, tiny_model_dir: Path, trained: Path
+) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model_dir, other)
+    torch.manual_seed(123)  # same shapes, other weights
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(other)).save_pretrained(other)
+    adapter = trained / "adapter"
+    proc = tilpass("generate", "--model", str(other), "--adapter", str(adapter), "hi", cwd=tmp_path)
+    assert f"warning: {adapter} was trained on base model {tiny_model_dir}" in proc.stderr
+    assert "has other weights" in proc.stderr
+    same = tilpass(
+        "generate", "--model", str(tiny_model_dir), "--adapter", str(adapter), "hi", cwd=tmp_path
+    )
+    assert "warning" not in same.stderr
+
+
+def test_the_card_says_the_default_weights_come_from_a_q4_1_gguf() -> None:
+    from tilpass.card import ChangeRecord, render_card
+    from tilpass.pretrained import base_weights_note
+
+    note = base_weights_note("SmolLM2-135M-Instruct")
+    assert note is not None and "de-quantized" in note and "Q4_1" in note
+    assert base_weights_note("/some/local/model") is None
+    change = ChangeRecord("HuggingFaceTB/SmolLM2-135M-Instruct", "ab" * 32, "lora", 1, 2)
+    change.base_weights_note = note
+    assert f"- note: {note}" in render_card(change, "adapter")
