@@ -247,6 +247,7 @@ def run(
     examples = after.pop("examples", [])
     before.pop("examples", None)
     change = _change_record(config, data, result, (trainable, total), (before, after), wall)
+    _refuse_nonfinite(model, out)
     saved = save_trained(model, tokenizer, out, change)
     body = dumps_strict({"before": before, "after": after}, indent=2) + "\n"
     atomic_write_bytes(out / "result.json", body.encode())
@@ -310,6 +311,16 @@ def _after_metrics(
     return after
 
 
+def _refuse_nonfinite(model: torch.nn.Module, out: Path) -> None:
+    """Raise `DivergenceError` if a trained tensor holds NaN or infinity: never save those."""
+    bad = nonfinite_parameters([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    if bad:
+        raise DivergenceError(
+            f"{len(bad)} trained tensors hold NaN or infinity (e.g. {bad[0]}); nothing is saved "
+            f"in {out}. Lower training.learning_rate and train again"
+        )
+
+
 def save_trained(model: Any, tokenizer: Any, out: Path, change: ChangeRecord) -> Path:
     """Save the adapter (or the full model), its record and card; the directory appears whole.
 
@@ -317,13 +328,6 @@ def save_trained(model: Any, tokenizer: Any, out: Path, change: ChangeRecord) ->
     `out/adapter` (`out/model` for full fine-tuning) by a rename, so a crash never leaves a
     half-written directory under that name. `change` gets the saved config and weight files.
     """
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    bad = nonfinite_parameters(trained or list(model.named_parameters()))
-    if bad:
-        raise DivergenceError(
-            f"{len(bad)} trained tensors hold NaN or infinity (e.g. {bad[0]}); nothing is saved "
-            f"in {out}. Lower training.learning_rate and train again"
-        )
     final = out / (MODEL_DIR if change.full_model else ADAPTER_DIR)
     staging = out / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()

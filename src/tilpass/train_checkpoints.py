@@ -46,6 +46,10 @@ class CheckpointError(TilpassError, ValueError):
     """A checkpoint that cannot be read or does not belong to this run; the message names it."""
 
 
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A path given as a checkpoint that holds no complete checkpoint."""
+
+
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
 # Debris of a save or rotation that crashed half-way.

@@ -11,6 +11,7 @@ cannot change (the trainer refuses those).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import asdict
@@ -24,6 +25,7 @@ from tilpass.train_checkpoints import (
     STATE_FILE,
     CheckpointError,
     LoadedCheckpoint,
+    MissingCheckpointError,
     apply_checkpoint,
     read_checkpoint,
     remove_stale,
@@ -81,7 +83,7 @@ def choose_checkpoint(
 
 def _explicit(path: Path, output_dir: Path, run_id: str, device: torch.device) -> LoadedCheckpoint:
     if not (path / STATE_FILE).is_file() or not (path / "trainable.safetensors").is_file():
-        raise CheckpointError(
+        raise MissingCheckpointError(
             f"{path} is not a complete checkpoint (needs {STATE_FILE} and "
             f"trainable.safetensors); pass --resume auto to pick the latest one of this run "
             f"in {output_dir}"
@@ -154,7 +156,8 @@ def own_run_id(trainer: Trainer, resume: str | os.PathLike[str] | None) -> str:
         return trainer.run_id
     found = read_run_id(trainer.output_dir) if resume is not None else None
     if found is None and resume is not None and str(resume) != "auto":
-        found = state_of(Path(resume)).get("run_id")  # continue that run here
+        with contextlib.suppress(CheckpointError):  # choose_checkpoint says what is wrong
+            found = state_of(Path(resume)).get("run_id")  # continue that run here
     return found or new_run_id()
 
 
