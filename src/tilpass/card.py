@@ -260,12 +260,12 @@ def base_model_warning(adapter_dir: str | Path, model: str) -> str | None:
     adapter equally well, and only one gives the outputs the record measured); an adapter
     without a record is compared by the base model name in its `adapter_config.json`.
     """
-    from tilpass.pretrained import DEFAULT_MODEL_ALIASES, resolve_model_path, weights_sha256
+    from tilpass.pretrained import DEFAULT_MODEL_ALIASES, known_weights_sha256
 
     directory = Path(adapter_dir)
     recorded = _recorded_base(directory)
     if recorded.get("sha256"):
-        actual = weights_sha256(resolve_model_path(model))
+        actual = known_weights_sha256(model)
         if actual == recorded["sha256"]:
             return None
         return (

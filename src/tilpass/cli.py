@@ -165,7 +165,7 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
         },
     )
     overrides, paths = read_overrides(extra)
-    sources = ConfigSources(overrides=paths | {("output_dir",)}, default="quickstart")
+    sources = ConfigSources(overrides=paths, default="quickstart")
     config = build_config(merge(values, overrides), sources)
     print(f"tilpass quickstart: LoRA on {config.model}, task: {QUICKSTART_TASK}")
     apply_process_settings(config.training)

@@ -296,6 +296,19 @@ def _check_tied(model: PreTrainedModel, where: Path) -> None:
         )
 
 
+def known_weights_sha256(name_or_path: str) -> str:
+    """`weights_sha256` of a model, read from the conversion record for the default model
+    (hashing its weights again would cost a second or two per command)."""
+    model_dir = resolve_model_path(name_or_path)
+    record = model_dir / SOURCE_RECORD
+    if name_or_path in DEFAULT_MODEL_ALIASES and record.is_file():
+        try:
+            return str(json.loads(record.read_text())["weights_sha256"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return weights_sha256(model_dir)
+
+
 def base_weights_note(name_or_path: str) -> str | None:
     """What a model card must say about where the base weights came from, if anything.
 
