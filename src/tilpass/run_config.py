@@ -42,8 +42,6 @@ BOOKKEEPING = frozenset(f.name for f in dataclasses.fields(AdapterConfig))
 DEFAULT_METHOD = next(iter(METHODS))
 """The first registered method: what a run uses when its config names none."""
 
-ADAPTER_DIR, MODEL_DIR = "adapter", "model"
-
 
 class RunConfigError(TilpassError, ValueError):
     """A `tilpass train` config (file or command line) that cannot describe a run."""

@@ -157,6 +157,7 @@ def save_checkpoint(
     same ``run_id`` are rotated out. Returns the checkpoint's path.
     """
     final = output_dir / f"checkpoint-{step}"
+    _refuse_foreign(final, state.get("run_id"))
     tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -183,6 +184,21 @@ def save_checkpoint(
             os.replace(stale, doomed)  # rename first so a crash never leaves a half checkpoint
             shutil.rmtree(doomed, ignore_errors=True)
     return final
+
+
+def _refuse_foreign(path: Path, run_id: str | None) -> None:
+    """Raise `CheckpointError` if ``path`` is a checkpoint of a run other than ``run_id``."""
+    if not (path / STATE_FILE).is_file():
+        return
+    try:
+        owner = state_of(path).get("run_id")
+    except CheckpointError:
+        return  # unreadable: not anyone's usable checkpoint
+    if owner != run_id:
+        raise CheckpointError(
+            f"{path} belongs to run {owner or '(no run id)'}; run {run_id} does not overwrite "
+            "another run's checkpoint. Move it away, or train in another output_dir"
+        )
 
 
 @dataclass
