@@ -210,7 +210,8 @@ def test_divergence_stops_the_run_and_saves_no_adapter(
     assert proc.stderr.startswith("tilpass train: error: step ")
     assert not (out / "adapter").exists()
     events = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert events[-1]["event"] == "nonfinite" and events[-1]["loss"] is None
+    assert events[-1]["event"] == "nonfinite"
+    assert None in (events[-1]["loss"], events[-1]["grad_norm"])  # NaN written as null
 
     # Skipping instead: the run ends, its diverged steps are counted, every file is strict JSON.
     skipped = tmp_path / "skipped"
@@ -219,8 +220,7 @@ def test_divergence_stops_the_run_and_saves_no_adapter(
     events = [strict_json(line) for line in (skipped / "metrics.jsonl").read_text().splitlines()]
     assert any(e["event"] == "skipped_step" for e in events)
     assert events[-1]["event"] == "end" and events[-1]["skipped_steps"] >= 1
-    record = strict_json((skipped / "adapter" / "tilpass_record.json").read_text())
-    assert record["metrics"]["after"]["loss"] is None  # NaN written as null
+    strict_json((skipped / "adapter" / "tilpass_record.json").read_text())
     strict_json((skipped / "result.json").read_text())
     for checkpoint in skipped.glob("checkpoint-*"):
         strict_json((checkpoint / "trainer_state.json").read_text())
@@ -453,3 +453,13 @@ def test_the_card_says_the_default_weights_come_from_a_q4_1_gguf() -> None:
     change = ChangeRecord("HuggingFaceTB/SmolLM2-135M-Instruct", "ab" * 32, "lora", 1, 2)
     change.base_weights_note = note
     assert f"- note: {note}" in render_card(change, "adapter")
+
+
+def test_records_are_strict_json_when_metrics_diverged(tmp_path: Path) -> None:
+    from tilpass.card import ChangeRecord, write_record
+
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    change = ChangeRecord("base", None, "lora", 1, 2)
+    change.metrics_after = {"loss": float("nan"), "perplexity": float("inf")}
+    record = strict_json(write_record(tmp_path, change).read_text())
+    assert record["metrics"]["after"] == {"loss": None, "perplexity": None}

@@ -183,7 +183,7 @@ def build_config(values: dict[str, Any], source: str | ConfigSources = "config")
 def _chosen_method(values: dict[str, Any], sources: ConfigSources) -> str:
     """The run's method; unknown top-level keys and other methods' sections are errors."""
     valid = [*_SCALAR_KEYS, *_SECTIONS, *METHODS]
-    unknown = sorted(set(values) - set(valid))
+    unknown = sorted(set(values) - set(valid), key=str)
     if unknown:
         raise RunConfigError(
             f"{sources.origin(unknown[0])}: unknown key(s) {', '.join(unknown)}; valid keys: "
