@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.test_train import assert_same, cfg, collate, make_items, tiny_lora, trainable
 from tilpass.run_dir import OutputDirError, read_run_id
@@ -103,11 +104,25 @@ def test_a_nonfinite_loss_stops_at_its_step_or_is_skipped(tmp_path: Path) -> Non
     assert last["event"] == "nonfinite" and last["step"] == step
     assert None in (last["loss"], last["grad_norm"])  # the non-finite one, as strict JSON
     assert not list((tmp_path / "stop").glob("checkpoint-*"))
+
+    # Skipping: a loss term that is NaN on the second step only; that step's update is dropped.
+    class NaNOnce:
+        name = "nan_once"
+
+        def loss_term(self, step: int) -> torch.Tensor | None:
+            return torch.tensor(float("nan")) if step == 1 else None
+
     model = tiny_lora()
-    c = cfg(learning_rate=1e30, on_nonfinite="skip")
-    result = train(model, make_items(), None, collate, c, tmp_path / "skip")
+    c = cfg(on_nonfinite="skip", save_steps=1, save_total_limit=0)
+    result = train(model, make_items(), None, collate, c, tmp_path / "skip", callbacks=[NaNOnce()])
     assert result.global_step == 4
-    skipped = [e["step"] for e in events(tmp_path / "skip") if e["event"] == "skipped_step"]
-    assert skipped and set(skipped) <= {2, 3, 4}
-    assert events(tmp_path / "skip")[-1]["skipped_steps"] == len(skipped)
+    log = events(tmp_path / "skip")
+    assert [e["step"] for e in log if e["event"] == "skipped_step"] == [2]
+    assert log[-1]["skipped_steps"] == 1
+    assert [e["step"] for e in log if e["event"] == "train"] == [1, 2, 3, 4]
+    assert next(e for e in log if e["event"] == "train" and e["step"] == 2)["loss"] is None
+    # The skipped step changed nothing: its checkpoint holds the weights of the one before.
+    one = load_file(tmp_path / "skip" / "checkpoint-1" / "trainable.safetensors")
+    two = load_file(tmp_path / "skip" / "checkpoint-2" / "trainable.safetensors")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert all(torch.isfinite(p).all() for p in trainable(model).values())

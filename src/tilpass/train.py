@@ -300,11 +300,13 @@ class Trainer:
         """One optimizer step over the micro-batches of ``index_groups``, phase by phase."""
         micro = self._batch(index_groups)
         out = self._forward_backward(micro)
-        self._audit.check(out.loss_tokens)
+        unused = self._audit.find_unused(out.loss_tokens)  # before hooks may edit gradients
         for after_backward in self.hooks.after_backward:
             after_backward(self.state.step)
         out.grad_norm = self._clip()
         if self._finite(out):
+            if unused is not None:  # a diverged step's zero gradients prove nothing
+                raise unused
             out.lr = self._optimizer_step()
             self._window.add(out)
         else:

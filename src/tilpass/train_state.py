@@ -75,6 +75,14 @@ class GradientAudit:
         zero = set(check_gradient_flow(self.pending, allow_zero=self.checks < GRAD_CHECK_STEPS))
         self.pending = [(name, p) for name, p in self.named if name in zero]
 
+    def find_unused(self, loss_tokens: int) -> GradientFlowError | None:
+        """:meth:`check`, returning the error instead of raising it (the caller decides)."""
+        try:
+            self.check(loss_tokens)
+        except GradientFlowError as exc:
+            return exc
+        return None
+
 
 @dataclass
 class StepOutput:
