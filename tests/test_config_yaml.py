@@ -94,3 +94,53 @@ def test_origin_prefers_the_flag_then_the_line_then_the_file() -> None:
     assert sources.origin("training", "seed") == "run.yaml"
     assert ConfigSources().origin("training", "seed") == "command line"
     assert ConfigSources.of("quickstart").origin("lora") == "quickstart"
+
+
+def build_from(tmp_path: Path, text: str, flags: list[str] | None = None) -> str:
+    """The error `build_config` gives for a YAML file (and flags), as the CLI combines them."""
+    from tilpass.cli import merge
+    from tilpass.run_config import build_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    values, lines = load_config_file(path)
+    overrides, paths = read_overrides(flags or [])
+    sources = ConfigSources(file="run.yaml", lines=lines, overrides=paths)
+    with pytest.raises(ValueError) as caught:
+        build_config(merge(values, overrides), sources)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "flags", "message"),
+    [
+        (
+            'lora:\n  init_lora_weights: "false"\n',
+            [],
+            "run.yaml, line 2: lora: init_lora_weights: expected bool | str, got 'false': a "
+            "quoted string, not a boolean; write false without quotes",
+        ),
+        ('eval_before: "no"\n', [], "run.yaml, line 1: eval_before: expected bool, got 'no'"),
+        (
+            "training:\n  lr_scheduler: cosin\n",
+            [],
+            "run.yaml, line 2: training: lr_scheduler must be one of ('cosine', 'linear', "
+            "'constant'), got 'cosin'",
+        ),
+        (
+            "data:\n  max_length: 64\n",
+            ["--data.max_length", "0"],
+            "command line (--data.max_length): data: max_length must be >= 1, got 0",
+        ),
+        (
+            "training:\n  max_steps: 2\n",
+            ["--training.learning_rat", "1"],
+            "command line (--training.learning_rat): training: unknown key(s) learning_rat",
+        ),
+        ("training:\n  seed: .nan\n", [], "run.yaml, line 2: training: seed: expected int"),
+    ],
+)
+def test_config_errors_blame_the_line_or_the_flag(
+    tmp_path: Path, text: str, flags: list[str], message: str
+) -> None:
+    assert build_from(tmp_path, text, flags).startswith(message)

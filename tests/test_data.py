@@ -567,3 +567,23 @@ def test_smollm2_chat_template_mask(tmp_path: Path) -> None:
     assert loss_runs == ["hei verden" + end, "four" + end]
     ids = prompt_ids(MULTI, tok)
     assert ds[1]["input_ids"][: len(ids)] == ids
+
+
+def test_bad_rows_name_the_column_and_empty_answers_and_real_flags(tmp_path: Path) -> None:
+    path = tmp_path / "columns.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "é", "completion": "b",}\n')
+    with pytest.raises(DataError, match=r"line 2: invalid JSON \(.* at column 35\)"):
+        load_records(path)  # columns count characters: "é" is one
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": " "}\n')
+    with pytest.raises(DataError, match=r'line 2: "completion" is empty.*--skip-bad-rows'):
+        load_records(path)
+    path.write_text('{"instruction": "a", "output": ""}\n')
+    with pytest.raises(DataError, match='"output" is empty'):
+        load_records(path)
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}
+    path.write_text(json.dumps(chat) + "\n")
+    with pytest.raises(DataError, match=r"messages\[1\] is an assistant message with empty"):
+        load_records(path)
+    path.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(DataError, match=r"--data\.format on the command line"):
+        load_records(path)

@@ -256,6 +256,9 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     )
     print(f"eval data: {dataset.stats.summary()}")
     records = scored_records(args.data, section)
+    if records:
+        budget = config.training.eval_max_new_tokens
+        print(f"exact match: greedy decoding, up to {budget} new tokens per answer")
     metrics = held_out_metrics(model, tokenizer, dataset, records, config)
     examples = metrics.pop("examples", [])
     for key, value in metrics.items():

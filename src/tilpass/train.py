@@ -384,7 +384,15 @@ class Trainer:
     def _optimizer_step(self) -> float:
         """Optimizer step, schedule step, gradients cleared; returns the lr the step used."""
         lr = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as exc:  # AdamW's step size lr / (1 - beta1^t) past float's range
+            if "overflow" not in str(exc):
+                raise
+            raise DivergenceError(
+                f"step {self.state.step + 1}: the optimizer's update overflows ({exc}); "
+                f"training.learning_rate {lr:g} is far too large"
+            ) from exc
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return lr
