@@ -181,7 +181,7 @@ def test_divergence_stops_the_run_and_saves_no_adapter(
     proc = tilpass("train", *args, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "training diverged" in proc.stderr and "training.on_nonfinite: skip" in proc.stderr
-    assert proc.stderr.startswith("tilpass train: error: step ")
+    assert proc.stderr.splitlines()[-1].startswith("tilpass train: error: step ")
     assert not (out / "adapter").exists()
     events = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "nonfinite"
