@@ -455,8 +455,7 @@ def test_invalid_method_setting_fails_before_the_model_loads(tmp_path: Path) -> 
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr == (
-        f"tilpass train: error: {config} + command line: lora: "
-        "r must be a positive integer, got 0\n"
+        f"tilpass train: error: {config}, line 2: lora: r must be a positive integer, got 0\n"
     )
     assert not (tmp_path / "runs").exists()  # no output directory either
     assert time.monotonic() - started < 60
