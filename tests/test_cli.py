@@ -30,12 +30,16 @@ WORDS = {"cardiology": "chest pain", "dermatology": "itchy rash", "neurology": "
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama + byte-level tokenizer saved as a local Hugging Face directory."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+def save_tiny_model(directory: Path) -> Path:
+    """Save the tiny Llama and its byte-level tokenizer into `directory`; returns it."""
     from tokenizers import Tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from tests.conftest import CHATML_TEMPLATE, build_tokenizer_json
 
-    directory = tmp_path_factory.mktemp("tiny-model")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(build_tokenizer_json()),
         eos_token="<|im_end|>",
@@ -70,7 +74,11 @@ def chat(label: str, i: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    directory = tmp_path_factory.mktemp("data")
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+def write_data(directory: Path) -> tuple[Path, Path]:
+    """A chat training file (24 rows) and held-out file (6 rows) in `directory`."""
     train, test = directory / "train.jsonl", directory / "test.jsonl"
     train.write_text("".join(json.dumps(chat(LABELS[i % 3], i)) + "\n" for i in range(24)))
     test.write_text("".join(json.dumps(chat(LABELS[i % 3], i)) + "\n" for i in range(100, 106)))
@@ -186,6 +194,7 @@ def test_train_end_to_end(tmp_path: Path, tiny_model_dir: Path, data: tuple[Path
         "loss.png",
         "metrics.jsonl",
         "result.json",
+        "run.json",
     ]  # nothing half-written or left over from the atomic writes
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["task"] == "tiny triage" and resolved["training"]["max_steps"] == 8
@@ -387,7 +396,8 @@ def test_bad_data_and_bad_keys_are_clear_errors(
         check=False,
     )
     assert proc.returncode == 2 and proc.stderr.startswith(
-        "tilpass train: error: command line: training: unknown key(s) learning_rat; valid keys: "
+        "tilpass train: error: command line (--training.learning_rat): training: unknown key(s) "
+        "learning_rat; valid keys: "
     )
     assert "learning_rate" in proc.stderr and "Traceback" not in proc.stderr
     proc = tilpass(
@@ -445,8 +455,7 @@ def test_invalid_method_setting_fails_before_the_model_loads(tmp_path: Path) -> 
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr == (
-        f"tilpass train: error: {config} + command line: lora: "
-        "r must be a positive integer, got 0\n"
+        f"tilpass train: error: {config}, line 2: lora: r must be a positive integer, got 0\n"
     )
     assert not (tmp_path / "runs").exists()  # no output directory either
     assert time.monotonic() - started < 60

@@ -365,8 +365,10 @@ def test_all_masked_by_truncation_raises_with_template_and_example(
     assert "all 2 examples have no answer tokens" in msg
     assert "chat template of tokenizer 'tiny-chatml'" in msg
     assert "max_length=16" in msg
-    assert f"Rendered example ({path}, line 1" in msg
-    assert user("hei verden " * 40) + ASSISTANT + "four" + END in msg
+    assert "raise data.max_length, --data.max_length on the command line" in msg
+    shown = msg.split(f"Example as tokenized ({path}, line 1, 16 tokens kept (cut here by ")[1]
+    kept = tiny_tokenizer.decode(tiny_tokenizer(user("hei verden " * 40))["input_ids"][:16])
+    assert shown == f"max_length)):\n{kept}"  # what training sees, not the whole example
 
 
 def test_all_masked_by_template_mismatch_raises(tmp_path: Path, tiny_tokenizer: Any) -> None:
@@ -467,7 +469,7 @@ def test_csv_bad_messages_cell(tmp_path: Path) -> None:
 def test_broken_json_list_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "data.json"
     path.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": "a",, }\n]\n')
-    with pytest.raises(DataError, match=r"data\.json, line 3: invalid JSON"):
+    with pytest.raises(DataError, match=r"data\.json, line 3, column 18: invalid JSON"):
         load_records(path, skip_bad_rows=True)  # cannot resynchronize inside a JSON list
 
 
@@ -565,3 +567,23 @@ def test_smollm2_chat_template_mask(tmp_path: Path) -> None:
     assert loss_runs == ["hei verden" + end, "four" + end]
     ids = prompt_ids(MULTI, tok)
     assert ds[1]["input_ids"][: len(ids)] == ids
+
+
+def test_bad_rows_name_the_column_and_empty_answers_and_real_flags(tmp_path: Path) -> None:
+    path = tmp_path / "columns.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "é", "completion": "b",}\n')
+    with pytest.raises(DataError, match=r"line 2: invalid JSON \(.* at column 35\)"):
+        load_records(path)  # columns count characters: "é" is one
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": " "}\n')
+    with pytest.raises(DataError, match=r'line 2: "completion" is empty.*--skip-bad-rows'):
+        load_records(path)
+    path.write_text('{"instruction": "a", "output": ""}\n')
+    with pytest.raises(DataError, match='"output" is empty'):
+        load_records(path)
+    chat = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]}
+    path.write_text(json.dumps(chat) + "\n")
+    with pytest.raises(DataError, match=r"messages\[1\] is an assistant message with empty"):
+        load_records(path)
+    path.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(DataError, match=r"--data\.format on the command line"):
+        load_records(path)

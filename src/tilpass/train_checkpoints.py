@@ -12,23 +12,43 @@ A checkpoint ``checkpoint-N/`` holds::
 
 It is written to a temporary directory and renamed into place, so a directory named
 ``checkpoint-N`` that contains ``trainer_state.json`` is always complete. No pickle anywhere.
+``trainer_state.json`` carries the id of the run that wrote it: rotation deletes, and resume
+reads, only the checkpoints of the run at hand (:func:`run_checkpoints`). A checkpoint
+damaged after the fact (a truncated file) is read whole before anything is restored
+(:func:`read_checkpoint`), so a caller can name the file and fall back to an older one.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import re
 import shutil
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from tilpass.adapter_files import default_file_mode
+from tilpass.errors import TilpassError
+from tilpass.json_files import clean_json, dumps_strict
+
+TENSOR_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+class CheckpointError(TilpassError, ValueError):
+    """A checkpoint that cannot be read or does not belong to this run; the message names it."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A path given as a checkpoint that holds no complete checkpoint."""
+
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -132,10 +152,12 @@ def save_checkpoint(
 ) -> Path:
     """Write ``checkpoint-{step}/`` atomically, then keep only the last ``save_total_limit``.
 
-    ``state`` is the trainer's own state (step, data position, early stopping); the optimizer,
-    scheduler and RNG states are added to it here. Returns the checkpoint's path.
+    ``state`` is the trainer's own state (step, data position, early stopping, ``run_id``);
+    the optimizer, scheduler and RNG states are added to it here. Only checkpoints of the
+    same ``run_id`` are rotated out. Returns the checkpoint's path.
     """
     final = output_dir / f"checkpoint-{step}"
+    _refuse_foreign(final, state.get("run_id"))
     tmp = output_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -146,8 +168,9 @@ def save_checkpoint(
     rng_tensors, rng_meta = _rng_state()
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     full = {**state, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
-    (tmp / STATE_FILE).write_text(json.dumps(full, indent=2))  # last: marks completeness
+    (tmp / STATE_FILE).write_text(dumps_strict(full, indent=2))  # last: marks completeness
     for f in tmp.iterdir():
+        os.chmod(f, default_file_mode())  # safetensors writes mode 0600 whatever the umask
         _fsync(f)
     if final.exists():  # re-saving the same step (e.g. a rerun): swap the old one out first
         old = output_dir / f".checkpoint-{step}.old-{os.getpid()}"
@@ -156,32 +179,98 @@ def save_checkpoint(
     os.replace(tmp, final)
     _fsync(output_dir)
     if save_total_limit > 0:
-        for stale in list_checkpoints(output_dir)[:-save_total_limit]:
+        for stale in run_checkpoints(output_dir, state.get("run_id")).mine[:-save_total_limit]:
             doomed = stale.with_name(f".{stale.name}.deleting-{os.getpid()}")
             os.replace(stale, doomed)  # rename first so a crash never leaves a half checkpoint
             shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 
-def resolve_resume(resume: str | os.PathLike[str] | None, output_dir: Path) -> Path | None:
-    """The checkpoint to resume from: None, the latest in ``output_dir`` (``"auto"``), or a path."""
-    if resume is None:
-        return None
-    if str(resume) == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file() or not (path / "trainable.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{path} is not a complete checkpoint (needs {STATE_FILE} and trainable.safetensors); "
-            f"pass resume='auto' to pick the latest one in {output_dir}."
+def _refuse_foreign(path: Path, run_id: str | None) -> None:
+    """Raise `CheckpointError` if ``path`` is a checkpoint of a run other than ``run_id``."""
+    if not (path / STATE_FILE).is_file():
+        return
+    try:
+        owner = state_of(path).get("run_id")
+    except CheckpointError:
+        return  # unreadable: not anyone's usable checkpoint
+    if owner != run_id:
+        raise CheckpointError(
+            f"{path} belongs to run {owner or '(no run id)'}; run {run_id} does not overwrite "
+            "another run's checkpoint. Move it away, or train in another output_dir"
         )
-    return path
+
+
+@dataclass
+class RunCheckpoints:
+    """The complete checkpoints in an output directory, by owner (each list oldest first)."""
+
+    mine: list[Path]  # written by the run asked about
+    others: list[Path]  # written by another run (or by a tilpass without run ids)
+    unreadable: list[tuple[Path, str]]  # trainer_state.json cannot be read: (path, why)
+
+
+def state_of(path: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``; `CheckpointError` naming the file if unreadable."""
+    file = path / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file} cannot be read ({exc})") from exc
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise CheckpointError(f"{file} is not a tilpass trainer state")
+    return state
+
+
+def run_checkpoints(output_dir: str | os.PathLike[str], run_id: str | None) -> RunCheckpoints:
+    """The complete checkpoints of ``output_dir``, split into run ``run_id``'s and others'."""
+    found = RunCheckpoints([], [], [])
+    for path in list_checkpoints(output_dir):
+        try:
+            owner = state_of(path).get("run_id")
+        except CheckpointError as exc:
+            found.unreadable.append((path, str(exc)))
+            continue
+        (found.mine if owner == run_id else found.others).append(path)
+    return found
+
+
+@dataclass
+class LoadedCheckpoint:
+    """Every file of a checkpoint, read and checked, not yet applied to anything."""
+
+    path: Path
+    state: dict[str, Any]
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> LoadedCheckpoint:
+    """Read all of ``checkpoint-N/``; `CheckpointError` names the first damaged file."""
+    state = state_of(path)
+    tensors = []
+    for name in TENSOR_FILES:
+        file = path / name
+        try:
+            where = str(device) if name == "optimizer.safetensors" else "cpu"
+            tensors.append(load_file(str(file), device=where))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{file} cannot be read ({exc}); it is truncated or damaged"
+            ) from exc
+    return LoadedCheckpoint(path, state, *tensors)
 
 
 def load_trainable(path: Path, named: Sequence[tuple[str, nn.Parameter]]) -> None:
     """Copy a checkpoint's trainable tensors into ``named``; names and shapes must match."""
-    saved = load_file(str(path / "trainable.safetensors"))
+    copy_trainable(path, load_file(str(path / "trainable.safetensors")), named)
+
+
+def copy_trainable(
+    path: Path, saved: dict[str, torch.Tensor], named: Sequence[tuple[str, nn.Parameter]]
+) -> None:
+    """Copy tensors read from checkpoint ``path`` into ``named``; names and shapes must match."""
     params = dict(named)
     missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
     if missing or unexpected:
@@ -216,6 +305,7 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
 
     events = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
     train = [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
+    train = [(s, v) for s, v in train if v is not None]  # null: every step skipped (NaN)
     evals = [(e["step"], e.get("eval_loss")) for e in events if e["event"] == "eval"]
     evals = [(s, v) for s, v in evals if v is not None]
     if not train and not evals:
@@ -236,22 +326,25 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
     return out_path
 
 
-def clean_json(value: Any) -> Any:
-    """``value`` with NaN and infinities replaced by None, in nested dicts and lists too."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # strict JSON has no NaN/inf
-    if isinstance(value, dict):
-        return {k: clean_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [clean_json(v) for v in value]
-    return value
-
-
 def remove_stale(output_dir: Path) -> None:
     """Delete temp directories left by a save or rotation that crashed half-way."""
     for p in output_dir.iterdir():
         if _STALE_RE.match(p.name):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def apply_checkpoint(
+    loaded: LoadedCheckpoint,
+    named: Sequence[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> None:
+    """Restore parameters, optimizer, scheduler and RNG states from a read checkpoint."""
+    copy_trainable(loaded.path, loaded.trainable, named)
+    state = loaded.state
+    _load_optimizer(optimizer, [n for n, _ in named], loaded.optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(loaded.rng, state["rng"])
 
 
 def load_checkpoint(
@@ -262,13 +355,9 @@ def load_checkpoint(
     device: torch.device,
 ) -> dict[str, Any]:
     """Restore parameters, optimizer, scheduler and RNG states; return the trainer state."""
-    state = json.loads((path / STATE_FILE).read_text())
-    load_trainable(path, named)
-    opt_tensors = load_file(str(path / "optimizer.safetensors"), device=str(device))
-    _load_optimizer(optimizer, [n for n, _ in named], opt_tensors, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
-    return state
+    loaded = read_checkpoint(path, device)
+    apply_checkpoint(loaded, named, optimizer, scheduler)
+    return loaded.state
 
 
 class MetricsLog:
@@ -286,7 +375,7 @@ class MetricsLog:
     def write(self, event: dict[str, Any]) -> None:
         """Append ``event`` (NaN/inf become null) and pass it to every listener."""
         event = clean_json(event)
-        self._file.write(json.dumps(event) + "\n")
+        self._file.write(dumps_strict(event) + "\n")
         self._file.flush()
         for listener in self.listeners:
             listener(event)

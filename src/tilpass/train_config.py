@@ -15,10 +15,13 @@ from typing import Any
 
 import torch
 
-from tilpass.config_fields import coerce_fields, opt
+from tilpass.config_fields import FieldError, coerce_fields, opt
 
 SCHEDULERS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
+NONFINITE = ("stop", "skip")
+# Settings that fix the order of the data: a checkpoint resumes only a run with the same.
+DATA_ORDER_KEYS = ("seed", "batch_size", "gradient_accumulation_steps")
 
 
 @dataclass
@@ -55,29 +58,47 @@ class TrainConfig:
         True, "CLI on CPU: glibc keeps freed buffers for reuse (no page faults; RSS stays)."
     )
     progress_bar: bool = opt(True, "Show a tqdm progress bar.")
+    on_nonfinite: str = opt(
+        "stop", "NaN/inf loss or gradient: stop (error naming the step) | skip (drop the update)."
+    )
 
     def __post_init__(self) -> None:
         # YAML 1.1 reads "1e-3" as a string and CLI overrides arrive as text: coerce numbers.
         coerce_fields(self)
 
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
-        if self.lr_scheduler not in SCHEDULERS:
-            raise ValueError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        """Raise `FieldError` (a ValueError) naming the first invalid field."""
+        for name, choices in (
+            ("lr_scheduler", SCHEDULERS),
+            ("precision", PRECISIONS),
+            ("on_nonfinite", NONFINITE),
+        ):
+            if getattr(self, name) not in choices:
+                raise FieldError(
+                    name, f"{name} must be one of {choices}, got {getattr(self, name)!r}"
+                )
         for name in ("batch_size", "gradient_accumulation_steps", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            _at_least(self, name, 1)
         for name in ("max_steps", "warmup_steps", "logging_steps", "eval_steps", "save_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            _at_least(self, name, 0)
+        for name in ("save_total_limit", "early_stopping_patience", "eval_generation_samples"):
+            _at_least(self, name, 0)
+        for name in ("weight_decay", "max_grad_norm", "early_stopping_threshold", "num_epochs"):
+            _at_least(self, name, 0.0)
+        _at_least(self, "eval_max_new_tokens", 1)
         if self.max_steps == 0 and self.num_epochs <= 0:
-            raise ValueError("set max_steps > 0 or num_epochs > 0")
+            raise FieldError("max_steps", "set max_steps > 0 or num_epochs > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+            raise FieldError(
+                "warmup_ratio", f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}"
+            )
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise FieldError(name, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("learning_rate", "adam_epsilon"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise FieldError(name, f"{name} must be a finite number > 0, got {value}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -87,6 +108,12 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid: {sorted(known)}")
         return cls(**values)
+
+
+def _at_least(config: TrainConfig, name: str, low: float) -> None:
+    value = getattr(config, name)
+    if not value >= low or (isinstance(value, float) and not math.isfinite(value)):
+        raise FieldError(name, f"{name} must be >= {low}, got {value}")
 
 
 def seed_everything(seed: int) -> None:

@@ -104,3 +104,24 @@ class HookSet:
             k += 1
             unique = f"{base}.{k}"
         return unique
+
+    def loss_term_total(
+        self, step: int, terms: dict[str, torch.Tensor], parts: int
+    ) -> torch.Tensor | float:
+        """The loss terms at ``step`` for one of a step's ``parts`` micro-batches, each
+        ``/ parts``; each term's detached share is added to ``terms`` under its name."""
+        total: torch.Tensor | float = 0.0
+        for name, loss_term in self.loss_terms:
+            term = loss_term(step)
+            if term is None:
+                continue
+            if not torch.is_tensor(term) or term.numel() != 1:
+                raise TypeError(
+                    f"training hook {name!r}: loss_term() must return a scalar tensor or None, "
+                    f"got {type(term).__name__} {tuple(getattr(term, 'shape', ()))}"
+                )
+            share = term.reshape(()) / parts
+            total = total + share
+            value = share.detach().double()
+            terms[name] = terms[name] + value if name in terms else value
+        return total

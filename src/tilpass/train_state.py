@@ -27,6 +27,16 @@ class GradientFlowError(TilpassError, RuntimeError):
     """Trainable parameters received no gradient: they would silently never train."""
 
 
+class DivergenceError(TilpassError, RuntimeError):
+    """The loss, the gradients or the trained weights stopped being finite numbers."""
+
+
+def nonfinite_parameters(named: Sequence[tuple[str, nn.Parameter]]) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity."""
+    with torch.no_grad():
+        return [name for name, p in named if not bool(torch.isfinite(p).all())]
+
+
 def check_gradient_flow(named: Sequence[tuple[str, nn.Parameter]], allow_zero: bool) -> list[str]:
     """Raise :class:`GradientFlowError` for trainable parameters without a gradient.
 
@@ -65,6 +75,14 @@ class GradientAudit:
         zero = set(check_gradient_flow(self.pending, allow_zero=self.checks < GRAD_CHECK_STEPS))
         self.pending = [(name, p) for name, p in self.named if name in zero]
 
+    def find_unused(self, loss_tokens: int) -> GradientFlowError | None:
+        """:meth:`check`, returning the error instead of raising it (the caller decides)."""
+        try:
+            self.check(loss_tokens)
+        except GradientFlowError as exc:
+            return exc
+        return None
+
 
 @dataclass
 class StepOutput:
@@ -99,7 +117,10 @@ class LogWindow:
         self.steps += 1
 
     def means(self, term_names: Sequence[str]) -> tuple[float, dict[str, float]]:
-        """Loss per loss token plus the mean loss terms per step, and those terms by name."""
+        """Loss per loss token plus the mean loss terms per step, and those terms by name
+        (NaN when every step of the window was skipped for a non-finite loss)."""
+        if self.steps == 0:
+            return float("nan"), dict.fromkeys(term_names, float("nan"))
         terms = {
             n: float(self.terms[n]) / self.steps if n in self.terms else 0.0 for n in term_names
         }
@@ -126,5 +147,6 @@ class LoopState:
     stop: bool = False
     stopped_early: bool = False
     train_loss: float | None = None  # last logged train loss
+    skipped_steps: int = 0  # steps dropped for a non-finite loss or gradient (on_nonfinite: skip)
     last_eval: dict[str, Any] = field(default_factory=dict)
     last_checkpoint: Path | None = None

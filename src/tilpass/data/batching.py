@@ -102,13 +102,16 @@ def build_dataset(
     stats.n_examples = len(examples)
     if not examples and masked_example is not None:
         loc, enc = masked_example
-        shown = enc.text if len(enc.text) <= 2000 else enc.text[:2000] + "..."
+        kept = tokenizer.decode(enc.input_ids)  # what training sees: the truncated text
+        shown = kept if len(kept) <= 2000 else kept[:2000] + "..."
+        cut = " (cut here by max_length)" if enc.truncated else ""
         raise DataError(
             f"{stats.path}: all {stats.n_all_masked} examples have no answer tokens after "
             f"tokenization with {_template_name(tokenizer)} and max_length={max_length}: the "
             "template does not render the answer where its generation prompt ends, or "
-            "truncation cut every answer (raise --max-length). Rendered example "
-            f"({loc}, {len(enc.input_ids)} tokens kept):\n{shown}"
+            "truncation cut every answer (raise data.max_length, --data.max_length on the "
+            f"command line). Example as tokenized ({loc}, {len(enc.input_ids)} tokens kept"
+            f"{cut}):\n{shown}"
         )
     if not examples:
         raise DataError(f"{stats.path}: no usable examples ({stats.n_bad_rows} bad rows skipped)")

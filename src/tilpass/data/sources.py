@@ -16,7 +16,10 @@ from typing import Any
 
 FORMATS: tuple[str, ...] = ("chat", "prompt_completion", "alpaca", "text")
 
-_SKIP_HINT = "Fix the row, or pass --skip-bad-rows (skip_bad_rows=True) to skip bad rows."
+_SKIP_HINT = (
+    "Fix the row, or skip bad rows: tilpass train / eval --skip-bad-rows (data.skip_bad_rows: "
+    "true in a run config; skip_bad_rows=True in Python)."
+)
 _MESSAGE_SHAPE = 'a list of {"role": str, "content": str} objects'
 
 
@@ -113,7 +116,9 @@ def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}); fix the file") from e
+            raise DataError(
+                f"{path}, line {e.lineno}, column {e.colno}: invalid JSON ({e.msg}); fix the file"
+            ) from e
         data = obj.get("data")
         if not isinstance(data, list):
             raise DataError(f'{path}: expected a JSON list of records or {{"data": [...]}}')
@@ -134,7 +139,8 @@ def _rows_json(path: Path) -> Iterator[tuple[str, Any]]:
 
     def fail(i: int, what: str) -> DataError:
         hint = "fix the file (a broken JSON list cannot be skipped row by row; JSONL can)"
-        return DataError(f"{path}, line {line_at(i)}: {what}; {hint}")
+        column = i - text.rfind("\n", 0, i)  # 1-based, in characters
+        return DataError(f"{path}, line {line_at(i)}, column {column}: {what}; {hint}")
 
     expect_value = True
     while True:
@@ -246,6 +252,15 @@ def _string(record: Mapping[str, Any], key: str, optional: bool = False) -> str:
     return value
 
 
+def _answer(record: Mapping[str, Any], key: str) -> str:
+    """A required answer field: a string with some text (an empty answer trains the model to
+    stop at once, and is almost always a data mistake)."""
+    value = _string(record, key)
+    if not value.strip():
+        raise _RowError(f'"{key}" is empty; expected the answer text')
+    return value
+
+
 def _normalize(value: Any, fmt: str) -> dict[str, Any]:
     """Check one record against its format and keep only that format's fields."""
     if not isinstance(value, Mapping):
@@ -270,14 +285,17 @@ def _normalize(value: Any, fmt: str) -> dict[str, Any]:
             clean.append({"role": message["role"], "content": message["content"]})
         if not any(m["role"] == "assistant" for m in clean):
             raise _RowError('expected at least one message with role "assistant"')
+        for j, message in enumerate(clean):
+            if message["role"] == "assistant" and not message["content"].strip():
+                raise _RowError(f'messages[{j}] is an assistant message with empty "content"')
         return {"messages": clean}
     if fmt == "prompt_completion":
-        return {"prompt": _string(value, "prompt"), "completion": _string(value, "completion")}
+        return {"prompt": _string(value, "prompt"), "completion": _answer(value, "completion")}
     if fmt == "alpaca":
         return {
             "instruction": _string(value, "instruction"),
             "input": _string(value, "input", optional=True),
-            "output": _string(value, "output"),
+            "output": _answer(value, "output"),
         }
     if fmt == "text":
         return {"text": _string(value, "text")}
@@ -292,6 +310,14 @@ def _record_format(record: Mapping[str, Any], fmt: str | None) -> str:
             '"messages", "prompt"/"completion", "instruction"/"output" or "text"'
         )
     return fmt
+
+
+def peek_format(path: str | Path) -> str | None:
+    """The format of a data file's first record, read without loading the rest (None if the
+    first record is not an object or has none of the formats' keys)."""
+    for _, value in _iter_rows(Path(path)):
+        return detect_format(value) if isinstance(value, Mapping) else None
+    return None
 
 
 def _load(
@@ -311,7 +337,8 @@ def _load(
                 raise DataError(
                     f"{loc}: cannot tell the data format from the keys {sorted(value)}; expected "
                     '"messages", "prompt" and "completion", "instruction" and "output", or '
-                    '"text" (or pass format=)'
+                    '"text" (or set the format: data.format in a run config, --data.format on '
+                    "the command line, format= in Python)"
                 )
         try:
             if isinstance(value, _Bad):
