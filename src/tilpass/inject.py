@@ -230,7 +230,9 @@ def _layer_for(model: nn.Module, name: str, method: Method) -> AdapterLayer:
 
 
 def _same_method(layer: AdapterLayer, method: Method) -> bool:
-    return type(layer).__module__ == method.make_layer.__module__
+    """A method's layers live in the module of its factory, or in its package's modules."""
+    home = method.make_layer.__module__
+    return type(layer).__module__ == home or type(layer).__module__.startswith(home + ".")
 
 
 def find_saved(model: nn.Module, entries: list[str] | None) -> list[str]:

@@ -1,4 +1,5 @@
-"""LoRA (with rsLoRA scaling and the DoRA variant) over Linear, GPT-2 Conv1D and Embedding.
+"""LoRA (with rsLoRA scaling and the DoRA variant) over Linear, GPT-2 Conv1D, Embedding and
+Conv1d / Conv2d / Conv3d.
 
 For a frozen weight W (out, in) and each active adapter with A (r, in), B (out, r):
 
@@ -12,19 +13,39 @@ The layer keeps the base weight under its own key (`q_proj.weight`, not `base_la
 so the adapted model's base keys are the base model's. Merging adds `s B A` into W in place;
 unmerging subtracts it again.
 
-Files: `config.py` (LoraConfig), `layers.py` (the layers), `dora.py` (the DoRA variant),
-`fused.py` (a Linear layer's adapter and frozen base as one autograd node).
+A convolution's adapter is two convolutions, A with the base's kernel and B 1 x 1
+(`conv.py`); `lora_bias=True` gives B a bias, scaled with B and merged into the base bias.
+
+Files: `config.py` (LoraConfig), `layers.py` (the shared base and the Linear layer),
+`embedding.py` and `conv.py` (the other layer kinds), `dora.py` (the DoRA variant per layer
+kind), `init.py` (PiSSA, OLoRA and orthogonal initialisation), `unsupported.py` (PEFT's
+research variants, refused), `fused.py` (a Linear layer's adapter and frozen base as one
+autograd node).
 """
 
+from torch import nn
+
+from tilpass.layers import is_linear_like
 from tilpass.methods.lora.config import LoraConfig
-from tilpass.methods.lora.layers import (
-    AdapterSpec,
-    LoraEmbedding,
-    LoraLayer,
-    LoraLinear,
-    make_layer,
-)
+from tilpass.methods.lora.conv import CONV_TYPES, LoraConv
+from tilpass.methods.lora.embedding import LoraEmbedding
+from tilpass.methods.lora.layers import AdapterSpec, LoraLayer, LoraLinear
 from tilpass.methods.registry import Method
+
+
+def make_layer(module: nn.Module) -> LoraLayer:
+    """Wrap a supported module in its LoRA layer, or raise naming the unsupported type."""
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, CONV_TYPES):
+        return LoraConv(module)
+    if is_linear_like(module):
+        return LoraLinear(module)
+    raise TypeError(
+        "LoRA supports torch.nn.Linear (and linear-like layers), transformers Conv1D, "
+        f"torch.nn.Embedding and torch.nn.Conv1d / Conv2d / Conv3d, not {type(module).__name__}"
+    )
+
 
 METHOD = Method(
     name="lora",
@@ -37,6 +58,7 @@ __all__ = [
     "METHOD",
     "AdapterSpec",
     "LoraConfig",
+    "LoraConv",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
