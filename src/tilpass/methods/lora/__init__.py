@@ -13,11 +13,14 @@ The layer keeps the base weight under its own key (`q_proj.weight`, not `base_la
 so the adapted model's base keys are the base model's. Merging adds `s B A` into W in place;
 unmerging subtracts it again.
 
+A MultiheadAttention's adapter, and one on bare parameters (`target_parameters`, e.g.
+mixture-of-experts weights), adds s B A to the parameters for the call (`parameter.py`).
 A convolution's adapter is two convolutions, A with the base's kernel and B 1 x 1
 (`conv.py`); `lora_bias=True` gives B a bias, scaled with B and merged into the base bias.
 
 Files: `config.py` (LoraConfig), `layers.py` (the shared base and the Linear layer),
-`embedding.py` and `conv.py` (the other layer kinds), `dora.py` (the DoRA variant per layer
+`embedding.py`, `conv.py` and `parameter.py` (the other layer kinds),
+`trainable_tokens.py` (`trainable_token_indices`), `dora.py` (the DoRA variant per layer
 kind), `init.py` (PiSSA, OLoRA and orthogonal initialisation), `unsupported.py` (PEFT's
 research variants, refused), `fused.py` (a Linear layer's adapter and frozen base as one
 autograd node).
@@ -30,11 +33,14 @@ from tilpass.methods.lora.config import LoraConfig
 from tilpass.methods.lora.conv import CONV_TYPES, LoraConv
 from tilpass.methods.lora.embedding import LoraEmbedding
 from tilpass.methods.lora.layers import AdapterSpec, LoraLayer, LoraLinear
+from tilpass.methods.lora.parameter import LoraParameters, for_attention
 from tilpass.methods.registry import Method
 
 
-def make_layer(module: nn.Module) -> LoraLayer:
+def make_layer(module: nn.Module) -> LoraLayer | LoraParameters:
     """Wrap a supported module in its LoRA layer, or raise naming the unsupported type."""
+    if isinstance(module, nn.MultiheadAttention):
+        return for_attention(module)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
     if isinstance(module, CONV_TYPES):
@@ -43,7 +49,8 @@ def make_layer(module: nn.Module) -> LoraLayer:
         return LoraLinear(module)
     raise TypeError(
         "LoRA supports torch.nn.Linear (and linear-like layers), transformers Conv1D, "
-        f"torch.nn.Embedding and torch.nn.Conv1d / Conv2d / Conv3d, not {type(module).__name__}"
+        "torch.nn.Embedding, torch.nn.Conv1d / Conv2d / Conv3d and torch.nn.MultiheadAttention "
+        f"(and bare parameters through target_parameters), not {type(module).__name__}"
     )
 
 
@@ -62,5 +69,6 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraParameters",
     "make_layer",
 ]

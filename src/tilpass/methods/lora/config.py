@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
+from functools import partial
 from typing import Any
 
 from tilpass.config import TargetedConfig
@@ -12,6 +13,8 @@ from tilpass.config_fields import opt
 from tilpass.methods.lora.dora import DORA
 from tilpass.methods.lora.init import check_init
 from tilpass.methods.lora.layers import AdapterSpec
+from tilpass.methods.lora.parameter import for_parameters, parameter_owners
+from tilpass.methods.lora.trainable_tokens import TokenSpec, TrainableTokens, token_targets
 from tilpass.methods.lora.unsupported import RESEARCH_FIELDS, check_supported
 
 LOW_RANK = 4
@@ -33,6 +36,10 @@ class LoraConfig(TargetedConfig):
             the base weight replaced by its residual (as PEFT does); "orthogonal" = A, B from
             orthogonal halves of one random rotation, so B A = 0 with both non-zero.
         lora_bias: B gets a bias too (file key `lora_B.bias`); merging adds it to the base bias.
+        target_parameters: parameter names (exact or dotted suffix) to adapt directly, for
+            modules that use a weight without a linear layer (mixture-of-experts experts).
+        trainable_token_indices: token ids whose embedding rows train in full (PEFT's
+            TrainableTokens): a list for the input embedding, or {module name: ids}.
         rank_pattern / alpha_pattern: per-module overrides, keys matched like target_modules.
         Targeting fields (target_modules, ...) are `TargetedConfig`'s.
     """
@@ -56,6 +63,12 @@ class LoraConfig(TargetedConfig):
     )
     layers_pattern: list[str] | str | None = opt(
         None, "Name of the module list that holds the layers (e.g. layers, h)."
+    )
+    target_parameters: list[str] | None = opt(
+        None, "Bare parameters to adapt, e.g. [feed_forward.experts.gate_up_proj] (MoE weights)."
+    )
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = opt(
+        None, "Token ids whose embedding rows train in full: [ids] or {embedding name: [ids]}."
     )
     rank_pattern: dict[str, int] = opt({}, "Per-module rank overrides: {name or regex: r}.")
     alpha_pattern: dict[str, float] = opt({}, "Per-module alpha overrides: {name: alpha}.")
@@ -125,6 +138,35 @@ class LoraConfig(TargetedConfig):
             init=self.init_lora_weights if initialize else None,
             lora_bias=self.lora_bias,
         )
+
+    def extra_layers(self, model: Any, initialize: bool) -> list[tuple[str, Any, Any]]:
+        """The owners of `target_parameters` and the embeddings `trainable_token_indices`
+        names, each with its layer factory and settings."""
+        return self._parameter_layers(model, initialize) + self._token_layers(model, initialize)
+
+    def _parameter_layers(self, model: Any, initialize: bool) -> list[tuple[str, Any, Any]]:
+        if not self.target_parameters:
+            return []
+        owners = parameter_owners(model, self.target_parameters)
+        return [
+            (name, partial(for_parameters, names=params), self.layer_spec(name, initialize))
+            for name, params in owners.items()
+        ]
+
+    def _token_layers(self, model: Any, initialize: bool) -> list[tuple[str, Any, Any]]:
+        if not self.trainable_token_indices:
+            return []
+        targets = token_targets(model, self.trainable_token_indices)
+        clash = sorted(set(targets) & set(self.modules_to_save or []))
+        _check(
+            not clash,
+            f"{clash} is in both modules_to_save and trainable_token_indices; train it fully "
+            "(modules_to_save) or some of its rows (trainable_token_indices), not both",
+        )
+        init = True if initialize else None  # PEFT starts the rows as the base rows, always
+        return [
+            (name, TrainableTokens, TokenSpec(tuple(ids), init)) for name, ids in targets.items()
+        ]
 
 
 def pattern_value(patterns: dict, name: str, default: float) -> float:
