@@ -40,9 +40,10 @@ RESEARCH_INITS: dict[str, str] = {
 
 SUPPORTED = (
     "plain LoRA, rsLoRA (use_rslora), DoRA (use_dora), lora_bias, lora_dropout, "
-    "rank_pattern / alpha_pattern, modules_to_save, and init_lora_weights = True, False, "
-    "'gaussian', 'pissa', 'pissa_niter_K', 'olora' or 'orthogonal'; on nn.Linear, "
-    "transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d and nn.Conv3d"
+    "rank_pattern / alpha_pattern, modules_to_save, trainable_token_indices, target_parameters, "
+    "and init_lora_weights = True, False, 'gaussian', 'pissa', 'pissa_niter_K', 'olora' or "
+    "'orthogonal'; on nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d, nn.Conv2d, "
+    "nn.Conv3d and nn.MultiheadAttention"
 )
 
 
