@@ -94,11 +94,13 @@ def test_attention_matches_the_float64_reference_and_merges() -> None:
     expected = outputs(reference, x)
     assert not torch.allclose(expected, outputs(seeded(Attention, torch.float64), x))
     torch.testing.assert_close(outputs(model, x), expected, **TOL64)
+    with model.disable_adapter():
+        assert torch.equal(outputs(model, x), outputs(seeded(Attention, torch.float64), x))
     model.merge_adapter()
     torch.testing.assert_close(outputs(model, x), expected, **TOL64)
     model.unmerge_adapter()
-    with model.disable_adapter():
-        assert torch.equal(outputs(model, x), outputs(seeded(Attention, torch.float64), x))
+    base = seeded(Attention, torch.float64).mha
+    torch.testing.assert_close(model.base_model.mha.in_proj_weight, base.in_proj_weight, **TOL64)
     plain = model.merge_and_unload()
     torch.testing.assert_close(outputs(plain, x), expected, **TOL64)
 
@@ -134,10 +136,34 @@ def test_expert_parameters_match_the_float64_reference() -> None:
     torch.testing.assert_close(outputs(model, x), outputs(reference, x), **TOL64)
 
 
-def test_attention_peft_parity_both_ways(tmp_path: Path) -> None:
-    pytest.importorskip("peft")
+def doubled_out_proj(model: tilpass.AdaptedModel) -> tilpass.AdaptedModel:
+    """PEFT 0.21.2 applies a MultiheadAttention's out_proj update twice (its forward merges
+    the out_proj delta into the weight and then merges the wrapped out_proj layer as well);
+    tilpass applies s B A once, as the method defines. Doubling B reproduces PEFT's outputs."""
+    key = "base_model.model.mha.base_layer.out_proj.lora_B.weight"
+    with torch.no_grad():
+        model.adapter_state_dict("default")[key].mul_(2)
+    return model
+
+
+def test_attention_peft_files_both_ways(tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
     settings = {"r": 4, "lora_alpha": 8, "target_modules": ["mha"], "init_lora_weights": False}
-    peft_both_ways(lambda: seeded(Attention), settings, attention_input(), tmp_path)
+    x = attention_input()
+    theirs = peft.get_peft_model(seeded(Attention), peft.LoraConfig(**settings)).eval()
+    perturb([p for p in theirs.parameters() if p.requires_grad], seed=11)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = tilpass.AdaptedModel.from_pretrained(seeded(Attention), tmp_path / "peft").eval()
+    assert not torch.allclose(outputs(ours, x), outputs(seeded(Attention), x))
+    torch.testing.assert_close(outputs(doubled_out_proj(ours), x), outputs(theirs, x))
+    model = tilpass.get_peft_model(seeded(Attention), tilpass.LoraConfig(**settings)).eval()
+    perturb(model.adapter_parameters("default"), seed=12)
+    model.save_pretrained(tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(seeded(Attention), tmp_path / "ours").eval()
+    assert set(model.adapter_state_dict("default")) == set(
+        peft.utils.get_peft_model_state_dict(loaded)
+    )
+    torch.testing.assert_close(outputs(loaded, x), outputs(doubled_out_proj(model), x))
 
 
 def test_target_parameters_peft_parity_both_ways(tmp_path: Path) -> None:

@@ -30,7 +30,6 @@ class LoraEmbedding(LoraLayer):
         super().__init__(base)
         self.num_embeddings, self.embedding_dim = base.weight.shape
         self.out_features = self.embedding_dim  # what DoRA's magnitude is per
-        self.transposed = True  # W is (vocab, dim): DoRA's norms run over the vocabulary
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
@@ -104,7 +103,10 @@ class LoraEmbedding(LoraLayer):
     def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
         h = self.embed(x, a.T)  # (..., r)
-        lora = F.linear(h, b).to(result.dtype) * self.specs[name].scale  # (..., dim)
+        # (s B)^T as the mixed path stacks it, so a mixed batch's rows round the same way
+        b_t = (b.T * self.specs[name].scale).contiguous()  # (r, dim)
+        lora = torch.mm(h.reshape(-1, h.shape[-1]), b_t).view(*h.shape[:-1], -1)  # (..., dim)
+        lora = lora.to(result.dtype)
         if self.specs[name].variant is not None:
             return EMBEDDING_DORA.scaled(self, name, result, lora)
         return result + lora

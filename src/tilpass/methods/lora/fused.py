@@ -40,7 +40,7 @@ class LoraLinearFunction(torch.autograd.Function):
         # A^T and (s B)^T, contiguous: the same operands, rounded the same way, as the no-grad and
         # mixed-batch paths use, so all three give the same result bit for bit.
         b_t = (b.T * scale).contiguous()  # (r, out)
-        out = torch.mm(h, b_t) if bias is None else torch.addmm(bias, h, b_t)
+        out = lora_plus_bias(h, b_t, bias)
         out.addmm_(x2d, w_t)  # the base GEMM adds itself to the LoRA term
         ctx.save_for_backward(xd2d, h, a, b, w_t)
         ctx.scale = scale
@@ -73,3 +73,13 @@ class LoraLinearFunction(torch.autograd.Function):
             if need_xd:
                 grad_xd = torch.mm(gh, a).view(ctx.xd_shape)
         return grad_x, grad_xd, grad_a, grad_b, None, None, None
+
+
+def lora_plus_bias(h: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """h (s B)^T + bias as (n, out), the bias added after the product (not as addmm's C).
+
+    A mixed batch adds its per-group products onto the bias; adding the bias after the GEMM
+    here rounds the same way, so each row of a mixed batch equals its single-adapter run.
+    """
+    out = torch.mm(h, b_t)
+    return out if bias is None else out.add_(bias)

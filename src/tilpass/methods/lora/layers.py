@@ -23,7 +23,7 @@ from tilpass.layers import (
     linear_features,
 )
 from tilpass.methods.lora.dora import DoraVariant
-from tilpass.methods.lora.fused import LoraLinearFunction
+from tilpass.methods.lora.fused import LoraLinearFunction, lora_plus_bias
 from tilpass.methods.lora.init import reads_weight, weight_init
 from tilpass.routing import Plan, grouped_lora
 
@@ -417,7 +417,7 @@ class LoraLinear(LoraLayer):
             a_t, b_t = self._inference_pair(name, a, b, spec.scale)
             x2d = x.reshape(-1, self.in_features)
             h = torch.mm(x2d, a_t)  # (n, r)
-            out = torch.mm(h, b_t) if bias is None else torch.addmm(bias, h, b_t)  # (n, out)
+            out = lora_plus_bias(h, b_t, bias)  # (n, out)
             out.addmm_(x2d, w if self.transposed else w.T)
             return out.view(*x.shape[:-1], self.out_features)
         if (
