@@ -210,3 +210,36 @@ def test_trainable_tokens_peft_parity_both_ways(tmp_path: Path) -> None:
         "init_lora_weights": False,
     }
     peft_both_ways(tiny_llama, settings, tokens(), tmp_path)
+
+
+def test_trainable_tokens_mixed_batch_rows_equal_single_runs() -> None:
+    config = tilpass.LoraConfig(
+        target_modules=["q_proj"], trainable_token_indices=[3, 5, 7, 9], init_lora_weights=False
+    )
+    model = tilpass.get_peft_model(tiny_llama(), config).eval()
+    model.add_adapter(
+        "other",
+        tilpass.LoraConfig(
+            target_modules=["q_proj"], trainable_token_indices=[5, 11], init_lora_weights=False
+        ),
+    )
+    for name in ("default", "other"):
+        perturb(model.adapter_parameters(name), seed=len(name))
+    x = torch.tensor([[3, 5, 7, 9, 11, 4]] * 3)
+    names = ["default", "other", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=names).logits
+        with model.disable_adapter():
+            expected = {"__base__": model(input_ids=x).logits}
+        for name in names[:2]:
+            model.set_adapter(name)
+            expected[name] = model(input_ids=x).logits
+    for row, name in enumerate(names):
+        assert torch.allclose(mixed[row], expected[name][row]), name
+
+
+def test_mixed_batches_through_parameter_targets_refuse_clearly() -> None:
+    model = tilpass.get_peft_model(seeded(Attention), tilpass.LoraConfig(target_modules=["mha"]))
+    model.add_adapter("other", tilpass.LoraConfig(target_modules=["mha"]))
+    with pytest.raises(NotImplementedError, match="does not support mixed-adapter batches"):
+        model(attention_input(), adapter_names=["default", "other", "default", "other"])
