@@ -125,7 +125,7 @@ def test_plain_torch_module_works() -> None:
         ("r", 0, "r must be a positive integer"),
         ("lora_alpha", 0, "lora_alpha must be > 0"),
         ("lora_dropout", 1.0, r"lora_dropout must be in \[0, 1\)"),
-        ("init_lora_weights", "pissa", "init_lora_weights must be"),
+        ("init_lora_weights", "pissa_fast", "init_lora_weights must be"),
         ("rank_pattern", {"q_proj": 0}, "rank_pattern"),
     ],
 )

@@ -34,6 +34,7 @@ class Row:
     reference: Callable[[nn.Linear, AdapterLayer, str, torch.Tensor], torch.Tensor]
     peft_config: Callable[[Any], Any] | None = None  # (peft module) -> peft config, same init
     mixed_batches: bool = True  # False: a routed batch must refuse with a clear error
+    merges: bool = True  # False: merging the tiny Llama must refuse with a clear error
 
     def __str__(self) -> str:
         return self.name
@@ -63,6 +64,16 @@ def _dora_ref(base: nn.Linear, layer: AdapterLayer, name: str, x: torch.Tensor) 
     )
 
 
+def _lora_bias_ref(
+    base: nn.Linear, layer: AdapterLayer, name: str, x: torch.Tensor
+) -> torch.Tensor:
+    t = layer.adapter_tensors(name)
+    scale = layer.specs[name].scale
+    shift = scale * t["lora_B.bias"]
+    bias = shift if base.bias is None else base.bias + shift
+    return lora_ref.linear(x, base.weight, bias, t["lora_A.weight"], t["lora_B.weight"], scale)
+
+
 def _ia3(**kw: Any) -> AdapterConfig:
     from tilpass.methods.ia3 import IA3Config
 
@@ -74,18 +85,26 @@ def _ia3_ref(base: nn.Linear, layer: AdapterLayer, name: str, x: torch.Tensor) -
     return ia3_ref.linear(x, base.weight, base.bias, layer.adapter_tensors(name)["ia3_l"], ff)
 
 
-def _peft_lora(peft: Any) -> Any:
+def _peft_lora(peft: Any, **kw: Any) -> Any:
     return peft.LoraConfig(
         r=4,
         lora_alpha=8,
         target_modules=["q_proj", "v_proj", "down_proj"],
         init_lora_weights=False,
+        **kw,
     )
 
 
 ROWS = [
     Row("lora", _lora, _lora_ref, _peft_lora),
     Row("dora", lambda **kw: _lora(use_dora=True, **kw), _dora_ref, mixed_batches=False),
+    Row(
+        "lora-bias",
+        lambda **kw: _lora(lora_bias=True, **kw),
+        _lora_bias_ref,
+        lambda peft: _peft_lora(peft, lora_bias=True),
+        merges=False,  # the tiny Llama's projections have no bias to merge B's bias into
+    ),
     Row(
         "ia3",
         _ia3,
@@ -214,6 +233,10 @@ def test_mixed_batch_follows_in_place_updates(row: Row) -> None:
 def test_merge_equals_unmerged_and_unmerge_restores_the_base(row: Row) -> None:
     x = tokens()
     model = adapted(row)
+    if not row.merges:
+        with pytest.raises(RuntimeError, match="has no bias"):
+            model.merge_adapter()
+        return
     before = {k: v.clone() for k, v in model.base_model.state_dict().items() if "." in k}
     unmerged = logits(model, x)
     model.merge_adapter()

@@ -9,6 +9,7 @@ import torch
 
 from tilpass.errors import AdapterNameError
 from tilpass.routing import (
+    MIN_GROUP_ROWS,
     AdapterIds,
     Routing,
     build_plan,
@@ -61,8 +62,12 @@ def test_grouped_lora_equals_per_token_loop(
 
 
 def test_plan_shapes() -> None:
-    equal = build_plan(torch.tensor([0, 1, 0, 1]), 4, torch.device("cpu"))
-    assert equal.mask is None and equal.index is not None and equal.index.shape == (2, 2)
+    equal = build_plan(torch.tensor([0, 1, 0, 1]), 8, torch.device("cpu"))
+    assert equal.mask is None and equal.index is not None and equal.index.shape == (2, 4)
+    # groups get at least MIN_GROUP_ROWS slots (so BLAS rounds each row as in one GEMM)
+    small = build_plan(torch.tensor([0, 1, 0, 1]), 4, torch.device("cpu"))
+    assert small.index is not None and small.index.shape == (2, MIN_GROUP_ROWS)
+    assert small.mask is not None and int(small.mask.sum()) == 4
     ragged = build_plan(torch.tensor([0, 0, 0, 1]), 8, torch.device("cpu"))
     assert ragged.index is not None and ragged.index.shape == (2, 6) and ragged.mask is not None
     assert int(ragged.mask.sum()) == 8

@@ -102,7 +102,8 @@ def test_every_field_is_reachable_from_the_command_line() -> None:
         ({"lora": 3}, "run.yaml: lora: expected a mapping of keys, got 3"),
         (
             {"lora": {"task_type": "CAUSAL_LM"}},
-            "run.yaml: lora: unknown key(s) task_type; valid keys: alpha_pattern, bias,",
+            "run.yaml: lora: unknown key(s) task_type; valid keys: alora_invocation_tokens, "
+            "alpha_pattern, arrow_config, bias,",
         ),
         (
             {"method": "adalora"},

@@ -82,6 +82,11 @@ class AdapterConfig:
     def describe_layers(self, layers: list[Any]) -> None:
         """Record what the injected layers found (e.g. GPT-2's transposed layout)."""
 
+    def extra_layers(self, model: Any, initialize: bool) -> list[tuple[str, Any, Any]]:
+        """Modules this adapter wraps besides its targets, as (name as written, layer factory,
+        the layer's settings); e.g. LoRA's `trainable_token_indices`. Most methods have none."""
+        return []
+
     def save(self, directory: str | Path) -> Path:
         """Write `adapter_config.json` atomically into `directory`."""
         from tilpass.adapter_files import atomic_write_bytes

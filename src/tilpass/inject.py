@@ -191,7 +191,9 @@ def inject(
         The adapted module names.
     """
     select = method.select_targets or find_targets
-    names = select(model, config)
+    extras = config.extra_layers(model, initialize)
+    only_extras = bool(extras) and not getattr(config, "target_modules", None)
+    names = [] if only_extras else select(model, config)
     for name in names:
         layer = _layer_for(model, name, method)
         try:
@@ -204,6 +206,15 @@ def inject(
             module = ModulesToSave(module).train(module.training)
             replace_module(model, name, module)
         module.add_adapter(adapter_name, adapter_id, None)
+    for entry, factory, spec in extras:
+        for name in find_saved(model, [entry]):
+            module = model.get_submodule(name)
+            if not isinstance(module, AdapterLayer):
+                module = factory(module).train(module.training)
+                replace_module(model, name, module)
+            elif not _same_method(module, method):
+                raise TargetModulesError(f"{name} already carries a {type(module).__name__}")
+            module.add_adapter(adapter_name, adapter_id, spec)
     return names
 
 
@@ -230,7 +241,9 @@ def _layer_for(model: nn.Module, name: str, method: Method) -> AdapterLayer:
 
 
 def _same_method(layer: AdapterLayer, method: Method) -> bool:
-    return type(layer).__module__ == method.make_layer.__module__
+    """A method's layers live in the module of its factory, or in its package's modules."""
+    home = method.make_layer.__module__
+    return type(layer).__module__ == home or type(layer).__module__.startswith(home + ".")
 
 
 def find_saved(model: nn.Module, entries: list[str] | None) -> list[str]:

@@ -56,26 +56,35 @@ class ModulesToSave(AdapterLayer):
                     return self.modules_to_save[name]
         return self.original_module
 
-    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The active copy's forward; in a routed batch, each row's copy. The input may come
+        positionally or by keyword (`head(hidden_states=h)`)."""
         routing = current_routing()
-        if self.disabled or routing is None or not isinstance(x, torch.Tensor):
-            return self.current()(x, *args, **kwargs)
+        key, x = routed_input(args, kwargs)
+        if self.disabled or routing is None or x is None:
+            return self.current()(*args, **kwargs)
         plan = routing.plan(self.rows(x), x.device)
         if plan.single is not None:
             name = self.name_of.get(plan.single)
             module = self.modules_to_save[name] if name is not None else self.original_module
-            return module(x, *args, **kwargs)
-        return self.mixed_forward(x, plan, *args, **kwargs)
+            return module(*args, **kwargs)
+        return self.mixed_forward(x, plan, *args, routed_key=key, **kwargs)
 
-    def mixed_forward(self, x: Any, plan: Plan, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def mixed_forward(  # type: ignore[override]
+        self, x: torch.Tensor, plan: Plan, *args: Any, routed_key: int | str = 0, **kwargs: Any
+    ) -> torch.Tensor:
         """Each distinct copy runs on its own rows (a full copy per adapter is rare: heads,
-        so one call per adapter present is acceptable here)."""
-        out = self.original_module(x, *args, **kwargs)
+        so one call per adapter present is acceptable here). `routed_key` says where `x`
+        sits among the arguments (a position or a keyword)."""
+        out = self.original_module(*args, **kwargs)
         if not isinstance(out, torch.Tensor):
-            raise NotImplementedError(
-                f"a mixed batch through the modules_to_save module "
-                f"{type(self.original_module).__name__} needs a module that returns one "
-                "tensor; run each adapter's rows in a batch of their own"
+            # A tuple's parts need not share the batch axis (an RNN's h_n is batched on dim 1),
+            # so rows cannot be spliced back generically; PEFT refuses the same way.
+            raise TypeError(
+                f"Mixed batching is only supported for the following modules: {MIXED_TYPES}. "
+                f"The modules_to_save module {type(self.original_module).__name__} returns a "
+                f"{type(out).__name__}, not one tensor, so its rows cannot be routed per "
+                "adapter; run each adapter's rows in a batch of their own"
             )
         assert plan.token_ids is not None
         per_row = plan.token_ids.view(x.shape[0], -1)
@@ -88,5 +97,31 @@ class ModulesToSave(AdapterLayer):
         for name, adapter_id in self.ids.items():
             sel = (rows == adapter_id).nonzero().squeeze(1)
             if sel.numel():
-                out = out.index_copy(0, sel, self.modules_to_save[name](x[sel], *args, **kwargs))
+                sub_args, sub_kwargs = with_input(args, kwargs, routed_key, x[sel])
+                out = out.index_copy(0, sel, self.modules_to_save[name](*sub_args, **sub_kwargs))
         return out
+
+
+MIXED_TYPES = "Linear, Embedding, Conv1d, Conv2d, Conv3d (and any module returning one tensor)"
+
+
+def routed_input(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[int | str, torch.Tensor | None]:
+    """Where the batch input is (the first tensor argument, positional or keyword), and it."""
+    for i, value in enumerate(args):
+        if isinstance(value, torch.Tensor):
+            return i, value
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor):
+            return key, value
+    return 0, None
+
+
+def with_input(
+    args: tuple[Any, ...], kwargs: dict[str, Any], key: int | str, value: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call's arguments with the routed input at `key` replaced by `value`."""
+    if isinstance(key, str):
+        return args, {**kwargs, key: value}
+    return (*args[:key], value, *args[key + 1 :]), kwargs

@@ -7,6 +7,14 @@ magnitude m, with the row norm detached (paper, section 4.3):
 
 The LoRA layer asks its adapter's variant (None for plain LoRA) to create its extra tensors,
 to compute its forward term, and to merge / unmerge; nothing else in the layer knows DoRA.
+Creating, merging and unmerging are the same for every layer kind (the layer says along which
+axes its norm runs, `row_norm`, and how a per-output vector broadcasts, `per_output`); the
+forward differs, so Embedding and Conv layers have their own `apply`:
+
+- Embedding (PEFT's layout): the norm runs over the vocabulary, one magnitude per embedding
+  dimension: y = m / ||W + s (B A)^T||_col * (W[ids] + s A^T[ids] B^T).
+- Conv1d / 2d / 3d: one magnitude per output channel, stored (1, out, 1, ...) as PEFT does;
+  y = (m / ||.|| - 1) * conv(x, W) + m / ||.|| * s B(A(x)) + base(x).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
+    from tilpass.methods.lora.conv import LoraConv
+    from tilpass.methods.lora.embedding import LoraEmbedding
     from tilpass.methods.lora.layers import LoraLinear
 
 
@@ -28,7 +38,7 @@ class DoraVariant:
 
     def create(self, layer: LoraLinear, name: str, initialize: bool, kw: dict[str, Any]) -> None:
         """Add the magnitude vector: ||W + s B A|| per output row, or empty before a load."""
-        norm = torch.empty(layer.out_features, **kw)
+        norm = torch.empty(layer.magnitude_shape(), **kw)
         if initialize:
             with torch.no_grad():
                 norm = layer.row_norm(layer.delta_weight(name)).to(norm.dtype)
@@ -67,3 +77,37 @@ class DoraVariant:
 
 
 DORA = DoraVariant()
+
+
+class DoraEmbeddingVariant(DoraVariant):
+    """DoRA on nn.Embedding: one magnitude per embedding dimension (PEFT's layout)."""
+
+    def scaled(
+        self, layer: LoraEmbedding, name: str, result: torch.Tensor, lora: torch.Tensor
+    ) -> torch.Tensor:
+        """m / ||W + dW|| * (base result + LoRA term `lora`), the norm detached."""
+        norm = layer.row_norm(layer.delta_weight(name).detach()).detach()  # (dim,)
+        mag = (layer.lora_magnitude_vector[name] / norm).to(result.dtype)
+        return mag * result + mag * lora
+
+
+class DoraConvVariant(DoraVariant):
+    """DoRA on Conv1d / Conv2d / Conv3d: one magnitude per output channel."""
+
+    def apply(
+        self, layer: LoraConv, x: torch.Tensor, xd: torch.Tensor, result: torch.Tensor, name: str
+    ) -> torch.Tensor:
+        """The DoRA output from the base output `result` (x: input, xd: dropped input)."""
+        norm = layer.row_norm(layer.delta_weight(name).detach()).detach()  # (1, out, 1, ...)
+        mag = (layer.lora_magnitude_vector[name] / norm).to(result.dtype)
+        lora = layer.lora_term(xd, name).to(result.dtype)  # s B(A(xd)), bias-free
+        bias = layer.base_bias()
+        if xd is x:
+            base = result if bias is None else result - layer.per_channel(bias)
+        else:  # with dropout the base term is recomputed on the dropped input (as PEFT does)
+            base = layer.base_conv(xd)
+        return result + (mag - 1) * base + mag * lora
+
+
+EMBEDDING_DORA = DoraEmbeddingVariant()
+CONV_DORA = DoraConvVariant()

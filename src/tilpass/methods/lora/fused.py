@@ -36,10 +36,11 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         x2d = x.reshape(-1, x.shape[-1])
         xd2d = x2d if xd is x else xd.reshape(-1, xd.shape[-1])
-        h = torch.mm(xd2d, a.T)  # (n, r)
-        if scale != 1.0:
-            h.mul_(scale)  # s (xd A^T): scaling the rank-r side is the cheap side
-        out = torch.mm(h, b.T) if bias is None else torch.addmm(bias, h, b.T)
+        h = torch.mm(xd2d, a.T.contiguous())  # (n, r)
+        # A^T and (s B)^T, contiguous: the same operands, rounded the same way, as the no-grad and
+        # mixed-batch paths use, so all three give the same result bit for bit.
+        b_t = (b.T * scale).contiguous()  # (r, out)
+        out = lora_plus_bias(h, b_t, bias)
         out.addmm_(x2d, w_t)  # the base GEMM adds itself to the LoRA term
         ctx.save_for_backward(xd2d, h, a, b, w_t)
         ctx.scale = scale
@@ -57,7 +58,11 @@ class LoraLinearFunction(torch.autograd.Function):
         if ctx.scale != 1.0:
             gh.mul_(ctx.scale)
         grad_a = torch.mm(gh.T, xd2d) if need_a else None  # (r, in)
-        grad_b = torch.mm(g.T, h) if need_b else None  # (out, r); h carries s
+        grad_b = None
+        if need_b:
+            grad_b = torch.mm(g.T, h)  # (out, r)
+            if ctx.scale != 1.0:
+                grad_b.mul_(ctx.scale)  # (out, r): the small side
         grad_x = grad_xd = None
         if ctx.same_input:
             if need_x:  # one buffer: the adapter's input gradient accumulates into g W
@@ -68,3 +73,13 @@ class LoraLinearFunction(torch.autograd.Function):
             if need_xd:
                 grad_xd = torch.mm(gh, a).view(ctx.xd_shape)
         return grad_x, grad_xd, grad_a, grad_b, None, None, None
+
+
+def lora_plus_bias(h: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """h (s B)^T + bias as (n, out), the bias added after the product (not as addmm's C).
+
+    A mixed batch adds its per-group products onto the bias; adding the bias after the GEMM
+    here rounds the same way, so each row of a mixed batch equals its single-adapter run.
+    """
+    out = torch.mm(h, b_t)
+    return out if bias is None else out.add_(bias)

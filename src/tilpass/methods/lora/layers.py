@@ -19,13 +19,13 @@ from torch import nn
 from tilpass.layers import (
     AdapterLayer,
     has_plain_linear_forward,
-    is_linear_like,
     is_transposed,
     linear_features,
 )
 from tilpass.methods.lora.dora import DoraVariant
-from tilpass.methods.lora.fused import LoraLinearFunction
-from tilpass.routing import Plan, grouped_b, grouped_lora
+from tilpass.methods.lora.fused import LoraLinearFunction, lora_plus_bias
+from tilpass.methods.lora.init import reads_weight, weight_init
+from tilpass.routing import Plan, grouped_lora
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,7 @@ class AdapterSpec:
     use_rslora: bool = False
     variant: DoraVariant | None = None  # None: plain LoRA
     init: bool | str | None = True  # None: allocate only (the tensors are loaded next)
+    lora_bias: bool = False  # B has a bias (key lora_B.bias), scaled with B
 
     @property
     def scale(self) -> float:
@@ -74,6 +75,7 @@ class LoraLayer(AdapterLayer):
 
     MERGEABLE = True
     A_KEY: ClassVar[str] = "lora_A"
+    out_features: int  # the wrapped module's output width (channels, embedding size)
     B_KEY: ClassVar[str] = "lora_B"
 
     def __init__(self, base: nn.Module) -> None:
@@ -95,6 +97,32 @@ class LoraLayer(AdapterLayer):
 
     def invalidate(self) -> None:
         self._stack_cache = None
+
+    def variant_for(self, name: str) -> Any:
+        """Adapter `name`'s variant object for this kind of layer (None for plain LoRA)."""
+        return self.specs[name].variant
+
+    def lora_bias_of(self, name: str) -> torch.Tensor | None:
+        """Adapter `name`'s bias on B (`lora_bias=True`), or None."""
+        return None
+
+    def merge_bias(self, name: str, sign: float) -> None:
+        """Add (sign = 1) or subtract (-1) s * bias_B into the wrapped bias (`lora_bias`)."""
+        extra = self.lora_bias_of(name)
+        if extra is None:
+            return
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is None:
+            raise RuntimeError(
+                f"adapter {name!r} has lora_bias=True but the wrapped "
+                f"{type(self.base_layer).__name__} has no bias, so it cannot be merged; keep "
+                "it unmerged"
+            )
+        bias.data += (sign * self.specs[name].scale * extra.detach()).to(bias.dtype)
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """The shape of a DoRA magnitude in this layer (one entry per output)."""
+        return (self.out_features,)
 
     def delta_weight(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
         """s * B A in the wrapped weight's layout, in float32 at least."""
@@ -125,18 +153,25 @@ class LoraLayer(AdapterLayer):
         for name in self.active if names is None else names:
             if name not in self.specs or name in self.merged:
                 continue
+            self.check_mergeable(name)
             weight = self.base_layer.weight
             if self.weight_shared_with and self._shared_weight is None:
                 self._shared_weight = weight
                 weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
                 self.set_base_parameter("weight", weight)
             delta = self.delta_weight(name)
-            variant = self.specs[name].variant
+            variant = self.variant_for(name)
             if variant is not None:
                 weight.data = variant.merge(self, name, delta)
             else:
                 weight.data += delta.to(weight.dtype)
+            self.merge_bias(name, 1.0)
             self.merged.append(name)
+
+    def check_mergeable(self, name: str) -> None:
+        """Raise if adapter `name` cannot be folded into this layer's weights."""
+        if self.lora_bias_of(name) is not None and getattr(self.base_layer, "bias", None) is None:
+            self.merge_bias(name, 1.0)  # raises, naming the adapter
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -144,13 +179,16 @@ class LoraLayer(AdapterLayer):
         if self._shared_weight is not None:  # the shared tensor was never touched
             self.set_base_parameter("weight", self._shared_weight)
             self._shared_weight = None
+            for name in self.merged:
+                self.merge_bias(name, -1.0)
             self.merged.clear()
             self.variant_state.clear()
         weight = self.base_layer.weight
         while self.merged:
             name = self.merged.pop()
+            self.merge_bias(name, -1.0)
             delta = self.delta_weight(name)
-            variant = self.specs[name].variant
+            variant = self.variant_for(name)
             if variant is not None:
                 weight.data = variant.unmerge(self, name, delta)
             else:
@@ -221,7 +259,7 @@ class LoraLinear(LoraLayer):
     linear, say) is called as it is and the adapter term added to its output.
     """
 
-    STORES = ("lora_A", "lora_B", "lora_magnitude_vector")
+    STORES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
@@ -232,6 +270,7 @@ class LoraLinear(LoraLayer):
         self.known_forward = has_plain_linear_forward(base)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_B_bias = nn.ParameterDict()  # lora_bias=True: B's bias (file key lora_B.bias)
         self.lora_magnitude_vector = nn.ParameterDict()
         self._infer_cache: dict[str, tuple[Any, ...]] = {}  # no-grad operands, per adapter
 
@@ -257,7 +296,9 @@ class LoraLinear(LoraLayer):
         kw = self.tensor_options()
         a = torch.empty(spec.r, self.in_features, **kw)
         b = torch.empty(self.out_features, spec.r, **kw)
-        if spec.init is not None:  # None: left empty, every tensor is about to be loaded
+        if reads_weight(spec.init):
+            a, b = self._weight_init(spec, kw)
+        elif spec.init is not None:  # None: left empty, every tensor is about to be loaded
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             if spec.init == "gaussian":
                 nn.init.normal_(a, std=1 / spec.r)
@@ -267,14 +308,36 @@ class LoraLinear(LoraLayer):
                 nn.init.zeros_(b)
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
+        if spec.lora_bias:
+            bias = torch.zeros(self.out_features, **kw)
+            if spec.init is False:  # random, as nn.Linear(r, out) initialises its bias
+                nn.init.uniform_(bias, -1 / math.sqrt(spec.r), 1 / math.sqrt(spec.r))
+            self.lora_B_bias[name] = nn.Parameter(bias)
         self.specs[name] = spec
         if spec.variant is not None:
             spec.variant.create(self, name, spec.init is not None, kw)
+
+    def _weight_init(
+        self, spec: AdapterSpec, kw: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A, B for PiSSA / OLoRA / orthogonal (`init.py`); the first two also leave the
+        residual in the wrapped weight, as PEFT does."""
+        assert isinstance(spec.init, str)
+        a, b, residual = weight_init(spec.init, self.weight_out_in(), spec.r, spec.scale)
+        if residual is not None:
+            weight = self.base_layer.weight
+            weight.data = (residual.T if self.transposed else residual).to(weight.dtype)
+        return a.to(**kw), b.to(**kw)
+
+    def lora_bias_of(self, name: str) -> torch.Tensor | None:
+        return self.lora_B_bias._parameters.get(name)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         if name not in self.specs:
             return {}
         out = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
+        if name in self.lora_B_bias:
+            out["lora_B.bias"] = self.lora_B_bias[name]
         if name in self.lora_magnitude_vector:
             out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
         return out
@@ -308,7 +371,7 @@ class LoraLinear(LoraLayer):
         # which costs more than the rest of this hot path's Python together.
         a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
         dropping = spec.dropout and self.training
-        plain = spec.variant is None
+        plain = spec.variant is None and not spec.lora_bias
         if plain and not (torch.is_grad_enabled() or dropping) and result.is_contiguous():
             a_t, b_t = self._inference_pair(name, a, b, spec.scale)
             if x.dtype == a_t.dtype == result.dtype:
@@ -319,6 +382,9 @@ class LoraLinear(LoraLayer):
         if spec.variant is not None:
             return spec.variant.apply(self, x, xd, result, name)
         h = F.linear(xd if xd.dtype == a.dtype else xd.to(a.dtype), a)  # (..., r)
+        if spec.lora_bias:
+            lora = F.linear(h, b, self.lora_B_bias._parameters[name])  # (..., out)
+            return result + lora.to(result.dtype) * spec.scale
         if result.dtype != h.dtype or not result.is_contiguous():
             return result + F.linear(h, b).to(result.dtype) * spec.scale
         flat = result.view(-1, self.out_features)  # (n, out)
@@ -338,7 +404,7 @@ class LoraLinear(LoraLayer):
         autograd node (`fused.LoraLinearFunction`), which needs a frozen base and no autocast.
         """
         spec = self.specs[name]
-        if spec.variant is not None:
+        if spec.variant is not None or spec.lora_bias:
             return None
         a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
         w, bias = self.base_layer.weight, self.base_bias()
@@ -351,7 +417,7 @@ class LoraLinear(LoraLayer):
             a_t, b_t = self._inference_pair(name, a, b, spec.scale)
             x2d = x.reshape(-1, self.in_features)
             h = torch.mm(x2d, a_t)  # (n, r)
-            out = torch.mm(h, b_t) if bias is None else torch.addmm(bias, h, b_t)  # (n, out)
+            out = lora_plus_bias(h, b_t, bias)  # (n, out)
             out.addmm_(x2d, w if self.transposed else w.T)
             return out.view(*x.shape[:-1], self.out_features)
         if (
@@ -391,107 +457,61 @@ class LoraLinear(LoraLayer):
         return self.lora_A[name].T.to(dtype), (self.lora_B[name].T * spec.scale).to(dtype)
 
     def mixed_forward(self, x: torch.Tensor, plan: Plan, *args: Any, **kw: Any) -> torch.Tensor:
+        weight = self.base_layer.weight
+        if (
+            self.known_forward
+            and not (args or kw)
+            and x.dtype == weight.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+        ):
+            return self.mixed_fused(x, plan)
         result = self.base_forward(x, *args, **kw)
         x2d = x.reshape(-1, self.in_features)  # (n, in)
         if self.training:
-            x2d = _token_dropout(x2d, self, plan)
+            x2d = token_dropout(x2d, self, plan)
         flat = result.view(-1, self.out_features) if result.is_contiguous() else None
         if flat is None:
             flat = result.reshape(-1, self.out_features).clone()
         for sub, _, a_t, b_t in self.rank_groups(plan, x.dtype):  # one bmm pair per rank
             grouped_lora(x2d, a_t, b_t, sub, flat)
+        if self.lora_B_bias:
+            flat += self.token_bias(plan, flat.dtype)
         return flat.view(result.shape)
 
+    def mixed_fused(self, x: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """The mixed batch in the fused path's order: y = (b + s (x A_g^T) B_g^T) + x W^T.
 
-class LoraEmbedding(LoraLayer):
-    """LoRA over `nn.Embedding`: y = W[ids] + s * A^T[ids] B^T (A is (r, vocab), B (dim, r))."""
+        The per-token LoRA terms are added onto the bias first and the base GEMM accumulates
+        into them, exactly as `fused_forward` does for one adapter, so each row equals its
+        adapter's own forward bit for bit (and base rows equal the base layer's).
+        """
+        w, bias = self.base_layer.weight, self.base_bias()
+        x2d = x.reshape(-1, self.in_features)  # (n, in)
+        xd = token_dropout(x2d, self, plan) if self.training else x2d
+        n = x2d.shape[0]
+        if bias is None:
+            out = x2d.new_zeros(n, self.out_features)
+        else:
+            out = bias.to(x2d.dtype).expand(n, self.out_features).clone()  # (n, out)
+        for sub, _, a_t, b_t in self.rank_groups(plan, x.dtype):  # one bmm pair per rank
+            grouped_lora(xd, a_t, b_t, sub, out)
+        if self.lora_B_bias:
+            out += self.token_bias(plan, out.dtype)
+        out.addmm_(x2d, w if self.transposed else w.T)  # the base GEMM adds itself
+        return out.view(*x.shape[:-1], self.out_features)
 
-    STORES = ("lora_embedding_A", "lora_embedding_B")
-    A_KEY = "lora_embedding_A"
-    B_KEY = "lora_embedding_B"
-
-    def __init__(self, base: nn.Embedding) -> None:
-        super().__init__(base)
-        self.num_embeddings, self.embedding_dim = base.weight.shape
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-
-    def rows(self, x: torch.Tensor) -> int:
-        return x.numel()  # one output row per token id
-
-    def _embed(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        return F.embedding(
-            ids,
-            table,
-            base.padding_idx,
-            base.max_norm,
-            base.norm_type,
-            base.scale_grad_by_freq,
-            base.sparse,
-        )
-
-    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        if name not in self.specs:
-            return {}  # PEFT stores embedding LoRA factors as bare parameters
-        return {
-            "lora_embedding_A": self.lora_embedding_A[name],
-            "lora_embedding_B": self.lora_embedding_B[name],
-        }
-
-    def create(self, name: str, spec: AdapterSpec) -> None:
-        """Create adapter `name`: A zero and B normal (PEFT's embedding init), or both random."""
-        if spec.variant is not None:
-            raise NotImplementedError(
-                f"{spec.variant.name} is supported for Linear and Conv1D layers, not Embedding"
-            )
-        weight = self.base_layer.weight
-        kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
-        a = torch.empty(spec.r, self.num_embeddings, **kw)
-        b = torch.empty(self.embedding_dim, spec.r, **kw)
-        if spec.init is not None:  # None: left empty, every tensor is about to be loaded
-            nn.init.normal_(a)
-            nn.init.normal_(b)
-            if spec.init is not False:
-                nn.init.zeros_(a)
-        self.lora_embedding_A[name] = nn.Parameter(a)
-        self.lora_embedding_B[name] = nn.Parameter(b)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        dtype = torch.promote_types(a.dtype, torch.float32)
-        return (b.to(dtype) @ a.to(dtype)).T * self.specs[name].scale  # (vocab, dim)
-
-    def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
-        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        h = self._embed(x, a.T)  # (..., r)
-        return result + F.linear(h, b).to(result.dtype) * self.specs[name].scale
-
-    def stack_pair(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self.specs[name].scale
-        return self.lora_embedding_A[name].T.to(dtype), (self.lora_embedding_B[name].T * scale).to(
-            dtype
-        )
-
-    def mixed_forward(self, x: torch.Tensor, plan: Plan, *args: Any, **kw: Any) -> torch.Tensor:
-        result = self.base_forward(x, *args, **kw)
-        ids = x.reshape(-1)
-        flat = result.reshape(-1, self.embedding_dim)
-        if not result.is_contiguous():
-            flat = flat.clone()
+    def token_bias(self, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
+        """(n, out) each token's own adapter's s * bias_B (zero for base tokens and adapters
+        without `lora_bias`): one gather from a small per-id table."""
         assert plan.token_ids is not None
-        for sub, stack, _, b_t in self.rank_groups(plan, result.dtype):
-            # Each token's row of its own adapter's A^T (G, vocab, r); tokens of adapters
-            # outside this stack read some row but are never scattered back (the sub-plan
-            # holds only this stack's groups).
-            table = stack.row_of_id.to(ids.device)
-            rows = table[plan.token_ids.clamp(0, table.numel() - 1)].clamp(min=0)  # (n,)
-            h = stack.a_t[rows, ids]  # (n, r)
-            grouped_b(h, b_t, sub, flat)
-        return flat.view(result.shape)
+        size = max(self.ids.values(), default=0) + 2  # the last row is the base model's (-1)
+        table = torch.zeros(size, self.out_features, dtype=dtype, device=plan.token_ids.device)
+        for name, bias in self.lora_B_bias.items():
+            table[self.ids[name]] = bias.to(dtype) * self.specs[name].scale
+        return table[plan.token_ids]
 
 
-def _token_dropout(x2d: torch.Tensor, layer: LoraLayer, plan: Plan) -> torch.Tensor:
+def token_dropout(x2d: torch.Tensor, layer: LoraLayer, plan: Plan) -> torch.Tensor:
     """Dropout on the LoRA input with each token's own adapter's rate (training only)."""
     assert plan.token_ids is not None
     size = max(layer.ids.values(), default=0) + 2  # the last slot is the base model's (-1)
@@ -504,15 +524,3 @@ def _token_dropout(x2d: torch.Tensor, layer: LoraLayer, plan: Plan) -> torch.Ten
     p = torch.where(plan.token_ids >= 0, p, torch.zeros_like(p)).unsqueeze(1)  # (n, 1)
     keep = (torch.rand_like(x2d) >= p).to(x2d.dtype)
     return x2d * keep / (1 - p)
-
-
-def make_layer(module: nn.Module) -> LoraLayer:
-    """Wrap a supported module in its LoRA layer, or raise naming the unsupported type."""
-    if isinstance(module, nn.Embedding):
-        return LoraEmbedding(module)
-    if is_linear_like(module):
-        return LoraLinear(module)
-    raise TypeError(
-        f"LoRA supports torch.nn.Linear (and linear-like layers), transformers Conv1D and "
-        f"torch.nn.Embedding, not {type(module).__name__}"
-    )

@@ -1,0 +1,205 @@
+"""LoRA on bare parameters: `target_parameters` (mixture-of-experts weights) and
+`nn.MultiheadAttention` (its `in_proj_weight` and `out_proj.weight`), with PEFT's semantics.
+
+Such modules use their weights directly (`x @ W` in a batched expert matmul, or inside
+`F.multi_head_attention_forward`), so there is no linear layer to hook. The layer runs the
+wrapped module with each targeted parameter replaced by W + dW for that call
+(`torch.func.functional_call`: nothing is written into the module, and gradients reach A
+and B); merging adds dW into W in place.
+
+For a 2-d parameter W (out, in): dW = s B A with A (r, in), B (out, r), as for a Linear.
+For a 3-d parameter W (E, d1, d2) (E experts): A is (E r, d2) and B (d1, E r), interleaved as
+PEFT does, and dW[e, o, i] = s * sum_k B[o, k E + e] A[e r + k, i].
+
+File keys are PEFT's. PEFT nests one wrapper per targeted parameter, so with several targets
+on one module the first registered parameter's factors sit under the most `base_layer.`
+prefixes; a MultiheadAttention's out_proj factors sit under `base_layer.out_proj.`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from tilpass.layers import AdapterLayer
+from tilpass.methods.lora.layers import AdapterSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamTarget:
+    """One targeted parameter of the wrapped module and the factors' shapes and file keys."""
+
+    path: str  # the parameter's name inside the wrapped module ("out_proj.weight")
+    key: str  # file-key prefix of its factors ("", "base_layer.", "base_layer.out_proj.")
+    experts: int  # E for a 3-d parameter, 1 for a 2-d one
+    in_features: int
+    out_features: int
+
+
+def target_for(module: nn.Module, path: str, key: str) -> ParamTarget:
+    """The target for parameter `path` of `module`, or a ValueError for other shapes."""
+    shape = tuple(module.get_parameter(path).shape)
+    if len(shape) == 2:
+        return ParamTarget(path, key, 1, shape[1], shape[0])
+    if len(shape) == 3:  # (E, d1, d2): PEFT swaps in and out for expert weights
+        return ParamTarget(path, key, shape[0], shape[2], shape[1])
+    raise ValueError(f"LoRA on parameter {path!r} needs a 2-d or 3-d parameter, got {shape}")
+
+
+class LoraParameters(AdapterLayer):
+    """Runs a module with W + s B A in place of each targeted parameter W.
+
+    Args:
+        base: the module that owns the parameters.
+        targets: the parameters, with their file-key prefixes.
+    """
+
+    MERGEABLE = True
+
+    def __init__(self, base: nn.Module, targets: list[ParamTarget], dropout_ok: bool) -> None:
+        super().__init__(base)
+        self.targets = targets
+        self.dropout_ok = dropout_ok  # MultiheadAttention ignores lora_dropout, as PEFT does
+        self.STORES = tuple(f"lora_{ab}_{i}" for i in range(len(targets)) for ab in "AB")
+        for store in self.STORES:
+            setattr(self, store, nn.ParameterDict())
+
+    def factors(self, i: int) -> tuple[nn.ParameterDict, nn.ParameterDict]:
+        """(A, B) dicts of target `i`, keyed by adapter name."""
+        return getattr(self, f"lora_A_{i}"), getattr(self, f"lora_B_{i}")
+
+    def create(self, name: str, spec: AdapterSpec) -> None:
+        """Fresh A, B for every target, initialised as a Linear layer's LoRA."""
+        kind = type(self.base_layer).__name__
+        refused = {
+            "lora_dropout": spec.dropout and not self.dropout_ok,
+            "use_dora": spec.variant,
+            "lora_bias": spec.lora_bias,
+            "PiSSA / OLoRA / orthogonal init": isinstance(spec.init, str)
+            and spec.init != "gaussian",
+        }
+        for what, value in refused.items():
+            if value:
+                raise ValueError(
+                    f"LoRA on the parameters of {kind} does not support {what} (as in PEFT)"
+                )
+        for i, t in enumerate(self.targets):
+            weight = self.base_layer.get_parameter(t.path)
+            kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
+            a = torch.empty(spec.r * t.experts, t.in_features, **kw)
+            b = torch.empty(t.out_features, spec.r * t.experts, **kw)
+            if spec.init is not None:  # None: left empty, every tensor is about to be loaded
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                if spec.init == "gaussian":
+                    nn.init.normal_(a, std=1 / spec.r)
+                if spec.init is False:
+                    nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+                else:
+                    nn.init.zeros_(b)
+            store_a, store_b = self.factors(i)
+            store_a[name] = nn.Parameter(a)
+            store_b[name] = nn.Parameter(b)
+
+    def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.specs:
+            return {}
+        out = {}
+        for i, t in enumerate(self.targets):
+            store_a, store_b = self.factors(i)
+            out[f"{t.key}lora_A.weight"] = store_a[name]
+            out[f"{t.key}lora_B.weight"] = store_b[name]
+        return out
+
+    def delta(self, i: int, name: str) -> torch.Tensor:
+        """s * B A for target `i` in its parameter's shape (and dtype)."""
+        t = self.targets[i]
+        store_a, store_b = self.factors(i)
+        a, b = store_a[name], store_b[name]
+        scale = self.specs[name].scale
+        if t.experts == 1:
+            return (b @ a) * scale  # (out, in)
+        e = t.experts
+        a3 = a.reshape(e, -1, t.in_features)  # (E, r, d2): row e r + k
+        b3 = b.reshape(t.out_features, -1, e)  # (d1, r, E): column k E + e
+        return torch.einsum("ore,eri->eoi", b3, a3) * scale  # (E, d1, d2)
+
+    def adapted_forward(self, x: Any, names: list[str], *args: Any, **kwargs: Any) -> Any:
+        params = {}
+        for i, t in enumerate(self.targets):
+            weight = self.base_layer.get_parameter(t.path)
+            delta = sum(self.delta(i, n) for n in names)
+            params[t.path] = weight + delta.to(weight.dtype)
+        return functional_call(self.base_layer, params, (x, *args), kwargs)
+
+    @torch.no_grad()
+    def merge(self, names: list[str] | None = None) -> None:
+        """Add the adapters' updates into the parameters; merging twice is a no-op."""
+        for name in self.active if names is None else names:
+            if name not in self.specs or name in self.merged:
+                continue
+            for i, t in enumerate(self.targets):
+                weight = self.base_layer.get_parameter(t.path)
+                weight.data += self.delta(i, name).to(weight.dtype)
+            self.merged.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged update again, last merged first."""
+        while self.merged:
+            name = self.merged.pop()
+            for i, t in enumerate(self.targets):
+                weight = self.base_layer.get_parameter(t.path)
+                weight.data -= self.delta(i, name).to(weight.dtype)
+
+
+def for_attention(module: nn.MultiheadAttention) -> LoraParameters:
+    """LoRA on a MultiheadAttention's packed q/k/v projection and its output projection."""
+    if not module.kdim == module.vdim == module.embed_dim:
+        raise TypeError(
+            "LoRA on nn.MultiheadAttention needs query, key and value of the same size "
+            "(kdim = vdim = embed_dim), as in PEFT"
+        )
+    targets = [
+        target_for(module, "in_proj_weight", ""),
+        target_for(module, "out_proj.weight", "base_layer.out_proj."),
+    ]
+    return LoraParameters(module, targets, dropout_ok=True)
+
+
+def for_parameters(module: nn.Module, names: list[str]) -> LoraParameters:
+    """LoRA on the parameters `names` of `module`, keyed as PEFT's nested wrappers key them."""
+    order = [n for n, _ in module.named_parameters(recurse=False) if n in names]
+    targets = [
+        target_for(module, n, "base_layer." * (len(order) - 1 - i)) for i, n in enumerate(order)
+    ]
+    return LoraParameters(module, targets, dropout_ok=False)
+
+
+def parameter_owners(model: nn.Module, entries: list[str]) -> dict[str, list[str]]:
+    """Module name -> its parameters that `entries` name (PEFT's rule: the full parameter name
+    or a dotted suffix of it); raises if an entry names no parameter."""
+    if isinstance(entries, str):
+        raise TypeError("target_parameters must be a list of parameter names, not a string")
+    owners: dict[str, list[str]] = {}
+    found: set[str] = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            hits = [e for e in entries if full == e or full.endswith("." + e)]
+            if hits:
+                if not module_name:
+                    raise ValueError(
+                        f"target_parameters {hits} name a parameter of the top-level module; "
+                        "only parameters of submodules can be adapted"
+                    )
+                owners.setdefault(module_name, []).append(param_name)
+                found.update(hits)
+    missing = [e for e in entries if e not in found]
+    if missing:
+        raise ValueError(f"target_parameters {missing} match no parameter of the model")
+    return owners
