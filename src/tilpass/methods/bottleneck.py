@@ -215,10 +215,15 @@ class BottleneckLayer(AdapterLayer):
         if isinstance(result, tuple):
             return (self.apply_adapter(x, result[0], name), *result[1:])
         spec, adapter = self.specs[name], self.bottleneck[name]
+        down, up = adapter.adapter_down, adapter.adapter_up
         source = x if spec.parallel else result
-        act = ACTIVATIONS[spec.activation]
-        h = act(adapter.adapter_down(source.to(adapter.adapter_down.weight.dtype)))  # (..., b)
-        delta = (adapter.adapter_up(h) * self.scale_of(name)).to(result.dtype)  # (..., out)
+        if source.dtype != down.weight.dtype:
+            source = source.to(down.weight.dtype)
+        h = ACTIVATIONS[spec.activation](F.linear(source, down.weight, down.bias))  # (..., b)
+        delta = F.linear(h, up.weight, up.bias)  # (..., out)
+        if adapter.adapter_scale is not None or spec.scale != 1.0:
+            delta = delta * self.scale_of(name)
+        delta = delta.to(result.dtype)
         return result + delta if spec.parallel or spec.residual else delta
 
     # -- mixed batches ------------------------------------------------------------------------
