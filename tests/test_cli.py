@@ -529,3 +529,40 @@ def test_train_with_ia3_end_to_end(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter
     )
     assert model.peft_config["default"].peft_type == "IA3"
+
+
+def test_train_with_bottleneck_end_to_end(
+    tmp_path: Path, tiny_model_dir: Path, data: tuple[Path, Path]
+) -> None:
+    """Bottleneck adapters through the same command: placed by the Llama slot table."""
+    from transformers import AutoModelForCausalLM
+
+    from tilpass import AdaptedModel
+
+    train, test = data
+    out = tmp_path / "bottleneck"
+    tilpass(
+        "train",
+        *common(tiny_model_dir, train, test, out, steps=4, lora=False),
+        "--method",
+        "bottleneck",
+        "--bottleneck.bottleneck_size",
+        "8",
+        cwd=tmp_path,
+    )
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "BOTTLENECK" and config["placement"] == "houlsby"
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    assert {k.split(".layers.")[1].split(".", 1)[1] for k in tensors} == {
+        f"{slot}.adapter_{part}.{kind}"
+        for slot in ("mlp", "self_attn.o_proj")
+        for part in ("down", "up")
+        for kind in ("weight", "bias")
+    }
+    ups = [t for k, t in tensors.items() if k.endswith("adapter_up.weight")]
+    assert all(t.shape[1] == 8 for t in ups) and any(bool(t.any()) for t in ups)  # it trained
+    model = AdaptedModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter
+    )
+    assert model.peft_config["default"].peft_type == "BOTTLENECK"

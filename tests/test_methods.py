@@ -17,7 +17,7 @@ from torch import nn
 
 import tilpass
 from tests.helpers import tiny_llama, tokens
-from tests.reference import ia3_ref, lora_ref
+from tests.reference import bottleneck_ref, ia3_ref, lora_ref
 from tilpass.config import AdapterConfig
 from tilpass.layers import AdapterLayer
 from tilpass.methods import METHODS, method_of
@@ -34,7 +34,8 @@ class Row:
     reference: Callable[[nn.Linear, AdapterLayer, str, torch.Tensor], torch.Tensor]
     peft_config: Callable[[Any], Any] | None = None  # (peft module) -> peft config, same init
     mixed_batches: bool = True  # False: a routed batch must refuse with a clear error
-    merges: bool = True  # False: merging the tiny Llama must refuse with a clear error
+    # Set when merging into the tiny Llama must refuse: (exception type, message pattern).
+    merge_refusal: tuple[type[Exception], str] | None = None
 
     def __str__(self) -> str:
         return self.name
@@ -85,6 +86,22 @@ def _ia3_ref(base: nn.Linear, layer: AdapterLayer, name: str, x: torch.Tensor) -
     return ia3_ref.linear(x, base.weight, base.bias, layer.adapter_tensors(name)["ia3_l"], ff)
 
 
+def _bottleneck(**kw: Any) -> AdapterConfig:
+    from tilpass.methods.bottleneck import BottleneckConfig
+
+    kw.pop("target_modules", None)  # placement comes from slots, not module names
+    settings = {"bottleneck_size": 4, "non_linearity": "gelu", "scaling": 0.5}
+    return BottleneckConfig(**{**settings, "init_weights": False, **kw})
+
+
+def _bottleneck_ref(
+    base: nn.Linear, layer: AdapterLayer, name: str, x: torch.Tensor
+) -> torch.Tensor:
+    spec = layer.specs[name]
+    tensors = layer.adapter_tensors(name)
+    return bottleneck_ref.adapter(x, base(x), tensors, spec.activation, spec.scale, spec.parallel)
+
+
 def _peft_lora(peft: Any, **kw: Any) -> Any:
     return peft.LoraConfig(
         r=4,
@@ -103,7 +120,8 @@ ROWS = [
         lambda **kw: _lora(lora_bias=True, **kw),
         _lora_bias_ref,
         lambda peft: _peft_lora(peft, lora_bias=True),
-        merges=False,  # the tiny Llama's projections have no bias to merge B's bias into
+        # the tiny Llama's projections have no bias to merge B's bias into
+        merge_refusal=(RuntimeError, "has no bias"),
     ),
     Row(
         "ia3",
@@ -114,6 +132,12 @@ ROWS = [
             feedforward_modules=["down_proj"],
             init_ia3_weights=False,
         ),
+    ),
+    Row(
+        "bottleneck",
+        _bottleneck,
+        _bottleneck_ref,
+        merge_refusal=(NotImplementedError, "cannot be merged"),
     ),
 ]
 
@@ -233,9 +257,12 @@ def test_mixed_batch_follows_in_place_updates(row: Row) -> None:
 def test_merge_equals_unmerged_and_unmerge_restores_the_base(row: Row) -> None:
     x = tokens()
     model = adapted(row)
-    if not row.merges:
-        with pytest.raises(RuntimeError, match="has no bias"):
+    if row.merge_refusal is not None:
+        error, pattern = row.merge_refusal
+        with pytest.raises(error, match=pattern):
             model.merge_adapter()
+        with pytest.raises(error, match=pattern):
+            model.merge_and_unload()
         return
     before = {k: v.clone() for k, v in model.base_model.state_dict().items() if "." in k}
     unmerged = logits(model, x)

@@ -8,6 +8,7 @@ file loader and the CLI look methods up here (`method_named`, `method_for_peft_t
 
 from __future__ import annotations
 
+from tilpass.methods.bottleneck import METHOD as BOTTLENECK
 from tilpass.methods.ia3 import METHOD as IA3
 from tilpass.methods.lora import METHOD as LORA
 from tilpass.methods.registry import (
@@ -22,6 +23,7 @@ from tilpass.methods.registry import (
 
 register(LORA)
 register(IA3)
+register(BOTTLENECK)
 
 __all__ = [
     "METHODS",

@@ -1,0 +1,203 @@
+"""Bottleneck adapters beyond the per-method matrix: placements per model family, each variant
+(parallel, no residual, learned scale) against the float64 reference, mixed batches across
+variants, the file layout and the errors a user can hit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import BertConfig, BertModel
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+import tilpass
+from tests.helpers import tiny_gpt2, tiny_llama, tokens
+from tests.reference import bottleneck_ref
+from tilpass.errors import AdapterFileError, TargetModulesError
+from tilpass.methods.bottleneck import BottleneckConfig, BottleneckLayer
+
+
+def config(**kw: Any) -> BottleneckConfig:
+    return BottleneckConfig(**{"bottleneck_size": 4, "init_weights": False, **kw})
+
+
+def wrapped(model: tilpass.AdaptedModel) -> list[str]:
+    return sorted(
+        n.removeprefix("model.layers.0.")
+        for n, m in model.base_model.named_modules()
+        if isinstance(m, BottleneckLayer) and ".0." in n
+    )
+
+
+def tiny_bert() -> BertModel:
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    return BertModel(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    ("placement", "expected"),
+    [("houlsby", ["mlp", "self_attn.o_proj"]), ("pfeiffer", ["mlp"]), ("parallel", ["mlp"])],
+)
+def test_placement_table_for_llama(placement: str, expected: list[str]) -> None:
+    model = tilpass.get_peft_model(tiny_llama(), config(placement=placement))
+    assert wrapped(model) == expected
+    assert len(list(model.adapter_parameters("default"))) == 4 * len(expected) * 2
+
+
+def test_placement_table_for_gpt2_and_bert() -> None:
+    gpt2 = tilpass.get_peft_model(tiny_gpt2(), config())
+    names = {n for n, m in gpt2.base_model.named_modules() if isinstance(m, BottleneckLayer)}
+    assert names == {f"transformer.h.{i}.{s}" for i in range(2) for s in ("attn.c_proj", "mlp")}
+    bert = tilpass.get_peft_model(tiny_bert(), config())
+    names = {n for n, m in bert.base_model.named_modules() if isinstance(m, BottleneckLayer)}
+    expected = {"attention.output.dense", "output.dense"}
+    assert names == {f"encoder.layer.{i}.{s}" for i in range(2) for s in expected}
+    x = tokens(batch=2, length=5)
+    with torch.no_grad():
+        out = bert(input_ids=x).last_hidden_state
+        with bert.disable_adapter():
+            base = bert(input_ids=x).last_hidden_state
+    assert out.shape == base.shape and not torch.allclose(out, base)
+
+
+@pytest.mark.parametrize("placement", ["houlsby", "parallel"])
+def test_a_fresh_adapter_is_an_exact_no_op(placement: str) -> None:
+    x = tokens()
+    with torch.no_grad():
+        base = tiny_llama()(input_ids=x).logits
+        model = tilpass.get_peft_model(tiny_llama(), BottleneckConfig(placement=placement))
+        assert torch.equal(model(input_ids=x).logits, base)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"placement": "parallel", "non_linearity": "silu"},
+        {"placement": "pfeiffer", "residual": False, "scaling": 2.0},
+        {"placement": "pfeiffer", "scaling": "learned", "non_linearity": "relu"},
+    ],
+    ids=["parallel", "no-residual", "learned-scale"],
+)
+def test_mlp_variants_match_float64_reference(settings: dict[str, Any]) -> None:
+    cfg = tiny_llama().config
+    torch.manual_seed(0)
+    mlp = LlamaMLP(cfg).double()
+    layer = tilpass.methods.method_of(config(**settings)).make_layer(mlp)
+    layer.add_adapter("a", 0, config(**settings).layer_spec("model.layers.0.mlp", True))
+    layer.active = ["a"]
+    if settings.get("scaling") == "learned":
+        with torch.no_grad():
+            layer.bottleneck["a"].adapter_scale.fill_(0.7)
+    x = torch.randn(2, 5, cfg.hidden_size, dtype=torch.float64)
+    scale = 0.7 if settings.get("scaling") == "learned" else settings.get("scaling", 1.0)
+    spec = layer.specs["a"]
+    expected = bottleneck_ref.adapter(
+        x, mlp(x), layer.adapter_tensors("a"), spec.activation, scale, spec.parallel, spec.residual
+    )
+    torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_mixed_batch_across_variants_and_sizes_equals_single_runs() -> None:
+    """One batch mixes a Houlsby, a parallel, a no-residual and a learned-scale adapter of
+    different widths; each row equals a run with its adapter alone."""
+    torch.manual_seed(5)
+    model = tilpass.get_peft_model(tiny_llama(), config())
+    model.add_adapter("par", config(placement="parallel", bottleneck_size=6))
+    model.add_adapter("nores", config(placement="pfeiffer", residual=False, bottleneck_size=2))
+    model.add_adapter("learned", config(scaling="learned", non_linearity="gelu"))
+    names = ["default", "par", "__base__", "nores", "learned", "par"]
+    x = tokens(batch=len(names), length=5)
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    expected = model(input_ids=x).logits
+            else:
+                model.set_adapter(name)
+                expected = model(input_ids=x).logits
+            torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=1e-5)
+
+
+def test_learned_scale_trains_and_round_trips(tmp_path: Path) -> None:
+    model = tilpass.get_peft_model(tiny_llama(), config(scaling="learned"))
+    model.train()
+    x = tokens()
+    model(input_ids=x, labels=x).loss.backward()
+    scales = [p for n, p in model.named_parameters() if n.endswith("adapter_scale")]
+    assert scales and all(p.grad is not None and bool(p.grad.any()) for p in scales)
+    model.eval()
+    with torch.no_grad():
+        for p in scales:
+            p.fill_(0.3)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "BOTTLENECK" and saved["scaling"] == "learned"
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    prefix = "base_model.model.model.layers.0.mlp."
+    suffixes = ["adapter_down.weight", "adapter_down.bias", "adapter_up.weight"]
+    assert {prefix + s for s in [*suffixes, "adapter_up.bias", "adapter_scale"]} <= keys
+    loaded = tilpass.AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_explicit_modules_for_a_model_outside_the_table() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.ff = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ff(self.proj(x))
+
+    with pytest.raises(TargetModulesError, match="set attention_output_modules"):
+        tilpass.get_peft_model(Block(), config())
+    model = tilpass.get_peft_model(
+        Block(), config(attention_output_modules=["proj"], mlp_modules="ff")
+    )
+    assert isinstance(model.base_model.ff, BottleneckLayer)
+    assert isinstance(model.base_model.proj, BottleneckLayer)
+    with pytest.raises(TargetModulesError, match=r"slot mlp .* matches no module"):
+        tilpass.get_peft_model(Block(), config(attention_output_modules="proj", mlp_modules="fff"))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"placement": "serial"}, "placement 'serial': choose one of houlsby, pfeiffer"),
+        ({"non_linearity": "tanh"}, "non_linearity 'tanh': choose one of relu, gelu, silu"),
+        ({"scaling": "big"}, "scaling 'big': give a number or 'learned'"),
+        ({"placement": "parallel", "residual": False}, "residual=False needs a sequential"),
+        ({"bottleneck_size": 0}, "bottleneck_size must be >= 1"),
+    ],
+)
+def test_bad_settings_are_clear_errors(
+    settings: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        BottleneckConfig(**settings)
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "BOTTLENECK", **settings})
+    )
+    with pytest.raises(AdapterFileError, match="adapter_config.json: " + message):
+        tilpass.AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_parallel_is_refused_for_bert_with_a_way_out() -> None:
+    with pytest.raises(TargetModulesError, match="no mlp modules for model type 'bert'"):
+        tilpass.get_peft_model(tiny_bert(), config(placement="parallel"))
