@@ -6,6 +6,7 @@ The public API mirrors Hugging Face PEFT's, so PEFT code ports by changing the i
 from tilpass.config import AdapterConfig
 from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
 from tilpass.methods.lora import LoraConfig
+from tilpass.methods.prompt import PromptTuningConfig
 from tilpass.model import AdaptedModel, PeftModel, get_peft_model
 from tilpass.pretrained import load_model
 
@@ -18,6 +19,7 @@ __all__ = [
     "AdapterNameError",
     "LoraConfig",
     "PeftModel",
+    "PromptTuningConfig",
     "TargetModulesError",
     "TilpassError",
     "get_peft_model",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from tilpass.methods.ia3 import METHOD as IA3
 from tilpass.methods.lora import METHOD as LORA
+from tilpass.methods.prompt import METHOD as PROMPT_TUNING
 from tilpass.methods.registry import (
     METHODS,
     Method,
@@ -22,6 +23,7 @@ from tilpass.methods.registry import (
 
 register(LORA)
 register(IA3)
+register(PROMPT_TUNING)
 
 __all__ = [
     "METHODS",
