@@ -111,6 +111,17 @@ class AdaptedModel(nn.Module):
         input_ids = args[0] if args else kwargs["input_ids"]
         return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=1)
 
+    @property
+    def extends_inputs(self) -> bool:
+        """True when an active adapter changes the model's inputs (prompt tuning), so calling
+        the base model's parts directly would leave it out."""
+        return any(
+            layer.EXTENDS_INPUTS
+            and not layer.disabled
+            and any(n in layer.specs for n in self._active)
+            for layer in self._layers()
+        )
+
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with adapter layers in place; `unload` removes them)."""
         return self.base_model
