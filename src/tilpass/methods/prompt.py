@@ -182,7 +182,8 @@ class PromptEmbedding(AdapterLayer):
         pad = width - count  # (B,) masked positions before each row's tokens
         columns = torch.arange(width, device=device)
         prefix_mask = columns[None, :] >= pad[:, None]  # (B, P)
-        if _cache_length(inputs.get("past_key_values")) > 0:
+        cache = inputs.get("cache", inputs.get("past_key_values"))  # new and old names
+        if _cache_length(cache) > 0:
             return _decode_step(inputs, prefix_mask, count)
         out = dict(inputs)
         embeds = out.pop("inputs_embeds", None)
