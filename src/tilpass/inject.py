@@ -230,6 +230,8 @@ def _layer_for(model: nn.Module, name: str, method: Method) -> AdapterLayer:
 
 
 def _same_method(layer: AdapterLayer, method: Method) -> bool:
+    if method.owns_layer is not None:
+        return method.owns_layer(layer)
     return type(layer).__module__ == method.make_layer.__module__
 
 
