@@ -1,21 +1,18 @@
 """Prompt tuning beyond the per-method matrix: extended inputs, the KV cache, mixed batches
-with other methods' adapters, initialisation, errors, and `tilpass train`."""
+with other methods' adapters, initialisation and errors (`tilpass train` with it is tested
+beside the hybrid's, in test_lora_prompt.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 import tilpass
 from tests.helpers import lora, tiny_llama, tokens
-from tests.test_cli import common, data, tiny_model_dir  # noqa: F401
-from tests.test_cli import tilpass as tilpass_cli
 
 ATOL = 1e-5
 
@@ -161,34 +158,3 @@ def test_bad_input_gets_clear_errors() -> None:
     model.set_adapter("short")
     with pytest.raises(NotImplementedError, match="merge_adapter"):
         model.merge_and_unload()
-
-
-def test_train_prompt_tuning_end_to_end(
-    tmp_path: Path,
-    tiny_model_dir: Path,  # noqa: F811
-    data: tuple[Path, Path],  # noqa: F811
-) -> None:
-    from transformers import AutoModelForCausalLM
-
-    train, test = data
-    out = tmp_path / "pt"
-    tilpass_cli(
-        "train",
-        *common(tiny_model_dir, train, test, out, steps=3, lora=False),
-        "--method",
-        "prompt_tuning",
-        "--prompt_tuning.num_virtual_tokens",
-        "4",
-        cwd=tmp_path,
-    )
-    adapter = out / "adapter"
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["peft_type"] == "PROMPT_TUNING" and config["token_dim"] == 32
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    assert list(tensors) == ["prompt_embeddings"] and tensors["prompt_embeddings"].shape == (4, 32)
-    model = tilpass.AdaptedModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter
-    )
-    assert torch.equal(
-        model.adapter_state_dict("default")["prompt_embeddings"], tensors["prompt_embeddings"]
-    )
