@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import tilpass
-from tests.helpers import lora, tiny_llama, tokens
+from tests.helpers import lora, tiny_gpt2, tiny_llama, tokens
 
 ATOL = 1e-5
 
@@ -158,3 +158,23 @@ def test_bad_input_gets_clear_errors() -> None:
     model.set_adapter("short")
     with pytest.raises(NotImplementedError, match="merge_adapter"):
         model.merge_and_unload()
+
+
+def test_gpt2_absolute_positions_in_mixed_batches_and_peft(tmp_path: Path) -> None:
+    """GPT-2 adds learned absolute position embeddings, so a row padded in front of a shorter
+    prompt must still number its own tokens from 0."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    model = tilpass.get_peft_model(tiny_gpt2(), prompt(2), adapter_name="short")
+    model.add_adapter("long", prompt(4))
+    x = tokens(batch=3, length=5)
+    names = ["short", "long", "__base__"]
+    mixed = real_logits(model, x, adapter_names=names)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i], single_run(model, name, x)[i], atol=ATOL, rtol=ATOL)
+    model.save_pretrained(tmp_path, selected_adapters=["short"])
+    theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "short").eval()
+    model.set_adapter("short")
+    with torch.no_grad():
+        expected = theirs(input_ids=x).logits
+    torch.testing.assert_close(model(input_ids=x).logits, expected, atol=ATOL, rtol=ATOL)
