@@ -150,8 +150,12 @@ def test_bad_input_gets_clear_errors() -> None:
         prompt(0)
     model = mixed_model()
     x = tokens(batch=2, length=4)
+    per_token = torch.full((2, 4), model.adapter_id("short"))
     with pytest.raises(ValueError, match="one adapter id per row"):
-        model(input_ids=x, adapter_ids=torch.zeros(2, 4, dtype=torch.long))
+        model(input_ids=x, adapter_ids=per_token)
+    lora_only = torch.full((2, 4), model.adapter_id("lora"))  # packed rows without prompts
+    model.set_adapter("lora")
+    torch.testing.assert_close(real_logits(model, x, adapter_ids=lora_only), real_logits(model, x))
     model.set_adapter(["short", "long"])
     with pytest.raises(ValueError, match="activate one"):
         model(input_ids=x)

@@ -225,6 +225,9 @@ class PromptEmbedding(AdapterLayer):
                 )
             return torch.full((batch,), names.index(active[0]), dtype=torch.long)
         if row_ids.dim() != 1:
+            mine = torch.tensor(list(self.name_of), device=row_ids.device)
+            if not bool(torch.isin(row_ids, mine).any()):
+                return None  # no row uses a prompt: a packed batch of other adapters' rows
             raise ValueError(
                 "prompt tuning prepends tokens per row: pass one adapter id per row, not per "
                 "token (a packed batch cannot grow its rows)"
