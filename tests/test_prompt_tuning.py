@@ -65,6 +65,15 @@ def test_generate_with_the_kv_cache_equals_greedy_recomputation() -> None:
         nxt = real_logits(model, seq)[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(out, seq)
+    detailed = model.generate(
+        input_ids=x,
+        max_new_tokens=5,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    assert torch.equal(detailed.sequences, out) and len(detailed.scores) == 5
     with model.disable_adapter():
         base = model.generate(input_ids=x, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert not torch.equal(out, base)

@@ -48,6 +48,7 @@ class AdaptedModel(nn.Module):
         self.training = model.training  # a model in eval mode stays in eval mode
         self.adapter_ids = AdapterIds()
         self._layer_cache: list[AdapterLayer] | None = None
+        self._input_cache: tuple[list[AdapterLayer], list[AdapterLayer]] | None = None
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
         for p in model.parameters():
@@ -77,7 +78,7 @@ class AdaptedModel(nn.Module):
         self, args: tuple[Any, ...], kwargs: dict[str, Any], routing: Routing | None
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The call's inputs after the layers that extend them (prompt tuning) had their say."""
-        layers = [layer for layer in self._layers() if layer.EXTENDS_INPUTS]
+        layers = self._input_layers()
         if not layers:
             return args, kwargs
         if args:  # a positional input_ids becomes a keyword the layers can replace
@@ -86,6 +87,13 @@ class AdaptedModel(nn.Module):
         for layer in layers:
             kwargs = layer.extend_inputs(kwargs, None if routing is None else routing.ids)
         return args, kwargs
+
+    def _input_layers(self) -> list[AdapterLayer]:
+        """The layers that extend the inputs (cached with the layer list)."""
+        layers = self._layers()
+        if self._input_cache is None or self._input_cache[0] is not layers:
+            self._input_cache = (layers, [layer for layer in layers if layer.EXTENDS_INPUTS])
+        return self._input_cache[1]
 
     def generate(
         self,
@@ -107,9 +115,12 @@ class AdaptedModel(nn.Module):
             # positions taken from the extended mask, and return the prompt as a plain call
             # would, followed by the new tokens.
             call_kwargs.pop("position_ids", None)
-            new_tokens = self.base_model.generate(*call_args, **call_kwargs)
+            out = self.base_model.generate(*call_args, **call_kwargs)
         input_ids = args[0] if args else kwargs["input_ids"]
-        return torch.cat([input_ids, new_tokens.to(input_ids.device)], dim=1)
+        if isinstance(out, torch.Tensor):
+            return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
+        out.sequences = torch.cat([input_ids, out.sequences.to(input_ids.device)], dim=1)
+        return out  # return_dict_in_generate=True: scores etc. are for the new tokens
 
     @property
     def extends_inputs(self) -> bool:
