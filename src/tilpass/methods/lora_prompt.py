@@ -73,7 +73,8 @@ class LoraPromptConfig(LoraConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.prompt_part()  # validates the prompt-tuning fields
+        # validates the prompt-tuning fields, and spells the init as PEFT does (upper case)
+        self.prompt_tuning_init = self.prompt_part().prompt_tuning_init
 
     def prompt_part(self) -> PromptTuningConfig:
         """The prompt-tuning half as a `PromptTuningConfig`."""
