@@ -1,7 +1,10 @@
 """The per-method test matrix: every registered method passes the same invariants.
 
 Adding a method adds one `Row`. Each row builds a config for the tiny Llama with random,
-non-zero adapter tensors (so no check passes vacuously) and a float64 reference for one layer.
+non-zero adapter tensors (so no check passes vacuously) and a float64 reference: for one layer
+where the method wraps layers, or for the whole model where it changes the model's inputs
+(prompt tuning), since then no single layer's output carries the change. Logits are compared
+on the real tokens (a method that prepends virtual tokens returns logits for those too).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 
 import tilpass
 from tests.helpers import tiny_llama, tokens
-from tests.reference import bottleneck_ref, ia3_ref, lora_ref
+from tests.reference import bottleneck_ref, ia3_ref, lora_ref, prompt_ref
 from tilpass.config import AdapterConfig
 from tilpass.layers import AdapterLayer
 from tilpass.methods import METHODS, method_of
@@ -31,9 +34,13 @@ class Row:
 
     name: str
     config: Callable[..., AdapterConfig]  # tilpass config for the tiny Llama, random init
-    reference: Callable[[nn.Linear, AdapterLayer, str, torch.Tensor], torch.Tensor]
+    # float64 reference of one wrapped layer (methods that wrap layers) ...
+    reference: Callable[[nn.Linear, AdapterLayer, str, torch.Tensor], torch.Tensor] | None
     peft_config: Callable[[Any], Any] | None = None  # (peft module) -> peft config, same init
     mixed_batches: bool = True  # False: a routed batch must refuse with a clear error
+    # ... or of the whole model: (float64 base model, adapted model, input ids) -> logits
+    model_reference: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor] | None = None
+    unloads_merged: bool = True  # False: merge keeps part of the adapter outside the weights
     # Set when merging into the tiny Llama must refuse: (exception type, message pattern).
     merge_refusal: tuple[type[Exception], str] | None = None
 
@@ -112,6 +119,23 @@ def _peft_lora(peft: Any, **kw: Any) -> Any:
     )
 
 
+def _prompt(**kw: Any) -> AdapterConfig:
+    kw.pop("target_modules", None)  # prompt tuning targets the input embedding only
+    return tilpass.PromptTuningConfig(**{"num_virtual_tokens": 3, **kw})
+
+
+def _prompt_ref(base: nn.Module, model: Any, x: torch.Tensor) -> torch.Tensor:
+    virtual = model.adapter_state_dict("default")["prompt_embeddings"]
+    return prompt_ref.causal_lm_logits(base, virtual, x)
+
+
+def _hybrid(**kw: Any) -> AdapterConfig:
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    return tilpass.LoraPromptConfig(
+        **{**settings, "init_lora_weights": False, "num_virtual_tokens": 3, **kw}
+    )
+
+
 ROWS = [
     Row("lora", _lora, _lora_ref, _peft_lora),
     Row("dora", lambda **kw: _lora(use_dora=True, **kw), _dora_ref, mixed_batches=False),
@@ -134,6 +158,16 @@ ROWS = [
         ),
     ),
     Row(
+        "prompt_tuning",
+        _prompt,
+        None,
+        lambda peft: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3),
+        model_reference=_prompt_ref,
+        unloads_merged=False,
+    ),
+    # PEFT has no such method; its LoRA part's interop is in test_lora_prompt.py
+    Row("lora+prompt", _hybrid, _lora_ref, unloads_merged=False),
+    Row(
         "bottleneck",
         _bottleneck,
         _bottleneck_ref,
@@ -148,8 +182,9 @@ def test_every_registered_method_has_a_row() -> None:
 
 
 def logits(model: nn.Module, x: torch.Tensor, **kw: Any) -> torch.Tensor:
+    """Logits of the real tokens (virtual tokens a method prepends are left out)."""
     with torch.no_grad():
-        return model(input_ids=x, **kw).logits
+        return model(input_ids=x, **kw).logits[:, -x.shape[1] :]
 
 
 def adapted(row: Row, seed: int = 0, **kw: Any) -> tilpass.AdaptedModel:
@@ -157,7 +192,7 @@ def adapted(row: Row, seed: int = 0, **kw: Any) -> tilpass.AdaptedModel:
     return tilpass.get_peft_model(tiny_llama(seed), row.config(**kw))
 
 
-@pytest.mark.parametrize("row", ROWS, ids=str)
+@pytest.mark.parametrize("row", [r for r in ROWS if r.reference is not None], ids=str)
 @pytest.mark.parametrize("module_name", ["mlp.down_proj", "self_attn.v_proj"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_layer_matches_float64_reference(row: Row, module_name: str, bias: bool) -> None:
@@ -169,12 +204,28 @@ def test_layer_matches_float64_reference(row: Row, module_name: str, bias: bool)
     layer.add_adapter("a", 0, config.layer_spec(f"model.layers.0.{module_name}", True))
     layer.active = ["a"]
     x = torch.randn(3, 5, 12, dtype=torch.float64)
+    assert row.reference is not None
     expected = row.reference(base, layer, "a", x)
     assert not torch.allclose(expected, base(x))  # the adapter changes the output
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
             torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=1e-12)
     assert torch.equal(base.weight, expected_base)
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.model_reference is not None], ids=str)
+def test_model_matches_float64_reference(row: Row) -> None:
+    """Methods without a per-layer reference: the whole adapted model in float64 against the
+    reference built from the plain base model (every position, virtual ones included)."""
+    assert row.model_reference is not None
+    x = tokens()
+    model = adapted(row).double()
+    with torch.no_grad():
+        got = model(input_ids=x).logits
+        expected = row.model_reference(tiny_llama().double(), model, x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-10, rtol=1e-10)
+    assert not torch.allclose(got[:, -x.shape[1] :], logits(tiny_llama().double(), x))
 
 
 @pytest.mark.parametrize("row", ROWS, ids=str)
@@ -274,6 +325,11 @@ def test_merge_equals_unmerged_and_unmerge_restores_the_base(row: Row) -> None:
     after = model.base_model.state_dict()
     for key, value in before.items():
         torch.testing.assert_close(after[key], value, atol=1e-6, rtol=1e-6)
+    if not row.unloads_merged:
+        with pytest.raises(NotImplementedError, match="merge_adapter"):
+            model.merge_and_unload()
+        torch.testing.assert_close(logits(model, x), unmerged, atol=1e-5, rtol=1e-5)
+        return
     plain = model.merge_and_unload()
     assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
     torch.testing.assert_close(logits(plain, x), unmerged, atol=1e-5, rtol=1e-5)

@@ -6,6 +6,8 @@ The public API mirrors Hugging Face PEFT's, so PEFT code ports by changing the i
 from tilpass.config import AdapterConfig
 from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
 from tilpass.methods.lora import LoraConfig
+from tilpass.methods.lora_prompt import LoraPromptConfig
+from tilpass.methods.prompt import PromptTuningConfig
 from tilpass.model import AdaptedModel, PeftModel, get_peft_model
 from tilpass.pretrained import load_model
 
@@ -17,7 +19,9 @@ __all__ = [
     "AdapterFileError",
     "AdapterNameError",
     "LoraConfig",
+    "LoraPromptConfig",
     "PeftModel",
+    "PromptTuningConfig",
     "TargetModulesError",
     "TilpassError",
     "get_peft_model",

@@ -241,7 +241,10 @@ def _layer_for(model: nn.Module, name: str, method: Method) -> AdapterLayer:
 
 
 def _same_method(layer: AdapterLayer, method: Method) -> bool:
-    """A method's layers live in the module of its factory, or in its package's modules."""
+    """A method's layers: those its `owns_layer` claims, else those defined in the module of its
+    factory or in that module's package."""
+    if method.owns_layer is not None:
+        return method.owns_layer(layer)
     home = method.make_layer.__module__
     return type(layer).__module__ == home or type(layer).__module__.startswith(home + ".")
 

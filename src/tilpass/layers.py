@@ -14,7 +14,9 @@ Three shapes of method fit this one protocol:
 - a small module on a sub-block's output (bottleneck adapters): the layer wraps the sub-block
   (an MLP, an attention block) and `apply_adapter` transforms its output;
 - inputs prepended to the sequence (prompt tuning): the layer wraps the input embedding and
-  `apply_adapter` concatenates virtual-token embeddings; the model extends the attention mask.
+  sets `EXTENDS_INPUTS`; the model hands it the call's keyword inputs before the base forward
+  (`extend_inputs`), and it returns them with virtual-token embeddings prepended and the
+  attention mask, position ids and labels extended to match.
 
 The model (`tilpass.model`) talks to layers only through the methods declared here.
 """
@@ -80,6 +82,14 @@ class AdapterLayer(nn.Module):
 
     STORES: ClassVar[tuple[str, ...]] = ()
     MERGEABLE: ClassVar[bool] = False
+    # True: merging folds nothing, the layer must stay in place (prompt tuning's virtual
+    # tokens), so `merge_and_unload` refuses while such an adapter is active.
+    STAYS_WHEN_MERGED: ClassVar[bool] = False
+    # True: the model calls `extend_inputs` before every forward and `generate`.
+    EXTENDS_INPUTS: ClassVar[bool] = False
+    # True: `adapter_tensors` keys are whole file keys (PEFT's `prompt_embeddings`), not
+    # suffixes of this layer's module path.
+    ROOT_KEYS: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, adopt: bool = True) -> None:
         super().__init__()
@@ -219,6 +229,15 @@ class AdapterLayer(nn.Module):
         """Take every merged adapter back out of the wrapped weights."""
         if self.merged:  # pragma: no cover - only mergeable layers merge
             raise NotImplementedError
+
+    # -- inputs -----------------------------------------------------------------------------
+    def extend_inputs(self, inputs: dict[str, Any], row_ids: torch.Tensor | None) -> dict[str, Any]:
+        """The model's keyword inputs for this call, changed as the active adapters need.
+
+        Called only on layers with `EXTENDS_INPUTS`; `row_ids` are the call's per-row adapter
+        ids (None for an unrouted call). Returns `inputs` itself when nothing changes.
+        """
+        return inputs
 
     # -- forward ----------------------------------------------------------------------------
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:

@@ -127,6 +127,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 def decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """Split a causal LM into (decoder body, output head), or None if it has no such structure."""
+    if getattr(model, "extends_inputs", False):
+        return None  # the wrapper adds inputs (virtual tokens) that the decoder alone lacks
     base = unwrap_base(model)
     get_head = getattr(base, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
@@ -213,7 +215,9 @@ def causal_lm_loss(
         logits = head(selected)  # (N, V)
     else:
         out = model(input_ids=input_ids, attention_mask=mask, **_hf_kwargs(model))
-        logits = _logits_of(out)[:, :-1][keep]  # (N, V)
+        # A wrapper may return logits for positions it prepended (virtual tokens) before the
+        # T real ones; the loss is over the real ones.
+        logits = _logits_of(out)[:, -input_ids.shape[1] :][:, :-1][keep]  # (N, V)
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     loss = F.cross_entropy(logits, target[keep], reduction="sum")

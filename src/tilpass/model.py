@@ -48,6 +48,7 @@ class AdaptedModel(nn.Module):
         self.training = model.training  # a model in eval mode stays in eval mode
         self.adapter_ids = AdapterIds()
         self._layer_cache: list[AdapterLayer] | None = None
+        self._input_cache: tuple[list[AdapterLayer], list[AdapterLayer]] | None = None
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
         for p in model.parameters():
@@ -67,10 +68,32 @@ class AdaptedModel(nn.Module):
         """Run the base model; `adapter_names` (one per row) or `adapter_ids` (one per row,
         or one per token for packed ragged batches; -1 = base) route tokens to adapters."""
         routing = self._routing(adapter_names, adapter_ids, _batch_size(args, kwargs))
+        args, kwargs = self._extend_inputs(args, kwargs, routing)
         if routing is None:
             return self.base_model(*args, **kwargs)
         with routed(routing):
             return self.base_model(*args, **kwargs)
+
+    def _extend_inputs(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], routing: Routing | None
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's inputs after the layers that extend them (prompt tuning) had their say."""
+        layers = self._input_layers()
+        if not layers:
+            return args, kwargs
+        if args:  # a positional input_ids becomes a keyword the layers can replace
+            kwargs = {"input_ids": args[0], **kwargs}
+            args = args[1:]
+        for layer in layers:
+            kwargs = layer.extend_inputs(kwargs, None if routing is None else routing.ids)
+        return args, kwargs
+
+    def _input_layers(self) -> list[AdapterLayer]:
+        """The layers that extend the inputs (cached with the layer list)."""
+        layers = self._layers()
+        if self._input_cache is None or self._input_cache[0] is not layers:
+            self._input_cache = (layers, [layer for layer in layers if layer.EXTENDS_INPUTS])
+        return self._input_cache[1]
 
     def generate(
         self,
@@ -83,10 +106,32 @@ class AdaptedModel(nn.Module):
         if adapter_ids is not None and adapter_ids.dim() != 1:
             raise ValueError("generate takes one adapter id per row (adapter_ids of shape (B,))")
         routing = self._routing(adapter_names, adapter_ids, _batch_size(args, kwargs))
-        if routing is None:
-            return self.base_model.generate(*args, **kwargs)
-        with routed(routing):
-            return self.base_model.generate(*args, **kwargs)
+        context = contextlib.nullcontext() if routing is None else routed(routing)
+        call_args, call_kwargs = self._extend_inputs(args, kwargs, routing)
+        with context:
+            if "inputs_embeds" not in call_kwargs or "inputs_embeds" in kwargs:
+                return self.base_model.generate(*call_args, **call_kwargs)
+            # Inputs were extended (virtual tokens): generate from the embeddings, with
+            # positions taken from the extended mask, and return the prompt as a plain call
+            # would, followed by the new tokens.
+            call_kwargs.pop("position_ids", None)
+            out = self.base_model.generate(*call_args, **call_kwargs)
+        input_ids = args[0] if args else kwargs["input_ids"]
+        if isinstance(out, torch.Tensor):
+            return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
+        out.sequences = torch.cat([input_ids, out.sequences.to(input_ids.device)], dim=1)
+        return out  # return_dict_in_generate=True: scores etc. are for the new tokens
+
+    @property
+    def extends_inputs(self) -> bool:
+        """True when an active adapter changes the model's inputs (prompt tuning), so calling
+        the base model's parts directly would leave it out."""
+        return any(
+            layer.EXTENDS_INPUTS
+            and not layer.disabled
+            and any(n in layer.specs for n in self._active)
+            for layer in self._layers()
+        )
 
     def get_base_model(self) -> nn.Module:
         """The wrapped model (with adapter layers in place; `unload` removes them)."""
@@ -277,6 +322,13 @@ class AdaptedModel(nn.Module):
         """Merge the active adapters and return the plain base model (no wrappers left)."""
         self._check_mergeable(self._active)
         for layer in self._layers():
+            if layer.STAYS_WHEN_MERGED and any(n in layer.specs for n in self._active):
+                raise NotImplementedError(
+                    f"{type(layer).__name__} adapters stay outside the weights when merged, so "
+                    "the model cannot be unloaded with them; call merge_adapter() instead (it "
+                    "merges what can be merged and keeps the rest), or unload()"
+                )
+        for layer in self._layers():
             layer.unmerge()  # so only the active adapters end up in the weights
             layer.active = list(self._active)
         self._layer_cache = None
@@ -311,7 +363,7 @@ class AdaptedModel(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for path, layer in adapter_layers(self.base_model):
             for key, tensor in layer.adapter_tensors(adapter_name).items():
-                out[f"{PREFIX}{path}.{key}"] = tensor
+                out[key if layer.ROOT_KEYS else f"{PREFIX}{path}.{key}"] = tensor
         return out
 
     def save_pretrained(

@@ -11,6 +11,8 @@ from __future__ import annotations
 from tilpass.methods.bottleneck import METHOD as BOTTLENECK
 from tilpass.methods.ia3 import METHOD as IA3
 from tilpass.methods.lora import METHOD as LORA
+from tilpass.methods.lora_prompt import METHOD as LORA_PROMPT
+from tilpass.methods.prompt import METHOD as PROMPT_TUNING
 from tilpass.methods.registry import (
     METHODS,
     Method,
@@ -24,6 +26,8 @@ from tilpass.methods.registry import (
 register(LORA)
 register(IA3)
 register(BOTTLENECK)
+register(PROMPT_TUNING)
+register(LORA_PROMPT)
 
 __all__ = [
     "METHODS",

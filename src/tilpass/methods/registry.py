@@ -31,6 +31,9 @@ class Method:
             core's name matching (`inject.find_targets`: target_modules & co.).
         training_hooks: (adapted model, adapter name) -> objects with `loss_term(step)` and /
             or `after_backward(step)` for the trainer; None = the method needs none.
+        owns_layer: layer -> whether this method's adapters go into that existing layer; None
+            = layers built by `make_layer`'s own module (a method that combines others' layers
+            names them here).
     """
 
     name: str
@@ -39,6 +42,7 @@ class Method:
     description: str
     select_targets: Callable[[nn.Module, Any], list[str]] | None = None
     training_hooks: Callable[[nn.Module, str], list[Any]] | None = None
+    owns_layer: Callable[[nn.Module], bool] | None = None
 
     @property
     def peft_type(self) -> str:
