@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -57,20 +58,21 @@ class AdapterIds:
         return {i: n for n, i in self._by_name.items()}
 
     def ids_for(self, names: Sequence[str]) -> torch.Tensor:
-        """Per-row names -> ids, with an error that names the row and the loaded adapters."""
-        ids = []
-        for row, name in enumerate(names):
-            if name == BASE:
-                ids.append(BASE_ID)
-            elif name in self._by_name:
-                ids.append(self._by_name[name])
-            else:
-                known = ", ".join(self._by_name) or "(none loaded)"
-                raise AdapterNameError(
-                    f"adapter_names[{row}] = {name!r} is not a loaded adapter; "
-                    f"loaded: {known}; use {BASE!r} for the base model"
-                )
+        """Per-row names -> ids, with an error that names the unknown adapters and the loaded
+        ones (PEFT's message first)."""
+        unknown = sorted({n for n in names if n != BASE and n not in self._by_name})
+        if unknown:
+            known = ", ".join(self._by_name) or "(none loaded)"
+            raise AdapterNameError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Loaded "
+                f"adapters: {known}; use {BASE!r} for the base model"
+            )
+        ids = [BASE_ID if n == BASE else self._by_name[n] for n in names]
         return torch.tensor(ids, dtype=torch.long)
+
+    def skip_to(self, first_free: int) -> None:
+        """Never assign ids below `first_free` (ids that layers of the model already use)."""
+        self._next = max(self._next, first_free)
 
     def check(self, ids: torch.Tensor) -> torch.Tensor:
         """Validate an `adapter_ids` tensor from a caller: integer, known ids or -1."""
@@ -284,3 +286,13 @@ def scatter_add_rows(y: torch.Tensor, plan: Plan, out: torch.Tensor) -> torch.Te
         return out.add_(flat.index_select(0, plan.inverse))
     # Padded slots point at token 0 and carry zeros, so index_add leaves it correct.
     return out.index_add_(0, plan.flat_index, flat)
+
+
+def batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a forward call: the rows of `input_ids`, `inputs_embeds`, the first
+    positional tensor or else the first tensor keyword argument (None if there is none)."""
+    first = [v for v in kwargs.values() if isinstance(v, torch.Tensor)][:1]
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1], *first):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None

@@ -31,6 +31,9 @@ class Method:
             core's name matching (`inject.find_targets`: target_modules & co.).
         training_hooks: (adapted model, adapter name) -> objects with `loss_term(step)` and /
             or `after_backward(step)` for the trainer; None = the method needs none.
+        prefix: the start of its adapter parameters' names (PEFT's `model.prefix`, "lora_").
+        add_weighted: (adapted model, adapters, weights, new name, combination type, svd
+            settings) -> None, for `add_weighted_adapter`; None = the method cannot combine.
     """
 
     name: str
@@ -39,6 +42,8 @@ class Method:
     description: str
     select_targets: Callable[[nn.Module, Any], list[str]] | None = None
     training_hooks: Callable[[nn.Module, str], list[Any]] | None = None
+    prefix: str = ""
+    add_weighted: Callable[..., None] | None = None
 
     @property
     def peft_type(self) -> str:

@@ -13,7 +13,8 @@ so the adapted model's base keys are the base model's. Merging adds `s B A` into
 unmerging subtracts it again.
 
 Files: `config.py` (LoraConfig), `layers.py` (the layers), `dora.py` (the DoRA variant),
-`fused.py` (a Linear layer's adapter and frozen base as one autograd node).
+`fused.py` (a Linear layer's adapter and frozen base as one autograd node), `weighted.py`
+(`add_weighted_adapter`: new adapters from weighted combinations of others).
 """
 
 from tilpass.methods.lora.config import LoraConfig
@@ -24,6 +25,7 @@ from tilpass.methods.lora.layers import (
     LoraLinear,
     make_layer,
 )
+from tilpass.methods.lora.weighted import add_weighted_adapter
 from tilpass.methods.registry import Method
 
 METHOD = Method(
@@ -31,6 +33,8 @@ METHOD = Method(
     config_class=LoraConfig,
     make_layer=make_layer,
     description="LoRA: trainable low-rank B A beside frozen weights (rsLoRA, DoRA variant)",
+    prefix="lora_",
+    add_weighted=add_weighted_adapter,
 )
 
 __all__ = [

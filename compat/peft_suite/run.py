@@ -1,0 +1,167 @@
+"""Run PEFT's own LoRA tests against tilpass and write the figures to docs/compatibility.md.
+
+    python compat/peft_suite/run.py full --write-docs   # both backends, every LoRA case (long)
+    python compat/peft_suite/run.py sample              # the fixed CI sample, tilpass only
+    python compat/peft_suite/run.py make-sample         # pick the sample from a full run
+    python compat/peft_suite/run.py vendor              # rebuild the sample's small archive
+
+`full` keeps each backend's records in `$TILPASS_CACHE/peft-suite/results-<version>/`;
+`--reuse-peft` takes PEFT's records from an earlier run (they change only with PEFT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import random
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import Selection, compare, table, top_errors
+from suite import (
+    CUSTOM,
+    PEFT_VERSION,
+    REPO,
+    SAMPLE,
+    VENDORED,
+    Run,
+    cache_dir,
+    other_files,
+    read_results,
+    suite,
+    unpack,
+    vendor,
+)
+
+DOC = REPO / "docs" / "compatibility.md"
+BEGIN, END = "<!-- peft-suite:begin -->", "<!-- peft-suite:end -->"
+SAMPLE_SIZE = 300
+
+
+def results_dir() -> Path:
+    return cache_dir() / f"results-{PEFT_VERSION}"
+
+
+def run_backend(backend: str, name: str, files: list[str], tests: Path, reuse: bool) -> list:
+    """Run one selection with one backend (or reuse its saved records)."""
+    out = results_dir() / f"{name}-{backend}.jsonl"
+    if reuse and out.is_file():
+        print(f"{name} / {backend}: reusing {out}")
+        return read_results(out)
+    out.unlink(missing_ok=True)
+    records, seconds, tail = Run(backend, tests, files, out).execute()
+    print(f"{name} / {backend}: {len(records)} tests in {seconds / 60:.1f} min\n{tail}\n")
+    (results_dir() / f"{name}-{backend}.seconds").write_text(f"{seconds:.0f}\n")
+    return records
+
+
+def full(args: argparse.Namespace) -> list[Selection]:
+    """Both backends over the custom-models file and the other CPU test files."""
+    tests = suite()
+    results_dir().mkdir(parents=True, exist_ok=True)
+    groups = {"custom": [CUSTOM]}
+    if not args.custom_only:
+        groups["others"] = other_files(tests)
+    titles = {
+        "custom": f"`{CUSTOM}`, all LoRA cases",
+        "others": f"{len(groups.get('others', []))} other test files",
+    }
+    selections = []
+    for name, files in groups.items():
+        peft = run_backend("peft", name, files, tests, args.reuse_peft)
+        ours = run_backend("tilpass", name, files, tests, False)
+        selections.append(compare(titles[name], peft, ours))
+    print(table(selections))
+    if args.write_docs:
+        write_docs(selections)
+    return selections
+
+
+def write_docs(selections: list[Selection]) -> None:
+    """Replace the measured part of docs/compatibility.md (between its markers)."""
+    seconds = {
+        p.stem.rsplit("-", 1)[0] + " / " + p.stem.rsplit("-", 1)[1]: p.read_text().strip()
+        for p in sorted(results_dir().glob("*.seconds"))
+    }
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    versions = ", ".join(
+        f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft", "tilpass")
+    )
+    parts = [
+        BEGIN,
+        f"Measured {when} on {platform.processor() or platform.machine()} "
+        f"({versions}; OMP_NUM_THREADS=1), command `python compat/peft_suite/run.py full "
+        "--write-docs`:",
+        "",
+        table(selections),
+        "",
+        "\\* counted: tests that pass on PEFT, less those classed as research variants or PEFT "
+        "internals; rate: tilpass passes over counted.",
+        "",
+        "Wall time per run (seconds): " + ", ".join(f"{k} {v}" for k, v in seconds.items()) + ".",
+    ]
+    for s in selections:
+        title = f"Most frequent first errors (tilpass behaviour), {s.title}:"
+        parts += ["", title, "", top_errors(s)]
+    parts.append(END)
+    text = DOC.read_text()
+    start, stop = text.index(BEGIN), text.index(END) + len(END)
+    DOC.write_text(text[:start] + "\n".join(parts) + text[stop:])
+    print(f"wrote {DOC}")
+
+
+def make_sample(args: argparse.Namespace) -> None:
+    """A fixed sample of custom-models cases that pass on both backends (the CI gate)."""
+    peft = read_results(results_dir() / "custom-peft.jsonl")
+    ours = {r["id"]: r for r in read_results(results_dir() / "custom-tilpass.jsonl")}
+    both = sorted(
+        r["id"] for r in peft if r["outcome"] == "passed" and ours.get(r["id"], {}).get(
+            "outcome") == "passed"
+    )  # fmt: skip
+    chosen = sorted(random.Random(0).sample(both, min(SAMPLE_SIZE, len(both))))
+    SAMPLE.write_text("\n".join(chosen) + "\n")
+    print(f"{len(chosen)} of {len(both)} cases written to {SAMPLE}")
+
+
+def sample(args: argparse.Namespace) -> int:
+    """Run the fixed sample through the shim (from the vendored archive; no network)."""
+    with tempfile.TemporaryDirectory(prefix="peft-suite-") as tmp:
+        tests = unpack(VENDORED, Path(tmp) / f"peft-{PEFT_VERSION}")
+        records, seconds, _ = Run("tilpass", tests, [CUSTOM], Path(tmp) / "r.jsonl",
+                                     only=SAMPLE).execute()  # fmt: skip
+    failed = [r for r in records if r["outcome"] != "passed"]
+    print(f"{len(records) - len(failed)} of {len(records)} passed in {seconds:.0f} s")
+    for r in failed:
+        print(f"  {r['id']}: {r.get('message', '')}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_full = sub.add_parser("full", help="both backends, every LoRA case")
+    run_full.add_argument("--write-docs", action="store_true")
+    run_full.add_argument("--reuse-peft", action="store_true")
+    run_full.add_argument("--custom-only", action="store_true")
+    sub.add_parser("sample", help="the fixed CI sample (tilpass only)")
+    sub.add_parser("make-sample", help="choose the sample from a full run's records")
+    sub.add_parser("vendor", help="rebuild the sample's archive from the sdist")
+    args = parser.parse_args(argv)
+    if args.command == "full":
+        full(args)
+    elif args.command == "sample":
+        return sample(args)
+    elif args.command == "make-sample":
+        make_sample(args)
+    else:
+        print(vendor())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
