@@ -185,7 +185,7 @@ def make_tilpass(case: Case, seed: int = 1, second: bool = False) -> tilpass.Ada
     perturb(model.adapter_parameters("default"), seed)
     if second:
         model.add_adapter("legal", case.second_config(tilpass))
-        model._set_trainable("legal", True)
+        model.set_requires_grad("legal", True)
         perturb(model.adapter_parameters("legal"), seed + 1)
     return model.eval()
 

@@ -57,6 +57,8 @@ RESEARCH_KEYS = frozenset(
         "megatron_config",
     }
 )
+RESEARCH_INITS = frozenset({"eva", "corda", "mica", "lora_ga"})
+"""`init_lora_weights` values of research variants."""
 RESEARCH_NAMES = re.compile(
     r"bdlora|velora|kasa|monteclora|mica|corda|lora_?ga|loraga|\beva\b|_eva_|qalora|alora|arrow",
     re.IGNORECASE,
@@ -159,7 +161,9 @@ def is_research(item: pytest.Item) -> bool:
     callspec = getattr(item, "callspec", None)
     if callspec is not None:
         for value in callspec.params.values():
-            if isinstance(value, dict) and RESEARCH_KEYS & set(value):
+            if isinstance(value, dict) and (
+                RESEARCH_KEYS & set(value) or str(value.get("init_lora_weights")) in RESEARCH_INITS
+            ):
                 return True
     return bool(RESEARCH_NAMES.search(item.nodeid.split("::", 1)[-1]))
 

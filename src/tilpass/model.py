@@ -113,8 +113,12 @@ class AdaptedModel(nn.Module):
 
     @property
     def config(self) -> Any:
-        """The base model's config (for code that reads `model.config`)."""
-        return getattr(self.base_model, "config", None)
+        """The base model's config (for code that reads `model.config`); like PEFT's, missing
+        (AttributeError) when the base model has none."""
+        config = getattr(self.base_model, "config", None)
+        if config is None:
+            raise AttributeError(f"{type(self.base_model).__name__} has no config")
+        return config
 
     def _routing(
         self, names: list[str] | None, ids: torch.Tensor | None, batch: int | None
@@ -185,7 +189,8 @@ class AdaptedModel(nn.Module):
             raise TypeError(f"unsupported config type {type(config).__name__}: {exc}") from None
         config = copy.deepcopy(config)  # the caller's config stays as it was
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(self.config, "name_or_path", None) or None
+            base_config = getattr(self.base_model, "config", None)
+            config.base_model_name_or_path = getattr(base_config, "name_or_path", None) or None
         adapter_id = self.adapter_ids.assign(adapter_name)
         try:
             inject(self.base_model, method, config, adapter_name, adapter_id, not low_cpu_mem_usage)
@@ -499,8 +504,6 @@ class AdaptedModel(nn.Module):
             config=config,
         )
         adapted.set_adapter(adapter_name, inference_mode=not is_trainable)
-        if not is_trainable:
-            adapted.eval()
         return adapted
 
     def load_adapter(
@@ -520,7 +523,8 @@ class AdaptedModel(nn.Module):
 
         The adapter is added, filled from the file and checked key by key; on any mismatch it
         is removed again, so a failed load leaves the model as it was. Reading skips the
-        random initialisation, so `low_cpu_mem_usage` is always in effect.
+        random initialisation, so `low_cpu_mem_usage` is always in effect. With
+        `is_trainable=False` the model is put in eval mode, as PEFT does.
         """
         directory = Path(model_id)
         config = model_files.read_adapter_config(directory, is_trainable, config)
@@ -531,6 +535,8 @@ class AdaptedModel(nn.Module):
             "autocast_adapter_dtype": autocast_adapter_dtype,
         }
         model_files.load_adapter_dir(self, directory, adapter_name, config, options)
+        if not is_trainable:
+            self.eval()  # as PEFT: dropout off for an adapter loaded for inference
 
     # -- combining ----------------------------------------------------------------------------
     def add_weighted_adapter(

@@ -75,9 +75,7 @@ def save_adapters(
         saved.inference_mode = True
         saved.save(target)
         if not (target / CARD_NAME).exists():
-            base = (
-                getattr(model.config, "_name_or_path", None) if model.config is not None else None
-            )
+            base = getattr(getattr(model.base_model, "config", None), "_name_or_path", None)
             atomic_write_bytes(target / CARD_NAME, adapter_card(saved, base or None).encode())
 
 
