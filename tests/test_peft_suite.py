@@ -25,8 +25,12 @@ import suite  # noqa: E402
 @pytest.mark.parametrize(
     ("record", "expected"),
     [
-        ({"message": "AttributeError: 'AdaptedModel' object has no attribute 'prefix'"},
+        ({"message": "AttributeError: 'AdaptedModel' object has no attribute 'model'"},
          report.INTERNALS),
+        ({"message": "AttributeError: 'LoraLinear' object has no attribute 'scaling'"},
+         report.INTERNALS),
+        ({"message": "AttributeError: 'AdaptedModel' object has no attribute 'lin0'"},
+         report.BEHAVIOUR),
         ({"message": "AttributeError: 'AdaptedModel' object has no attribute 'unload'"},
          report.BEHAVIOUR),
         ({"message": "AttributeError: 'MLP' object has no attribute 'model'"}, report.INTERNALS),

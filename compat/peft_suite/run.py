@@ -47,16 +47,23 @@ def results_dir() -> Path:
     return cache_dir() / f"results-{PEFT_VERSION}"
 
 
-def run_backend(backend: str, name: str, files: list[str], tests: Path, reuse: bool) -> list:
-    """Run one selection with one backend (or reuse its saved records)."""
-    out = results_dir() / f"{name}-{backend}.jsonl"
+def run_backend(
+    backend: str, name: str, files: list[str], tests: Path, reuse: bool, src: Path | None = None
+) -> list:
+    """Run one selection with one backend (or reuse its saved records); `src` runs another
+    tilpass source tree (its records are kept apart, under its folder's name)."""
+    label = backend if src is None else f"{backend}@{src.parent.name}"
+    out = results_dir() / f"{name}-{label}.jsonl"
     if reuse and out.is_file():
-        print(f"{name} / {backend}: reusing {out}")
+        print(f"{name} / {label}: reusing {out}")
         return read_results(out)
     out.unlink(missing_ok=True)
-    records, seconds, tail = Run(backend, tests, files, out).execute()
-    print(f"{name} / {backend}: {len(records)} tests in {seconds / 60:.1f} min\n{tail}\n")
-    (results_dir() / f"{name}-{backend}.seconds").write_text(f"{seconds:.0f}\n")
+    run = Run(backend, tests, files, out)
+    if src is not None:
+        run.src = src
+    records, seconds, tail = run.execute()
+    print(f"{name} / {label}: {len(records)} tests in {seconds / 60:.1f} min\n{tail}\n")
+    (results_dir() / f"{name}-{label}.seconds").write_text(f"{seconds:.0f}\n")
     return records
 
 
@@ -74,10 +81,10 @@ def full(args: argparse.Namespace) -> list[Selection]:
     selections = []
     for name, files in groups.items():
         peft = run_backend("peft", name, files, tests, args.reuse_peft)
-        ours = run_backend("tilpass", name, files, tests, False)
+        ours = run_backend("tilpass", name, files, tests, False, args.src)
         selections.append(compare(titles[name], peft, ours))
     print(table(selections))
-    if args.write_docs:
+    if args.write_docs and args.src is None:
         write_docs(selections)
     return selections
 
@@ -87,6 +94,7 @@ def write_docs(selections: list[Selection]) -> None:
     seconds = {
         p.stem.rsplit("-", 1)[0] + " / " + p.stem.rsplit("-", 1)[1]: p.read_text().strip()
         for p in sorted(results_dir().glob("*.seconds"))
+        if "@" not in p.stem
     }
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     versions = ", ".join(
@@ -148,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     run_full.add_argument("--write-docs", action="store_true")
     run_full.add_argument("--reuse-peft", action="store_true")
     run_full.add_argument("--custom-only", action="store_true")
+    run_full.add_argument(
+        "--src", type=Path, help="another tilpass src/ folder to measure (e.g. an older commit)"
+    )
     sub.add_parser("sample", help="the fixed CI sample (tilpass only)")
     sub.add_parser("make-sample", help="choose the sample from a full run's records")
     sub.add_parser("vendor", help="rebuild the sample's archive from the sdist")

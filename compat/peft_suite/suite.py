@@ -126,6 +126,7 @@ class Run:
     results: Path
     only: Path | None = None
     timeout_s: int | None = None
+    src: Path = REPO / "src"  # the tilpass source tree the shim imports
 
     def command(self) -> list[str]:
         return [
@@ -136,7 +137,7 @@ class Run:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        paths = [str(HERE), str(REPO / "src"), env.get("PYTHONPATH", "")]
+        paths = [str(HERE), str(self.src), env.get("PYTHONPATH", "")]
         env.update(
             PYTHONPATH=os.pathsep.join(p for p in paths if p),
             PEFT_SUITE_BACKEND=self.backend,
