@@ -217,7 +217,8 @@ class TargetedConfig(AdapterConfig):
         """PEFT's checks of `layers_to_transform` / `layers_pattern` (for methods with them)."""
         layers = getattr(self, "layers_to_transform", None)
         pattern = getattr(self, "layers_pattern", None)
-        if isinstance(self.target_modules, str) and (layers is not None or pattern is not None):
+        regex = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
+        if regex and (layers is not None or pattern is not None):
             raise ValueError(
                 "`layers_to_transform` / `layers_pattern` cannot be used when `target_modules` is "
                 "a str (a regex): write the layer indices into the regex, or list module names"

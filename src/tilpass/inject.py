@@ -18,14 +18,17 @@ import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from tilpass.config import TargetedConfig
 from tilpass.errors import TargetModulesError
 from tilpass.layers import AdapterLayer, is_linear_like
-from tilpass.methods.registry import Method
 from tilpass.saved_modules import ModulesToSave
+
+if TYPE_CHECKING:  # importing the registry here would import every method, which imports this
+    from tilpass.methods.registry import Method
 
 ALL_LINEAR = "all-linear"
 

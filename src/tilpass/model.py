@@ -417,6 +417,11 @@ class AdaptedModel(nn.Module):
         self._layer_cache = None
         return unwrap_all(self.base_model, merge=True)
 
+    def unload(self) -> nn.Module:
+        """Return the base model as it was: adapters removed, nothing merged."""
+        self._layer_cache = None
+        return unwrap_all(self.base_model, merge=False)
+
     # -- counting -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts; shared (tied) tensors count once."""
