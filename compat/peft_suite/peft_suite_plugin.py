@@ -242,11 +242,16 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _CONFIG["config"] = session.config
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    state = session.config.stash[_STATE]
-    if state.results is None:
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    """Append the finished test's record at once, so a run cut short keeps what it measured."""
+    config = _CONFIG.get("config")
+    if config is None:
+        return
+    state = config.stash[_STATE]
+    record = state.done.get(nodeid)
+    if state.results is None or record is None:
         return
     state.results.parent.mkdir(parents=True, exist_ok=True)
-    with state.results.open("w") as handle:
-        for record in state.done.values():
-            handle.write(json.dumps(record) + "\n")
+    with state.results.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")

@@ -1,6 +1,7 @@
 """Run PEFT's own LoRA tests against tilpass and write the figures to docs/compatibility.md.
 
     python compat/peft_suite/run.py full --write-docs   # both backends, every LoRA case (long)
+    python compat/peft_suite/run.py report              # the table from the last runs' records
     python compat/peft_suite/run.py sample              # the fixed CI sample, tilpass only
     python compat/peft_suite/run.py make-sample         # pick the sample from a full run
     python compat/peft_suite/run.py vendor              # rebuild the sample's small archive
@@ -89,6 +90,21 @@ def full(args: argparse.Namespace) -> list[Selection]:
     return selections
 
 
+def report_only(args: argparse.Namespace) -> list[Selection]:
+    """The table from the records of the last runs (nothing is run)."""
+    selections = []
+    for name, title in (("custom", f"`{CUSTOM}`, all LoRA cases"), ("others", "other test files")):
+        peft, ours = (results_dir() / f"{name}-{b}.jsonl" for b in ("peft", "tilpass"))
+        if peft.is_file() and ours.is_file():
+            selections.append(compare(title, read_results(peft), read_results(ours)))
+    print(table(selections))
+    for s in selections:
+        print(f"\n{s.title}:\n{top_errors(s, args.top)}")
+    if args.write_docs:
+        write_docs(selections)
+    return selections
+
+
 def write_docs(selections: list[Selection]) -> None:
     """Replace the measured part of docs/compatibility.md (between its markers)."""
     seconds = {
@@ -159,12 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     run_full.add_argument(
         "--src", type=Path, help="another tilpass src/ folder to measure (e.g. an older commit)"
     )
+    only_report = sub.add_parser("report", help="the table from the last runs' records")
+    only_report.add_argument("--write-docs", action="store_true")
+    only_report.add_argument("--top", type=int, default=25)
     sub.add_parser("sample", help="the fixed CI sample (tilpass only)")
     sub.add_parser("make-sample", help="choose the sample from a full run's records")
     sub.add_parser("vendor", help="rebuild the sample's archive from the sdist")
     args = parser.parse_args(argv)
     if args.command == "full":
         full(args)
+    elif args.command == "report":
+        report_only(args)
     elif args.command == "sample":
         return sample(args)
     elif args.command == "make-sample":
