@@ -131,7 +131,8 @@ class Run:
     def command(self) -> list[str]:
         return [
             sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
-            "peft_suite_plugin", "-o", "addopts=", "-o", "filterwarnings=", "--rootdir",
+            "peft_suite_plugin", "-o", "addopts=", "-o", "filterwarnings=",
+            "--continue-on-collection-errors", "--tb=short", "--rootdir",
             str(self.tests.parent), "-c", os.devnull, *[str(self.tests / f) for f in self.files],
         ]  # fmt: skip
 
