@@ -14,12 +14,14 @@ test drive it the same way:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import re
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -168,9 +170,24 @@ def is_research(item: pytest.Item) -> bool:
     return bool(RESEARCH_NAMES.search(item.nodeid.split("::", 1)[-1]))
 
 
+@contextlib.contextmanager
+def _stay_offline(model_id: str) -> Iterator[None]:
+    """Stands in for PEFT's `hub_online_once`, which switches the hub on for a model's first
+    use (and again after every failure): here each such test fails at once, offline, instead
+    of waiting for network timeouts; it needs a hub either way."""
+    yield
+
+
+def _keep_offline() -> None:
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "tests" and hasattr(module, "hub_online_once"):
+            module.hub_online_once = _stay_offline  # type: ignore[attr-defined]
+
+
 def pytest_collection_modifyitems(
     session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
 ) -> None:
+    _keep_offline()
     state = config.stash[_STATE]
     only_file = os.environ.get("PEFT_SUITE_ONLY")
     only = set(Path(only_file).read_text().split("\n")) - {""} if only_file else None

@@ -146,6 +146,8 @@ class Run:
             OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
             HF_HUB_OFFLINE="1",
             TRANSFORMERS_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            HF_HUB_DISABLE_TELEMETRY="1",
         )
         if self.only is not None:
             env["PEFT_SUITE_ONLY"] = str(self.only)
