@@ -30,7 +30,7 @@ HUB_PATTERNS = re.compile(
     r"|not a valid model identifier|HFValidationError|OfflineModeIsEnabled|hf_hub",
     re.IGNORECASE,
 )
-TILPASS_TYPES = ("AdaptedModel", "LoraLinear", "LoraEmbedding", "LoraLayer", "ModulesToSave")
+TILPASS_TYPES = ("LoraLinear", "LoraEmbedding", "LoraLayer", "ModulesToSave", "IA3Linear")
 # `peft_model.model` is PEFT's tuner object's `model` (`model.base_model.model`): its layout.
 INTERNAL_ATTRIBUTES = frozenset({"model"})
 MISSING_ATTRIBUTE = re.compile(r"'(\w+)' object has no attribute '(\w+)'")
@@ -46,9 +46,11 @@ def classify(record: dict) -> str:
     found = MISSING_ATTRIBUTE.search(message)
     if found:
         owner, attribute = found.groups()
-        if owner == "AdaptedModel" and attribute not in INTERNAL_ATTRIBUTES:
-            return BEHAVIOUR  # PEFT's API, or an attribute PEFT forwards to the base model
-        return INTERNALS
+        if owner == "AdaptedModel":  # PEFT's API or an attribute PEFT forwards, but `.model`
+            return INTERNALS if attribute in INTERNAL_ATTRIBUTES else BEHAVIOUR
+        if owner in TILPASS_TYPES or attribute in INTERNAL_ATTRIBUTES | {"base_model"}:
+            return INTERNALS  # a PEFT layer's attributes, or `model.base_model.model`
+        return BEHAVIOUR
     if _raised_in_peft(record):
         return INTERNALS
     return BEHAVIOUR

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
 from tilpass import model_files, status
 from tilpass.config import AdapterConfig
@@ -24,7 +27,7 @@ from tilpass.inject import adapter_layers, inject, mark_shared_weights, replace_
 from tilpass.layers import AdapterLayer
 from tilpass.merging import merge_layer
 from tilpass.methods import UnknownMethodError, method_of
-from tilpass.routing import BASE, AdapterIds, Routing, batch_size, routed
+from tilpass.routing import BASE, AdapterIds, Routing, batch_size, routed, routing_for
 from tilpass.saved_modules import ModulesToSave
 
 PREFIX = model_files.PREFIX  # PEFT's key prefix for a model's adapter tensors
@@ -126,36 +129,8 @@ class AdaptedModel(nn.Module):
         """The routing of one call, or None for a plain call (nothing is kept on the model)."""
         if names is None and ids is None:
             return None
-        if names is not None and ids is not None:
-            raise ValueError("pass adapter_names or adapter_ids, not both")
-        if names is not None:
-            if isinstance(names, str):
-                raise TypeError("adapter_names must be a list with one adapter name per row")
-            if self.training:
-                raise ValueError(
-                    "Cannot pass `adapter_names` when the model is in training mode (as in "
-                    "PEFT): call model.eval() first, or, to train on a mixed batch, pass "
-                    "adapter_ids= (model.adapter_id(name) per row)"
-                )
-            ids = self.adapter_ids.ids_for(names)
-        else:
-            assert ids is not None
-            ids = self.adapter_ids.check(ids)
-        if batch is not None and ids.shape[0] != batch:
-            what = "adapter_names" if names is not None else "adapter_ids"
-            raise ValueError(
-                f"Length of `{what}` should be the same as the number of inputs, but got "
-                f"{ids.shape[0]} and {batch}: {what} has {ids.shape[0]} entries but the batch "
-                f"has {batch} rows; pass one per row ({BASE!r} / -1 for the base model)"
-            )
         merged = sorted({n for layer in self._layers() for n in layer.merged})
-        if merged:
-            raise ValueError(
-                f"Cannot pass `adapter_names` when there are merged adapters, please call "
-                f"`unmerge_adapter` first (adapters {merged} are merged into the weights, so "
-                "rows cannot be routed)"
-            )
-        return Routing(ids)
+        return routing_for(self.adapter_ids, names, ids, batch, self.training, merged)
 
     # -- adapters -----------------------------------------------------------------------------
     def add_adapter(
@@ -379,6 +354,10 @@ class AdaptedModel(nn.Module):
         for name in names:
             self._check_name(name)
         self._check_mergeable(names)
+        holders = [layer for layer in self._layers() if any(n in layer.specs for n in names)]
+        if holders and all(set(names) & set(h.specs) <= set(h.merged) for h in holders):
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+            return
         mark_shared_weights(self.base_model)  # a tied weight is merged on a private copy
         for layer in self._layers():
             if layer.MERGEABLE:
@@ -509,7 +488,20 @@ class AdaptedModel(nn.Module):
             config=config,
         )
         adapted.set_adapter(adapter_name, inference_mode=not is_trainable)
+        if config is not None:  # PEFT keeps the caller's config object, updated
+            stored = adapted.peft_config[adapter_name]
+            for field in dataclasses.fields(stored):
+                setattr(config, field.name, getattr(stored, field.name))
+            adapted.peft_config[adapter_name] = config
         return adapted
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Not available: tilpass talks to no model hub. Save with `save_pretrained` and upload
+        the directory with `huggingface_hub` (`HfApi().upload_folder`)."""
+        raise NotImplementedError(
+            "tilpass has no model hub client: save_pretrained(directory), then upload the "
+            "directory with huggingface_hub's HfApi().upload_folder"
+        )
 
     def load_adapter(
         self,
@@ -523,8 +515,9 @@ class AdaptedModel(nn.Module):
         allow_pickle: bool = False,
         allow_partial: bool = False,
         config: AdapterConfig | None = None,
-    ) -> None:
+    ) -> _IncompatibleKeys:
         """Load an adapter directory under `adapter_name`; strict unless `allow_partial`.
+        Returns PEFT's load result (`missing_keys`, `unexpected_keys`; empty unless partial).
 
         The adapter is added, filled from the file and checked key by key; on any mismatch it
         is removed again, so a failed load leaves the model as it was. Reading skips the
@@ -539,9 +532,10 @@ class AdaptedModel(nn.Module):
             "torch_device": torch_device,
             "autocast_adapter_dtype": autocast_adapter_dtype,
         }
-        model_files.load_adapter_dir(self, directory, adapter_name, config, options)
+        result = model_files.load_adapter_dir(self, directory, adapter_name, config, options)
         if not is_trainable:
             self.eval()  # as PEFT: dropout off for an adapter loaded for inference
+        return result
 
     # -- combining ----------------------------------------------------------------------------
     def add_weighted_adapter(

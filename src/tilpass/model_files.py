@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.nn.modules.module import _IncompatibleKeys
 
 from tilpass.adapter_files import (
     PICKLE_NAME,
@@ -135,9 +136,10 @@ def load_adapter_dir(
     adapter_name: str,
     config: AdapterConfig,
     options: dict[str, Any],
-) -> None:
+) -> _IncompatibleKeys:
     """Add adapter `adapter_name` to `model` and fill it from `directory`; strict unless
-    `options["allow_partial"]`. On any mismatch the adapter is removed again."""
+    `options["allow_partial"]`. On any mismatch the adapter is removed again. Returns the
+    missing and unexpected keys (empty for a strict load)."""
     if not directory.is_dir():
         raise AdapterFileError(f"{directory}: no such adapter directory")
     tensors = load_tensors(directory, allow_pickle=options["allow_pickle"])
@@ -153,10 +155,11 @@ def load_adapter_dir(
         autocast_adapter_dtype=options["autocast_adapter_dtype"],
     )
     try:
-        fill(model, adapter_name, tensors, directory, allow_partial)
+        missing, unexpected = fill(model, adapter_name, tensors, directory, allow_partial)
     except Exception:
         model.delete_adapter(adapter_name)
         raise
+    return _IncompatibleKeys(missing, unexpected)
 
 
 def fill(
@@ -165,8 +168,9 @@ def fill(
     tensors: dict[str, torch.Tensor],
     directory: Path,
     allow_partial: bool,
-) -> None:
-    """Copy `tensors` (PEFT's keys) into adapter `name`, checking every key and shape."""
+) -> tuple[list[str], list[str]]:
+    """Copy `tensors` (PEFT's keys) into adapter `name`, checking every key and shape;
+    returns the missing and unexpected keys."""
     expected = model.adapter_state_dict(name)
     tensors = drop_unchanged_embeddings(model, tensors, directory)
     missing = sorted(set(expected) - set(tensors))
@@ -192,6 +196,7 @@ def fill(
             expected[key].copy_(tensors[key])
     for layer in model.adapter_layer_list():
         layer.invalidate()
+    return missing, unexpected
 
 
 def drop_unchanged_embeddings(

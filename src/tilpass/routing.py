@@ -296,3 +296,44 @@ def batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() >= 1:
             return int(value.shape[0])
     return None
+
+
+def routing_for(
+    adapter_ids: AdapterIds,
+    names: list[str] | None,
+    ids: torch.Tensor | None,
+    batch: int | None,
+    training: bool,
+    merged: list[str],
+) -> Routing:
+    """The checked routing of one call given per-row `names` or `ids` (PEFT's errors first:
+    `adapter_names` is refused in train mode and while adapters are merged)."""
+    if names is not None and ids is not None:
+        raise ValueError("pass adapter_names or adapter_ids, not both")
+    if names is not None:
+        if isinstance(names, str):
+            raise TypeError("adapter_names must be a list with one adapter name per row")
+        if training:
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode (as in "
+                "PEFT): call model.eval() first, or, to train on a mixed batch, pass "
+                "adapter_ids= (model.adapter_id(name) per row)"
+            )
+        ids = adapter_ids.ids_for(names)
+    else:
+        assert ids is not None
+        ids = adapter_ids.check(ids)
+    if batch is not None and ids.shape[0] != batch:
+        what = "adapter_names" if names is not None else "adapter_ids"
+        raise ValueError(
+            f"Length of `{what}` should be the same as the number of inputs, but got "
+            f"{ids.shape[0]} and {batch}: {what} has {ids.shape[0]} entries but the batch "
+            f"has {batch} rows; pass one per row ({BASE!r} / -1 for the base model)"
+        )
+    if merged:
+        raise ValueError(
+            f"Cannot pass `adapter_names` when there are merged adapters, please call "
+            f"`unmerge_adapter` first (adapters {merged} are merged into the weights, so "
+            "rows cannot be routed)"
+        )
+    return Routing(ids)
