@@ -417,3 +417,18 @@ def test_peft_exception_types() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.unmerge_adapter()
+
+
+def test_load_result_merge_warning_and_hub_message(tmp_path: Path) -> None:
+    model = tilpass.get_peft_model(tiny_llama(), lora())
+    model.save_pretrained(tmp_path)
+    result = model.load_adapter(tmp_path, "again")
+    assert (result.missing_keys, result.unexpected_keys) == ([], [])
+    model.merge_adapter()
+    with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+        model.merge_adapter()
+    with pytest.raises(NotImplementedError, match="upload_folder"):
+        model.push_to_hub("someone/adapter")
+    config = tilpass.LoraConfig.from_pretrained(tmp_path)
+    loaded = tilpass.AdaptedModel.from_pretrained(tiny_llama(), tmp_path, config=config)
+    assert loaded.peft_config["default"] is config and config.inference_mode

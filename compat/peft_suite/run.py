@@ -167,29 +167,44 @@ def write_docs(selections: list[Selection]) -> None:
 
 
 def make_sample(args: argparse.Namespace) -> None:
-    """A fixed sample of custom-models cases that pass on both backends (the CI gate)."""
+    """The CI sample: custom-models LoRA cases that pass on PEFT (a fixed random choice), each
+    with the outcome it had on tilpass when chosen. CI fails when a case that passed fails."""
+    records = results_dir() / args.records
+    ours = {r["id"]: r["outcome"] for r in read_results(records)}
     peft = read_results(results_dir() / "custom-peft.jsonl")
-    ours = {r["id"]: r for r in read_results(results_dir() / "custom-tilpass.jsonl")}
-    both = sorted(
-        r["id"] for r in peft if r["outcome"] == "passed" and ours.get(r["id"], {}).get(
-            "outcome") == "passed"
-    )  # fmt: skip
-    chosen = sorted(random.Random(0).sample(both, min(SAMPLE_SIZE, len(both))))
-    SAMPLE.write_text("\n".join(chosen) + "\n")
-    print(f"{len(chosen)} of {len(both)} cases written to {SAMPLE}")
+    passing = sorted(r["id"] for r in peft if r["outcome"] == "passed" and r["id"] in ours)
+    chosen = sorted(random.Random(0).sample(passing, min(SAMPLE_SIZE, len(passing))))
+    lines = [f"{(ours[i] == 'passed' and 'pass') or 'fail'}\t{i}" for i in chosen]
+    SAMPLE.write_text("\n".join(lines) + "\n")
+    passed = sum(line.startswith("pass") for line in lines)
+    print(f"{len(chosen)} cases ({passed} passing on tilpass) written to {SAMPLE}")
+
+
+def read_sample() -> dict[str, bool]:
+    """test id -> whether it passed on tilpass when the sample was made."""
+    rows = [line.split("\t", 1) for line in SAMPLE.read_text().splitlines() if line.strip()]
+    return {test: mark == "pass" for mark, test in rows}
 
 
 def sample(args: argparse.Namespace) -> int:
-    """Run the fixed sample through the shim (from the vendored archive; no network)."""
+    """Run the fixed sample through the shim (from the vendored archive; no network). Exit 1
+    if a case that passed when the sample was made fails now."""
+    expected = read_sample()
     with tempfile.TemporaryDirectory(prefix="peft-suite-") as tmp:
         tests = unpack(VENDORED, Path(tmp) / f"peft-{PEFT_VERSION}")
-        records, seconds, _ = Run("tilpass", tests, [CUSTOM], Path(tmp) / "r.jsonl",
-                                     only=SAMPLE).execute()  # fmt: skip
-    failed = [r for r in records if r["outcome"] != "passed"]
-    print(f"{len(records) - len(failed)} of {len(records)} passed in {seconds:.0f} s")
-    for r in failed:
-        print(f"  {r['id']}: {r.get('message', '')}")
-    return 1 if failed else 0
+        ids = Path(tmp) / "ids.txt"
+        ids.write_text("\n".join(expected) + "\n")
+        run = Run("tilpass", tests, [CUSTOM], Path(tmp) / "r.jsonl", only=ids)
+        records, seconds, _ = run.execute()
+    outcome = {r["id"]: r for r in records}
+    passed = [t for t in expected if outcome.get(t, {}).get("outcome") == "passed"]
+    regressed = [t for t, ok in expected.items() if ok and t not in passed]
+    print(f"{len(passed)} of {len(expected)} passed in {seconds:.0f} s "
+          f"({sum(expected.values())} passed when the sample was made); "
+          f"{len(regressed)} regressions")  # fmt: skip
+    for test in regressed:
+        print(f"  regressed: {test}: {outcome.get(test, {}).get('message', 'not run')}")
+    return 1 if regressed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     only_report.add_argument("--write-docs", action="store_true")
     only_report.add_argument("--top", type=int, default=25)
     sub.add_parser("sample", help="the fixed CI sample (tilpass only)")
-    sub.add_parser("make-sample", help="choose the sample from a full run's records")
+    pick = sub.add_parser("make-sample", help="choose the sample from a run's records")
+    pick.add_argument("--records", default="custom-tilpass.jsonl")
     sub.add_parser("vendor", help="rebuild the sample's archive from the sdist")
     args = parser.parse_args(argv)
     if args.command == "full":
