@@ -74,7 +74,13 @@ TASK_TYPES = (
 
 C = TypeVar("C", bound="AdapterConfig")
 
-BOOKKEEPING_FIELDS = ("task_type", "base_model_name_or_path", "revision", "inference_mode")
+BOOKKEEPING_FIELDS = (
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+)
 """Fields every config has that describe the file, not the method (not CLI settings)."""
 
 
