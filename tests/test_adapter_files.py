@@ -38,6 +38,7 @@ def saved(tmp_path: Path, **overrides: object) -> tuple[Path, torch.Tensor]:
 def test_save_load_gives_identical_logits(tmp_path: Path, overrides: dict) -> None:
     directory, expected = saved(tmp_path, **overrides)
     assert sorted(p.name for p in directory.iterdir()) == [
+        "README.md",  # the model card PEFT also writes
         "adapter_config.json",
         "adapter_model.safetensors",
     ]

@@ -3,13 +3,19 @@
 The public API mirrors Hugging Face PEFT's, so PEFT code ports by changing the import.
 """
 
-from tilpass.config import AdapterConfig
+from tilpass.adapter_state import (
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
+from tilpass.config import AdapterConfig, PeftType
 from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
 from tilpass.methods.lora import LoraConfig
 from tilpass.methods.lora_prompt import LoraPromptConfig
 from tilpass.methods.prompt import PromptTuningConfig
 from tilpass.model import AdaptedModel, PeftModel, get_peft_model
 from tilpass.pretrained import load_model
+from tilpass.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __version__ = "0.1.0"
 
@@ -21,9 +27,17 @@ __all__ = [
     "LoraConfig",
     "LoraPromptConfig",
     "PeftModel",
+    "PeftType",
     "PromptTuningConfig",
     "TargetModulesError",
     "TilpassError",
+    "TunerLayerStatus",
+    "TunerModelStatus",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
     "load_model",
+    "set_peft_model_state_dict",
 ]

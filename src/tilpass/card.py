@@ -296,3 +296,23 @@ def _recorded_base(directory: Path) -> dict[str, Any]:
             if isinstance(found, dict):
                 return found
     return {}
+
+
+def adapter_card(config: Any, base_model: str | None) -> str:
+    """The short model card `save_pretrained` writes beside an adapter (PEFT's metadata:
+    `library_name: peft`, the base model when known, the method's tag)."""
+    method = str(getattr(config, "PEFT_TYPE", "")).lower()
+    header = ["---", "library_name: peft"]
+    if base_model:
+        header.append(f"base_model: {base_model}")
+    header += ["tags:", *[f"- {t}" for t in sorted({method, "tilpass"} - {""})], "---"]
+    body = [
+        "",
+        f"# {method or 'adapter'} adapter" + (f" for {base_model}" if base_model else ""),
+        "",
+        "Saved by tilpass in the Hugging Face PEFT layout (`adapter_config.json` and the adapter "
+        "tensors); `peft.PeftModel.from_pretrained` and `tilpass.AdaptedModel.from_pretrained` "
+        "both load it.",
+        "",
+    ]
+    return "\n".join(header + body)

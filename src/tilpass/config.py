@@ -8,6 +8,7 @@ file from a newer PEFT still loads.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import warnings
 from pathlib import Path
@@ -19,10 +20,67 @@ from tilpass.errors import AdapterFileError
 CONFIG_NAME = "adapter_config.json"
 # Bookkeeping PEFT writes into every file; it changes nothing about the adapter.
 PEFT_METADATA = frozenset({"auto_mapping", "peft_version", "megatron_core"})
+PEFT_FORMAT_VERSION = "0.21.2"
+"""The PEFT release whose file layout tilpass writes (a new config's `peft_version`)."""
+
+
+class PeftType(str, enum.Enum):
+    """PEFT's method names as its files write them (`"peft_type": "LORA"`); a config's
+    `peft_type` is one of these, and compares equal to the plain string too."""
+
+    __str__ = str.__str__  # "LORA", not "PeftType.LORA", in messages
+
+    PROMPT_TUNING = "PROMPT_TUNING"
+    MULTITASK_PROMPT_TUNING = "MULTITASK_PROMPT_TUNING"
+    P_TUNING = "P_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    BOFT = "BOFT"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    IA3 = "IA3"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    POLY = "POLY"
+    LN_TUNING = "LN_TUNING"
+    VERA = "VERA"
+    FOURIERFT = "FOURIERFT"
+    XLORA = "XLORA"
+    HRA = "HRA"
+    VBLORA = "VBLORA"
+    CPT = "CPT"
+    BONE = "BONE"
+    MISS = "MISS"
+    RANDLORA = "RANDLORA"
+    ROAD = "ROAD"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+    SHIRA = "SHIRA"
+    C3A = "C3A"
+    WAVEFT = "WAVEFT"
+    OSF = "OSF"
+    DELORA = "DELORA"
+
+
+TASK_TYPES = (
+    "SEQ_CLS",
+    "SEQ_2_SEQ_LM",
+    "CAUSAL_LM",
+    "TOKEN_CLS",
+    "QUESTION_ANS",
+    "FEATURE_EXTRACTION",
+)
+"""PEFT's task types (`TaskType`); a config's `task_type` is one of them or None."""
 
 C = TypeVar("C", bound="AdapterConfig")
 
-BOOKKEEPING_FIELDS = ("task_type", "base_model_name_or_path", "revision", "inference_mode")
+BOOKKEEPING_FIELDS = (
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+)
 """Fields every config has that describe the file, not the method (not CLI settings)."""
 
 
@@ -36,11 +94,24 @@ class AdapterConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
+    peft_version: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ValueError(
+                f"Invalid task type: {self.task_type!r}. Must be one of the following task "
+                f"types: {', '.join(TASK_TYPES)} (or None for a plain model)."
+            )
+        if self.peft_version is None:
+            self.peft_version = PEFT_FORMAT_VERSION
 
     @property
-    def peft_type(self) -> str:
-        """The method's name as PEFT writes it (`"LORA"`)."""
-        return self.PEFT_TYPE
+    def peft_type(self) -> PeftType | str:
+        """The method's name as PEFT writes it (`PeftType.LORA`, equal to `"LORA"`)."""
+        try:
+            return PeftType(self.PEFT_TYPE)
+        except ValueError:  # a method PEFT does not have
+            return self.PEFT_TYPE
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict, with `peft_type` added as PEFT writes it."""
@@ -91,10 +162,43 @@ class AdapterConfig:
         """Write `adapter_config.json` atomically into `directory`."""
         from tilpass.adapter_files import atomic_write_bytes
 
+        if Path(directory).is_file():
+            raise ValueError(f"{directory} is a file; save_pretrained takes a directory")
         path = Path(directory) / CONFIG_NAME
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         atomic_write_bytes(path, text.encode())
         return path
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """PEFT's name for `save`: write `adapter_config.json` into `save_directory`."""
+        self.save(save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None, **kwargs: Any
+    ) -> AdapterConfig:
+        """Read `adapter_config.json` from a local directory (or its `subfolder`).
+
+        On a method's class the file must be that method's; on `AdapterConfig` itself the
+        file's `peft_type` picks the class, as `PeftConfig.from_pretrained` does.
+        """
+        directory = Path(pretrained_model_name_or_path)
+        if subfolder:
+            directory = directory / subfolder
+        data = read_config_dict(directory)
+        source = str(directory / CONFIG_NAME)
+        from tilpass.methods import UnknownMethodError, method_for_peft_type
+
+        try:
+            found = method_for_peft_type(str(data["peft_type"])).config_class
+        except UnknownMethodError as exc:
+            raise AdapterFileError(f"{source}: {exc}") from None
+        if cls.PEFT_TYPE and found is not cls:
+            raise AdapterFileError(
+                f"{source}: peft_type is {data['peft_type']!r}, not {cls.PEFT_TYPE!r}; load it "
+                f"with {found.__name__}.from_pretrained"
+            )
+        return found.from_dict({**data, **kwargs}, source=source)
 
 
 @dataclasses.dataclass
@@ -113,10 +217,28 @@ class TargetedConfig(AdapterConfig):
     fan_in_fan_out: bool = opt(False, "Weights stored (in, out), as GPT-2's Conv1D (detected).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """PEFT's checks of `layers_to_transform` / `layers_pattern` (for methods with them)."""
+        layers = getattr(self, "layers_to_transform", None)
+        pattern = getattr(self, "layers_pattern", None)
+        regex = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
+        if regex and (layers is not None or pattern is not None):
+            raise ValueError(
+                "`layers_to_transform` / `layers_pattern` cannot be used when `target_modules` is "
+                "a str (a regex): write the layer indices into the regex, or list module names"
+            )
+        if pattern and layers is None:
+            raise ValueError(
+                "When `layers_pattern` is specified, `layers_to_transform` must also be "
+                "specified (the indices of the layers to adapt)"
+            )
 
     def describe_layers(self, layers: list[Any]) -> None:
         if any(getattr(layer, "transposed", False) for layer in layers):

@@ -15,8 +15,9 @@ class TargetModulesError(TilpassError, ValueError):
     """A `target_modules` entry matches nothing, or matches a module tilpass cannot adapt."""
 
 
-class AdapterNameError(TilpassError, KeyError):
-    """An adapter name is unknown, or already taken."""
+class AdapterNameError(TilpassError, ValueError, KeyError):
+    """An adapter name is unknown, or already taken (a `ValueError`, as PEFT raises, and a
+    `KeyError` for code that catches a failed look-up)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
         return str(self.args[0]) if self.args else ""

@@ -18,14 +18,17 @@ import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from tilpass.config import TargetedConfig
 from tilpass.errors import TargetModulesError
 from tilpass.layers import AdapterLayer, is_linear_like
-from tilpass.methods.registry import Method
 from tilpass.saved_modules import ModulesToSave
+
+if TYPE_CHECKING:  # importing the registry here would import every method, which imports this
+    from tilpass.methods.registry import Method
 
 ALL_LINEAR = "all-linear"
 
@@ -104,19 +107,31 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def _in_layers(name: str, config: TargetedConfig) -> bool:
+    """PEFT's rule: with `layers_to_transform`, the first numbered segment after a layer
+    list (`layers_pattern`, or any name) must be one of the wanted indices."""
     wanted = getattr(config, "layers_to_transform", None)  # not every method has it
-    if wanted is None:
+    if wanted is None or (isinstance(wanted, list) and not wanted):
         return True
     patterns = getattr(config, "layers_pattern", None)
     if isinstance(patterns, str):
         patterns = [patterns]
-    regexes = [rf".*\.{p}\.(\d+)\." for p in patterns] if patterns else [r".*\.[^.]*\.(\d+)\."]
+    # Lazy: the first index counts, not a nested one (an expert's index inside a layer).
+    regexes = (
+        [rf"(?:^|.*?\.){p}\.(\d+)\." for p in patterns] if patterns else [r".*?\.[^.]*\.(\d+)\."]
+    )
     for regex in regexes:
         found = re.match(regex, name)
         if found:
             index = int(found.group(1))
             return index == wanted if isinstance(wanted, int) else index in wanted
     return False
+
+
+def _in_saved(name: str, config: TargetedConfig) -> bool:
+    """Whether `name` is (inside) a `modules_to_save` module: those are trained whole, so PEFT
+    never puts an adapter layer on them."""
+    saved = getattr(config, "modules_to_save", None) or []
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved)
 
 
 def describe_modules(model: nn.Module) -> str:
@@ -158,13 +173,39 @@ def find_targets(model: nn.Module, config: TargetedConfig) -> list[str]:
                 f"{type(model).__name__}. Modules by kind: {describe_modules(model)}"
             )
     found = [n for n in found if not _matches(n, config.exclude_modules) and _in_layers(n, config)]
+    saved = [n for n in found if _in_saved(n, config)]
+    if saved:
+        warnings.warn(
+            f"{', '.join(saved)} {'is' if len(saved) == 1 else 'are'} also in modules_to_save: "
+            "trained as a whole copy, without an adapter layer (as PEFT does)",
+            stacklevel=4,
+        )
+        found = [n for n in found if n not in saved]
     if not found:
         raise TargetModulesError(
-            f"target_modules={spec!r} with exclude_modules={config.exclude_modules!r} and "
-            f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r} leaves no "
-            "module to adapt"
+            f"target_modules={spec!r} with exclude_modules={config.exclude_modules!r}, "
+            f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r} and "
+            f"modules_to_save={getattr(config, 'modules_to_save', None)!r} leaves no module to "
+            "adapt"
         )
     return found
+
+
+def warn_unmatched_patterns(config: TargetedConfig, names: list[str]) -> None:
+    """Warn about `rank_pattern` / `alpha_pattern` keys that match no adapted module (PEFT's
+    rule: a key matches a module name as a dotted suffix or regex); such a key does nothing."""
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field, None) or {}
+        unmatched = sorted(
+            key for key in patterns if not any(re.match(rf"(.*\.)?({key})$", n) for n in names)
+        )
+        if unmatched:
+            warnings.warn(
+                f"The following {field} keys did not match any targeted module and were "
+                f"ignored: {unmatched}. Targeted modules: {', '.join(names)}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -194,6 +235,7 @@ def inject(
     extras = config.extra_layers(model, initialize)
     only_extras = bool(extras) and not getattr(config, "target_modules", None)
     names = [] if only_extras else select(model, config)
+    warn_unmatched_patterns(config, names)
     for name in names:
         layer = _layer_for(model, name, method)
         try:

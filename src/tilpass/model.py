@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,18 +18,20 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
 
-from tilpass.adapter_files import WEIGHTS_NAME, load_tensors, save_tensors
-from tilpass.config import AdapterConfig, read_config_dict
-from tilpass.errors import AdapterFileError, AdapterNameError
+from tilpass import inputs, model_files, status
+from tilpass.config import AdapterConfig
+from tilpass.errors import AdapterNameError
 from tilpass.inject import adapter_layers, inject, mark_shared_weights, replace_module, unwrap_all
 from tilpass.layers import AdapterLayer
-from tilpass.methods import UnknownMethodError, method_for_peft_type, method_of
-from tilpass.routing import BASE, AdapterIds, Routing, routed
+from tilpass.merging import add_weighted, merge_layer
+from tilpass.methods import UnknownMethodError, method_of
+from tilpass.routing import BASE, AdapterIds, Routing, batch_size, routed, routing_for
+from tilpass.saved_modules import ModulesToSave
 
-PREFIX = "base_model.model."  # PEFT's key prefix for a model's adapter tensors
-DEFAULT = "default"
-LARGE_ADAPTER_FRACTION = 0.10
+PREFIX = model_files.PREFIX  # PEFT's key prefix for a model's adapter tensors
+DEFAULT = model_files.DEFAULT
 
 
 class AdaptedModel(nn.Module):
@@ -38,10 +41,15 @@ class AdaptedModel(nn.Module):
         model: any `torch.nn.Module`; a Hugging Face model is the main case.
         config: if given, an adapter is added under `adapter_name` and activated.
         adapter_name: the name of that first adapter.
+        autocast_adapter_dtype: keep float16 / bfloat16 adapters in float32 (PEFT's default).
     """
 
     def __init__(
-        self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = DEFAULT
+        self,
+        model: nn.Module,
+        config: AdapterConfig | None = None,
+        adapter_name: str = DEFAULT,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
         super().__init__()
         self.base_model = model
@@ -51,11 +59,14 @@ class AdaptedModel(nn.Module):
         self._input_cache: tuple[list[AdapterLayer], list[AdapterLayer]] | None = None
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
+        self._disabled = 0  # depth of nested disable_adapter() blocks and disable_adapter_layers
+        taken = [i for _, layer in adapter_layers(model) for i in layer.ids.values()]
+        self.adapter_ids.skip_to(max(taken, default=-1) + 1)  # layers injected before
         for p in model.parameters():
             p.requires_grad_(False)
         if config is not None:
-            self.add_adapter(adapter_name, config)
-            self.set_adapter(adapter_name)
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+            self.set_adapter(adapter_name, inference_mode=config.inference_mode)
 
     # -- passing through ----------------------------------------------------------------------
     def forward(
@@ -67,26 +78,12 @@ class AdaptedModel(nn.Module):
     ) -> Any:
         """Run the base model; `adapter_names` (one per row) or `adapter_ids` (one per row,
         or one per token for packed ragged batches; -1 = base) route tokens to adapters."""
-        routing = self._routing(adapter_names, adapter_ids, _batch_size(args, kwargs))
-        args, kwargs = self._extend_inputs(args, kwargs, routing)
+        routing = self._routing(adapter_names, adapter_ids, batch_size(args, kwargs))
+        args, kwargs = inputs.extend_inputs(self._input_layers(), args, kwargs, routing)
         if routing is None:
             return self.base_model(*args, **kwargs)
         with routed(routing):
             return self.base_model(*args, **kwargs)
-
-    def _extend_inputs(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], routing: Routing | None
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The call's inputs after the layers that extend them (prompt tuning) had their say."""
-        layers = self._input_layers()
-        if not layers:
-            return args, kwargs
-        if args:  # a positional input_ids becomes a keyword the layers can replace
-            kwargs = {"input_ids": args[0], **kwargs}
-            args = args[1:]
-        for layer in layers:
-            kwargs = layer.extend_inputs(kwargs, None if routing is None else routing.ids)
-        return args, kwargs
 
     def _input_layers(self) -> list[AdapterLayer]:
         """The layers that extend the inputs (cached with the layer list)."""
@@ -105,22 +102,11 @@ class AdaptedModel(nn.Module):
         """The base model's `generate`, with optional per-row adapters."""
         if adapter_ids is not None and adapter_ids.dim() != 1:
             raise ValueError("generate takes one adapter id per row (adapter_ids of shape (B,))")
-        routing = self._routing(adapter_names, adapter_ids, _batch_size(args, kwargs))
+        routing = self._routing(adapter_names, adapter_ids, batch_size(args, kwargs))
         context = contextlib.nullcontext() if routing is None else routed(routing)
-        call_args, call_kwargs = self._extend_inputs(args, kwargs, routing)
+        call_args, call_kwargs = inputs.extend_inputs(self._input_layers(), args, kwargs, routing)
         with context:
-            if "inputs_embeds" not in call_kwargs or "inputs_embeds" in kwargs:
-                return self.base_model.generate(*call_args, **call_kwargs)
-            # Inputs were extended (virtual tokens): generate from the embeddings, with
-            # positions taken from the extended mask, and return the prompt as a plain call
-            # would, followed by the new tokens.
-            call_kwargs.pop("position_ids", None)
-            out = self.base_model.generate(*call_args, **call_kwargs)
-        input_ids = args[0] if args else kwargs["input_ids"]
-        if isinstance(out, torch.Tensor):
-            return torch.cat([input_ids, out.to(input_ids.device)], dim=1)
-        out.sequences = torch.cat([input_ids, out.sequences.to(input_ids.device)], dim=1)
-        return out  # return_dict_in_generate=True: scores etc. are for the new tokens
+            return inputs.generate_extended(self.base_model, args, kwargs, call_args, call_kwargs)
 
     @property
     def extends_inputs(self) -> bool:
@@ -150,8 +136,12 @@ class AdaptedModel(nn.Module):
 
     @property
     def config(self) -> Any:
-        """The base model's config (for code that reads `model.config`)."""
-        return getattr(self.base_model, "config", None)
+        """The base model's config (for code that reads `model.config`); like PEFT's, missing
+        (AttributeError) when the base model has none."""
+        config = getattr(self.base_model, "config", None)
+        if config is None:
+            raise AttributeError(f"{type(self.base_model).__name__} has no config")
+        return config
 
     def _routing(
         self, names: list[str] | None, ids: torch.Tensor | None, batch: int | None
@@ -159,40 +149,30 @@ class AdaptedModel(nn.Module):
         """The routing of one call, or None for a plain call (nothing is kept on the model)."""
         if names is None and ids is None:
             return None
-        if names is not None and ids is not None:
-            raise ValueError("pass adapter_names or adapter_ids, not both")
-        if names is not None:
-            if isinstance(names, str):
-                raise TypeError("adapter_names must be a list with one adapter name per row")
-            ids = self.adapter_ids.ids_for(names)
-        else:
-            assert ids is not None
-            ids = self.adapter_ids.check(ids)
-        if batch is not None and ids.shape[0] != batch:
-            what = "adapter_names" if names is not None else "adapter_ids"
-            raise ValueError(
-                f"{what} has {ids.shape[0]} entries but the batch has {batch} rows; "
-                f"pass one per row ({BASE!r} / -1 for the base model)"
-            )
         merged = sorted({n for layer in self._layers() for n in layer.merged})
-        if merged:
-            raise RuntimeError(
-                f"adapters {merged} are merged into the weights, so rows cannot be routed; "
-                "call unmerge_adapter() first"
-            )
-        return Routing(ids)
+        return routing_for(self.adapter_ids, names, ids, batch, self.training, merged)
 
     # -- adapters -----------------------------------------------------------------------------
     def add_adapter(
-        self, adapter_name: str, config: AdapterConfig, low_cpu_mem_usage: bool = False
+        self,
+        adapter_name: str,
+        config: AdapterConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
     ) -> None:
-        """Add a new adapter (not activated; see `set_adapter`).
+        """Add a new adapter, inactive and frozen until `set_adapter` (PEFT trains only the
+        active adapter).
 
         `low_cpu_mem_usage=True` (PEFT's name) skips initialising the new tensors, for callers
         that fill every one of them right after (as `load_adapter` does).
+        `autocast_adapter_dtype=True` keeps float16 / bfloat16 adapter tensors in float32, as
+        PEFT does, so training updates are not lost to rounding.
         """
         if adapter_name in self.peft_config:
-            raise AdapterNameError(f"an adapter named {adapter_name!r} already exists")
+            raise AdapterNameError(
+                f"Adapter with name {adapter_name!r} already exists; pick another name or "
+                "delete_adapter() it first"
+            )
         if adapter_name == BASE or not adapter_name or "." in adapter_name:
             raise AdapterNameError(
                 f"invalid adapter name {adapter_name!r}: use a non-empty name without dots, "
@@ -204,7 +184,8 @@ class AdaptedModel(nn.Module):
             raise TypeError(f"unsupported config type {type(config).__name__}: {exc}") from None
         config = copy.deepcopy(config)  # the caller's config stays as it was
         if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(self.config, "name_or_path", None) or None
+            base_config = getattr(self.base_model, "config", None)
+            config.base_model_name_or_path = getattr(base_config, "name_or_path", None) or None
         adapter_id = self.adapter_ids.assign(adapter_name)
         try:
             inject(self.base_model, method, config, adapter_name, adapter_id, not low_cpu_mem_usage)
@@ -215,11 +196,33 @@ class AdaptedModel(nn.Module):
         self._layer_cache = None
         config.describe_layers([m for m in self._layers() if adapter_name in m.specs])
         self.peft_config[adapter_name] = config
-        self._set_trainable(adapter_name, not config.inference_mode)
+        if autocast_adapter_dtype:
+            self._upcast(adapter_name)
+        for layer in self._layers():
+            if adapter_name in layer.specs and self._disabled:
+                layer.disabled = True
+        self.set_requires_grad(adapter_name, adapter_name in self._active)
 
-    def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
-        for p in self.adapter_parameters(adapter_name):
-            p.requires_grad_(trainable)
+    def _upcast(self, adapter_name: str) -> None:
+        """float16 / bfloat16 adapter tensors -> float32 (the same Parameter objects)."""
+        for layer in self._layers():
+            if isinstance(layer, ModulesToSave):
+                continue  # a whole copy computes in its input's dtype; it keeps the base's
+            changed = False
+            for p in layer.adapter_parameters(adapter_name):
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.float()
+                    changed = True
+            if changed:
+                layer.invalidate()
+
+    def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
+        """Turn gradients on or off for the given adapters' parameters (PEFT's method)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._check_name(name)
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(requires_grad)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         """The parameters of one adapter, in every layer (saved-module copies included)."""
@@ -235,14 +238,20 @@ class AdaptedModel(nn.Module):
                 hooks += method.training_hooks(self, name)
         return hooks
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter, or several whose updates then add up."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter, or several whose updates then add up.
+
+        As in PEFT, only active adapters train: theirs get `requires_grad=True` (unless
+        `inference_mode`), every other adapter's `requires_grad=False`.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             self._check_name(name)
         self._active = names
         for layer in self._layers():
             layer.active = list(names)
+        for name in self.peft_config:
+            self.set_requires_grad(name, name in names and not inference_mode)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -254,6 +263,45 @@ class AdaptedModel(nn.Module):
         """The active adapter's name (a list when several are active, as in PEFT)."""
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
+    @property
+    def active_peft_config(self) -> AdapterConfig:
+        """The config of the active adapter (the first, when several are active)."""
+        if not self._active:
+            raise ValueError("no adapter is active; call set_adapter(name) first")
+        return self.peft_config[self._active[0]]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """Whether a plain forward applies an adapter: one is active and none is disabled."""
+        return bool(self._active) and not self._disabled
+
+    @property
+    def prefix(self) -> str:
+        """The start of the active method's adapter parameter names ("lora_"), as PEFT's."""
+        configs = [self.peft_config[n] for n in self._active] or list(self.peft_config.values())
+        return method_of(configs[0]).prefix if configs else ""
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Paths of the modules that carry adapter layers (not `modules_to_save` copies)."""
+        return [
+            name
+            for name, layer in adapter_layers(self.base_model)
+            if not isinstance(layer, ModulesToSave)
+        ]
+
+    def adapter_layer_list(self) -> list[AdapterLayer]:
+        """Every adapter layer of the model (for the modules that save, load and combine)."""
+        return list(self._layers())
+
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
+        """PEFT's per-layer status: enabled, active, merged, requires_grad, devices."""
+        return status.get_layer_status(self)
+
+    def get_model_status(self) -> status.TunerModelStatus:
+        """PEFT's model status: the layers' status summed up ("irregular" where they differ)."""
+        return status.get_model_status(self)
+
     def _check_name(self, name: str) -> None:
         if name not in self.peft_config:
             known = ", ".join(self.peft_config) or "(none)"
@@ -262,6 +310,11 @@ class AdaptedModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; layers left without adapters become base modules."""
         self._check_name(adapter_name)
+        if any(adapter_name in layer.merged for layer in self._layers()):
+            raise ValueError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
+                "them first."
+            )
         self._remove_traces(adapter_name)
         del self.peft_config[adapter_name]
         self.adapter_ids.release(adapter_name)
@@ -279,31 +332,56 @@ class AdaptedModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Within the block the model is the base model; merged adapters are unmerged first."""
+        """Within the block the model is the base model; merged adapters are unmerged first
+        and merged again after. Blocks nest: only the outermost one re-enables."""
         layers = self._layers()
         merged = [list(layer.merged) for layer in layers]
-        for layer in layers:
-            layer.unmerge()
-            layer.disabled = True
+        self.disable_adapter_layers()
         try:
             yield
         finally:
-            for layer, names in zip(layers, merged, strict=True):
-                layer.disabled = False
-                if names:
-                    layer.merge(names)
+            self._disabled = max(self._disabled - 1, 0)
+            if not self._disabled:
+                for layer, names in zip(layers, merged, strict=True):
+                    layer.disabled = False
+                    if names:
+                        layer.merge(names)
+
+    def disable_adapter_layers(self) -> None:
+        """Turn every adapter layer off (merged adapters are unmerged) until
+        `enable_adapter_layers`; the model then computes as the base model."""
+        self._disabled += 1
+        for layer in self._layers():
+            layer.unmerge()
+            layer.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        """Turn the adapter layers on again (after `disable_adapter_layers`)."""
+        self._disabled = 0
+        for layer in self._layers():
+            layer.disabled = False
 
     # -- merging ------------------------------------------------------------------------------
-    def merge_adapter(self, adapter_names: list[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights; idempotent."""
-        names = self._active if adapter_names is None else adapter_names
+    def merge_adapter(
+        self, adapter_names: list[str] | None = None, safe_merge: bool = False
+    ) -> None:
+        """Fold adapters (default: the active ones) into the base weights; idempotent.
+
+        With `safe_merge=True` each layer is merged on a copy first and a non-finite result
+        raises `ValueError`, leaving that layer's weights as they were.
+        """
+        names = self._active if adapter_names is None else list(adapter_names)
         for name in names:
             self._check_name(name)
         self._check_mergeable(names)
+        holders = [layer for layer in self._layers() if any(n in layer.specs for n in names)]
+        if holders and all(set(names) & set(h.specs) <= set(h.merged) for h in holders):
+            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
+            return
         mark_shared_weights(self.base_model)  # a tied weight is merged on a private copy
         for layer in self._layers():
             if layer.MERGEABLE:
-                layer.merge(list(names))
+                merge_layer(layer, list(names), safe_merge)
 
     def _check_mergeable(self, names: list[str]) -> None:
         for layer in self._layers():
@@ -318,19 +396,30 @@ class AdaptedModel(nn.Module):
         for layer in self._layers():
             layer.unmerge()
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active adapters and return the plain base model (no wrappers left)."""
-        self._check_mergeable(self._active)
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ) -> nn.Module:
+        """Merge adapters (default: the active ones) and return the plain base model, with no
+        wrappers left. `safe_merge` checks each merged weight for NaN / inf first."""
+        names = self._active if adapter_names is None else list(adapter_names)
+        for name in names:
+            self._check_name(name)
+        self._check_mergeable(names)
         for layer in self._layers():
-            if layer.STAYS_WHEN_MERGED and any(n in layer.specs for n in self._active):
+            if layer.STAYS_WHEN_MERGED and any(n in layer.specs for n in names):
                 raise NotImplementedError(
                     f"{type(layer).__name__} adapters stay outside the weights when merged, so "
                     "the model cannot be unloaded with them; call merge_adapter() instead (it "
                     "merges what can be merged and keeps the rest), or unload()"
                 )
         for layer in self._layers():
-            layer.unmerge()  # so only the active adapters end up in the weights
-            layer.active = list(self._active)
+            layer.unmerge()  # so only the chosen adapters end up in the weights
+            layer.active = [n for n in names if n in layer.specs]
+        if safe_merge:
+            self.merge_adapter(names, safe_merge=True)
         self._layer_cache = None
         return unwrap_all(self.base_model, merge=True)
 
@@ -367,36 +456,30 @@ class AdaptedModel(nn.Module):
         return out
 
     def save_pretrained(
-        self, save_directory: str | Path, selected_adapters: list[str] | None = None
+        self,
+        save_directory: str | Path,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
     ) -> None:
-        """Write each adapter as PEFT does: `default` in the directory, others in `dir/<name>/`."""
-        names = list(self.peft_config) if selected_adapters is None else selected_adapters
-        for name in names:
-            self._check_name(name)
-            target = Path(save_directory) if name == DEFAULT else Path(save_directory) / name
-            tensors = self.adapter_state_dict(name)
-            self._warn_if_large(name, tensors)
-            save_tensors(target / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-            config = copy.deepcopy(self.peft_config[name])
-            config.inference_mode = True
-            config.save(target)
+        """Write each adapter as PEFT does: `default` in the directory, others in `dir/<name>/`,
+        each with `adapter_config.json`, its tensors and a model card (`README.md`).
 
-    def _warn_if_large(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        base = sum(p.numel() * p.element_size() for p in self.base_model.parameters()) - size
-        if size <= LARGE_ADAPTER_FRACTION * max(base, 1):
-            return
-        per_module: dict[str, int] = {}
-        for path, layer in adapter_layers(self.base_model):
-            parts = layer.adapter_tensors(name).values()
-            per_module[path] = sum(t.numel() * t.element_size() for t in parts)
-        top = sorted(per_module.items(), key=lambda kv: -kv[1])[:5]
-        warnings.warn(
-            f"adapter {name!r} is {size / 2**20:.1f} MiB, {100 * size / base:.0f}% of the base "
-            f"model; the largest parts: {', '.join(f'{m} ({b / 2**20:.1f} MiB)' for m, b in top)}. "
-            "Embedding or output-head layers in target_modules / modules_to_save make adapters "
-            "large; leave them out unless the task needs them.",
-            stacklevel=3,
+        `safe_serialization=False` writes PEFT's pickle file `adapter_model.bin` instead of
+        safetensors (tilpass reads it back only with `allow_pickle=True`);
+        `save_embedding_layers` (True / False / "auto") adds the base embedding weights as PEFT
+        does when embedding layers are adapted.
+        """
+        model_files.save_adapters(
+            self,
+            save_directory,
+            safe_serialization,
+            selected_adapters,
+            save_embedding_layers,
+            is_main_process,
+            **kwargs,
         )
 
     @classmethod
@@ -406,128 +489,124 @@ class AdaptedModel(nn.Module):
         model_id: str | Path,
         adapter_name: str = DEFAULT,
         is_trainable: bool = False,
+        config: AdapterConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        *,
+        low_cpu_mem_usage: bool = False,
+        torch_device: str | torch.device | None = None,
         allow_pickle: bool = False,
         allow_partial: bool = False,
     ) -> AdaptedModel:
-        """Wrap `model` and load the adapter saved in `model_id` (a local directory)."""
+        """Wrap `model` and load the adapter saved in `model_id` (a local directory).
+
+        As in PEFT, an adapter loaded with `is_trainable=False` is frozen and the model is put
+        in eval mode (dropout off); `config` replaces the directory's `adapter_config.json`.
+        """
         adapted = cls(model)
-        adapted.load_adapter(model_id, adapter_name, is_trainable, allow_pickle, allow_partial)
-        adapted.set_adapter(adapter_name)
+        adapted.load_adapter(
+            model_id,
+            adapter_name,
+            is_trainable,
+            torch_device,
+            autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            allow_pickle=allow_pickle,
+            allow_partial=allow_partial,
+            config=config,
+        )
+        adapted.set_adapter(adapter_name, inference_mode=not is_trainable)
+        if config is not None:  # PEFT keeps the caller's config object, updated
+            stored = adapted.peft_config[adapter_name]
+            for field in dataclasses.fields(stored):
+                setattr(config, field.name, getattr(stored, field.name))
+            adapted.peft_config[adapter_name] = config
         return adapted
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
+        """Not available: tilpass talks to no model hub. Save with `save_pretrained` and upload
+        the directory with `huggingface_hub` (`HfApi().upload_folder`)."""
+        raise NotImplementedError(
+            "tilpass has no model hub client: save_pretrained(directory), then upload the "
+            "directory with huggingface_hub's HfApi().upload_folder"
+        )
 
     def load_adapter(
         self,
         model_id: str | Path,
         adapter_name: str,
         is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        *,
+        low_cpu_mem_usage: bool = False,
         allow_pickle: bool = False,
         allow_partial: bool = False,
-    ) -> None:
+        config: AdapterConfig | None = None,
+    ) -> _IncompatibleKeys:
         """Load an adapter directory under `adapter_name`; strict unless `allow_partial`.
+        Returns PEFT's load result (`missing_keys`, `unexpected_keys`; empty unless partial).
 
         The adapter is added, filled from the file and checked key by key; on any mismatch it
-        is removed again, so a failed load leaves the model as it was.
+        is removed again, so a failed load leaves the model as it was. Reading skips the
+        random initialisation, so `low_cpu_mem_usage` is always in effect. With
+        `is_trainable=False` the model is put in eval mode, as PEFT does.
         """
         directory = Path(model_id)
-        data = read_config_dict(directory)
-        config_path = directory / "adapter_config.json"
-        try:
-            config_cls = method_for_peft_type(str(data["peft_type"])).config_class
-        except UnknownMethodError as exc:
-            raise AdapterFileError(f"{config_path}: {exc}") from None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LoRA rank")
-            config = config_cls.from_dict(data, source=str(config_path))
-        config.inference_mode = not is_trainable
-        tensors = load_tensors(directory, allow_pickle=allow_pickle)
-        # A strict load fills every tensor, so initialising them first would be wasted work;
-        # a partial one keeps a proper initialisation for the keys the file lacks.
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=not allow_partial)
-        try:
-            self._fill(adapter_name, tensors, directory, allow_partial)
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
+        config = model_files.read_adapter_config(directory, is_trainable, config)
+        options = {
+            "allow_pickle": allow_pickle,
+            "allow_partial": allow_partial,
+            "torch_device": torch_device,
+            "autocast_adapter_dtype": autocast_adapter_dtype,
+        }
+        result = model_files.load_adapter_dir(self, directory, adapter_name, config, options)
+        if not is_trainable:
+            self.eval()  # as PEFT: dropout off for an adapter loaded for inference
+        return result
 
-    def _fill(
-        self, name: str, tensors: dict[str, torch.Tensor], directory: Path, allow_partial: bool
+    # -- combining ----------------------------------------------------------------------------
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
     ) -> None:
-        expected = self.adapter_state_dict(name)
-        tensors = self._drop_unchanged_embeddings(tensors, directory)
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        where = directory / WEIGHTS_NAME
-        for key in sorted(set(expected) & set(tensors)):
-            if tuple(expected[key].shape) != tuple(tensors[key].shape):
-                raise AdapterFileError(
-                    f"{where}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
-                    f"{tuple(expected[key].shape)}; was the adapter trained on another base "
-                    "model or with another rank_pattern?"
-                )
-        if (missing or unexpected) and not allow_partial:
-            raise AdapterFileError(
-                f"{where} does not match the model: {_key_report(missing, unexpected)}. "
-                "Was it trained on another base model? Refusing to load part of an adapter; "
-                "pass allow_partial=True to load the matching keys anyway."
-            )
-        if missing or unexpected:
-            warnings.warn(
-                f"{where}: partial load, {_key_report(missing, unexpected)}", stacklevel=3
-            )
-        with torch.no_grad():
-            for key in set(expected) & set(tensors):
-                expected[key].copy_(tensors[key])
-        for layer in self._layers():
-            layer.invalidate()
-
-    def _drop_unchanged_embeddings(
-        self, tensors: dict[str, torch.Tensor], directory: Path
-    ) -> dict[str, torch.Tensor]:
-        """PEFT also saves the base embedding matrix when embeddings are adapted; accept it
-        when it equals ours, refuse it otherwise (tilpass never overwrites base weights)."""
-        out = {}
-        for key, value in tensors.items():
-            if key.startswith(PREFIX) and key.endswith(".base_layer.weight"):
-                path = key[len(PREFIX) : -len(".base_layer.weight")]
-                try:
-                    ours = self.base_model.get_submodule(path).weight
-                except AttributeError:
-                    out[key] = value
-                    continue
-                if ours.shape != value.shape or not torch.equal(ours.to(value.dtype), value):
-                    raise AdapterFileError(
-                        f"{directory / WEIGHTS_NAME}: {key} carries a modified copy of the base "
-                        "weight (e.g. resized embeddings); tilpass does not overwrite base "
-                        "weights. Load the matching base model instead."
-                    )
-                continue
-            out[key] = value
-        return out
-
-
-def _key_report(missing: list[str], unexpected: list[str], limit: int = 5) -> str:
-    parts = []
-    for label, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            shown = ", ".join(keys[:limit]) + (
-                f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
-            )
-            parts.append(f"{len(keys)} {label} keys: {shown}")
-    return "; ".join(parts)
-
-
-def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
-    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]):
-        if isinstance(value, torch.Tensor) and value.dim() >= 1:
-            return int(value.shape[0])
-    return None
+        """Add `adapter_name` as a weighted combination of `adapters` (PEFT's method; its
+        `linear`, `cat` and `svd` combination types). The new adapter is inactive and frozen."""
+        svd = {
+            "svd_rank": svd_rank,
+            "svd_clamp": svd_clamp,
+            "svd_full_matrices": svd_full_matrices,
+            "svd_driver": svd_driver,
+        }
+        if adapters:
+            self._check_name(adapters[0])
+        add_weighted(self, adapters, weights, adapter_name, combination_type, svd)
 
 
 def get_peft_model(
-    model: nn.Module, config: AdapterConfig, adapter_name: str = DEFAULT
+    model: nn.Module,
+    peft_config: AdapterConfig,
+    adapter_name: str = DEFAULT,
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
 ) -> AdaptedModel:
-    """Wrap `model` with a new adapter: the base is frozen, the adapter trains."""
-    return AdaptedModel(model, config, adapter_name)
+    """Wrap `model` with a new adapter: the base is frozen, the adapter trains.
+
+    PEFT's signature. Adapters of different methods mix in one model anyway (`mixed` changes
+    nothing); `autocast_adapter_dtype` keeps float16 / bfloat16 adapters in float32.
+    """
+    if revision is not None:
+        peft_config = copy.copy(peft_config)
+        peft_config.revision = revision
+    return AdaptedModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
 PeftModel = AdaptedModel

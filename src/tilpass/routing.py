@@ -20,6 +20,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,20 +67,21 @@ class AdapterIds:
         return {i: n for n, i in self._by_name.items()}
 
     def ids_for(self, names: Sequence[str]) -> torch.Tensor:
-        """Per-row names -> ids, with an error that names the row and the loaded adapters."""
-        ids = []
-        for row, name in enumerate(names):
-            if name == BASE:
-                ids.append(BASE_ID)
-            elif name in self._by_name:
-                ids.append(self._by_name[name])
-            else:
-                known = ", ".join(self._by_name) or "(none loaded)"
-                raise AdapterNameError(
-                    f"adapter_names[{row}] = {name!r} is not a loaded adapter; "
-                    f"loaded: {known}; use {BASE!r} for the base model"
-                )
+        """Per-row names -> ids, with an error that names the unknown adapters and the loaded
+        ones (PEFT's message first)."""
+        unknown = sorted({n for n in names if n != BASE and n not in self._by_name})
+        if unknown:
+            known = ", ".join(self._by_name) or "(none loaded)"
+            raise AdapterNameError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}. Loaded "
+                f"adapters: {known}; use {BASE!r} for the base model"
+            )
+        ids = [BASE_ID if n == BASE else self._by_name[n] for n in names]
         return torch.tensor(ids, dtype=torch.long)
+
+    def skip_to(self, first_free: int) -> None:
+        """Never assign ids below `first_free` (ids that layers of the model already use)."""
+        self._next = max(self._next, first_free)
 
     def check(self, ids: torch.Tensor) -> torch.Tensor:
         """Validate an `adapter_ids` tensor from a caller: integer, known ids or -1."""
@@ -294,3 +296,54 @@ def scatter_add_rows(y: torch.Tensor, plan: Plan, out: torch.Tensor) -> torch.Te
         return out.add_(flat.index_select(0, plan.inverse))
     # Padded slots point at token 0 and carry zeros, so index_add leaves it correct.
     return out.index_add_(0, plan.flat_index, flat)
+
+
+def batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The batch size of a forward call: the rows of `input_ids`, `inputs_embeds`, the first
+    positional tensor or else the first tensor keyword argument (None if there is none)."""
+    first = [v for v in kwargs.values() if isinstance(v, torch.Tensor)][:1]
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1], *first):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            return int(value.shape[0])
+    return None
+
+
+def routing_for(
+    adapter_ids: AdapterIds,
+    names: list[str] | None,
+    ids: torch.Tensor | None,
+    batch: int | None,
+    training: bool,
+    merged: list[str],
+) -> Routing:
+    """The checked routing of one call given per-row `names` or `ids` (PEFT's errors first:
+    `adapter_names` is refused in train mode and while adapters are merged)."""
+    if names is not None and ids is not None:
+        raise ValueError("pass adapter_names or adapter_ids, not both")
+    if names is not None:
+        if isinstance(names, str):
+            raise TypeError("adapter_names must be a list with one adapter name per row")
+        if training:
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode (as in "
+                "PEFT): call model.eval() first, or, to train on a mixed batch, pass "
+                "adapter_ids= (model.adapter_id(name) per row)"
+            )
+        ids = adapter_ids.ids_for(names)
+    else:
+        assert ids is not None
+        ids = adapter_ids.check(ids)
+    if batch is not None and ids.shape[0] != batch:
+        what = "adapter_names" if names is not None else "adapter_ids"
+        raise ValueError(
+            f"Length of `{what}` should be the same as the number of inputs, but got "
+            f"{ids.shape[0]} and {batch}: {what} has {ids.shape[0]} entries but the batch "
+            f"has {batch} rows; pass one per row ({BASE!r} / -1 for the base model)"
+        )
+    if merged:
+        raise ValueError(
+            f"Cannot pass `adapter_names` when there are merged adapters, please call "
+            f"`unmerge_adapter` first (adapters {merged} are merged into the weights, so "
+            "rows cannot be routed)"
+        )
+    return Routing(ids)

@@ -255,4 +255,5 @@ METHOD = Method(
     make_layer=make_layer,
     description="(IA)^3: learned vectors scaling keys, values and the MLP's down projection",
     select_targets=select_targets,
+    prefix="ia3_",
 )

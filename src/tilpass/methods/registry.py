@@ -34,6 +34,9 @@ class Method:
         owns_layer: layer -> whether this method's adapters go into that existing layer; None
             = layers built by `make_layer`'s own module (a method that combines others' layers
             names them here).
+        prefix: the start of its adapter parameters' names (PEFT's `model.prefix`, "lora_").
+        add_weighted: (adapted model, adapters, weights, new name, combination type, svd
+            settings) -> None, for `add_weighted_adapter`; None = the method cannot combine.
     """
 
     name: str
@@ -43,6 +46,8 @@ class Method:
     select_targets: Callable[[nn.Module, Any], list[str]] | None = None
     training_hooks: Callable[[nn.Module, str], list[Any]] | None = None
     owns_layer: Callable[[nn.Module], bool] | None = None
+    prefix: str = ""
+    add_weighted: Callable[..., None] | None = None
 
     @property
     def peft_type(self) -> str:

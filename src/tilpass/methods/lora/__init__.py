@@ -23,7 +23,8 @@ Files: `config.py` (LoraConfig), `layers.py` (the shared base and the Linear lay
 `trainable_tokens.py` (`trainable_token_indices`), `dora.py` (the DoRA variant per layer
 kind), `init.py` (PiSSA, OLoRA and orthogonal initialisation), `unsupported.py` (PEFT's
 research variants, refused), `fused.py` (a Linear layer's adapter and frozen base as one
-autograd node).
+autograd node), `weighted.py` (`add_weighted_adapter`: new adapters from
+weighted combinations of others).
 """
 
 from torch import nn
@@ -34,6 +35,7 @@ from tilpass.methods.lora.conv import CONV_TYPES, LoraConv
 from tilpass.methods.lora.embedding import LoraEmbedding
 from tilpass.methods.lora.layers import AdapterSpec, LoraLayer, LoraLinear
 from tilpass.methods.lora.parameter import LoraParameters, for_attention
+from tilpass.methods.lora.weighted import add_weighted_adapter
 from tilpass.methods.registry import Method
 
 
@@ -59,6 +61,8 @@ METHOD = Method(
     config_class=LoraConfig,
     make_layer=make_layer,
     description="LoRA: trainable low-rank B A beside frozen weights (rsLoRA, DoRA variant)",
+    prefix="lora_",
+    add_weighted=add_weighted_adapter,
 )
 
 __all__ = [

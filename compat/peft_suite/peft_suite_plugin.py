@@ -1,0 +1,274 @@
+"""pytest plugin that runs PEFT's own tests against tilpass: the import shim, the LoRA-only
+selection and a recorder of each test's outcome and first error.
+
+Loaded with `-p peft_suite_plugin` (this folder on `PYTHONPATH`), before PEFT's test modules
+are imported. Settings come from environment variables, so the runner (`run.py`) and the CI
+test drive it the same way:
+
+- `PEFT_SUITE_BACKEND`: `tilpass` rebinds PEFT's user-facing names (`LoraConfig`,
+  `get_peft_model`, `PeftModel` and the functions tilpass also provides) to tilpass, leaving
+  everything else the real installed `peft`; `peft` runs PEFT itself (the reference).
+- `PEFT_SUITE_RESULTS`: a JSON Lines file that receives one record per test.
+- `PEFT_SUITE_ONLY`: optional file of test ids (one per line); only those run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import re
+import sys
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Names PEFT users import from `peft` that tilpass provides under the same name.
+SHIMMED = (
+    "LoraConfig",
+    "get_peft_model",
+    "PeftModel",
+    "PeftType",
+    "get_peft_model_state_dict",
+    "set_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "get_layer_status",
+    "get_model_status",
+)
+
+# LoRA fields and test-name fragments of research variants tilpass does not implement.
+RESEARCH_KEYS = frozenset(
+    {
+        "use_bdlora",
+        "bdlora_config",
+        "velora_config",
+        "kasa_config",
+        "monteclora_config",
+        "use_mica",
+        "corda_config",
+        "lora_ga_config",
+        "eva_config",
+        "use_qalora",
+        "qalora_group_size",
+        "alora_invocation_tokens",
+        "arrow_config",
+        "megatron_config",
+    }
+)
+RESEARCH_INITS = frozenset({"eva", "corda", "mica", "lora_ga"})
+"""`init_lora_weights` values of research variants."""
+RESEARCH_NAMES = re.compile(
+    r"bdlora|velora|kasa|monteclora|mica|corda|lora_?ga|loraga|\beva\b|_eva_|qalora|alora|arrow",
+    re.IGNORECASE,
+)
+
+
+def _stub_missing_modules() -> None:
+    """PEFT's shared test helpers import diffusers at module level; without it installed no
+    test would even be collected, so an empty stand-in is put in its place (the tests that
+    use diffusers are not LoRA-on-custom-model tests and fail on their own)."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("diffusers")
+        stub.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})  # type: ignore[attr-defined]
+        sys.modules["diffusers"] = stub
+
+
+def _install_shim() -> list[str]:
+    """Rebind PEFT's user-facing names to tilpass's; returns the names rebound."""
+    import peft
+
+    import tilpass
+
+    rebound = []
+    for name in SHIMMED:
+        if hasattr(tilpass, name):
+            setattr(peft, name, getattr(tilpass, name))
+            rebound.append(name)
+    return rebound
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _stub_missing_modules()
+    backend = os.environ.get("PEFT_SUITE_BACKEND", "tilpass")
+    if backend not in ("tilpass", "peft"):
+        raise pytest.UsageError(f"PEFT_SUITE_BACKEND must be 'tilpass' or 'peft', not {backend!r}")
+    config.stash[_STATE] = _State(backend, _install_shim() if backend == "tilpass" else [])
+
+
+class _State:
+    """What the plugin knows during one session: the backend and where results go."""
+
+    def __init__(self, backend: str, rebound: list[str]) -> None:
+        self.backend = backend
+        self.rebound = rebound
+        path = os.environ.get("PEFT_SUITE_RESULTS")
+        self.results = Path(path) if path else None
+        self.info: dict[str, dict[str, Any]] = {}
+        self.done: dict[str, dict[str, Any]] = {}
+
+
+_STATE = pytest.StashKey[_State]()
+
+
+# -- selection ---------------------------------------------------------------------------------
+def _config_names() -> set[str]:
+    """The names of every PEFT method's config class (to tell LoRA tests from the others)."""
+    import peft
+
+    names = {n for n in dir(peft) if n.endswith("Config") and n[:1].isupper()}
+    return names - {"PeftConfig", "PromptLearningConfig", "LoraConfig"}
+
+
+def _param_configs(item: pytest.Item) -> list[str] | None:
+    """Names of config classes in the item's parameters; None if it has none."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return None
+    found = []
+    for value in callspec.params.values():
+        cls = value if isinstance(value, type) else type(value)
+        if cls.__name__.endswith("Config") and cls.__module__.split(".")[0] in ("peft", "tilpass"):
+            found.append(cls.__name__)
+    return found or None
+
+
+def _source_configs(item: pytest.Item, others: set[str]) -> set[str]:
+    function = getattr(item, "function", None)
+    try:
+        source = inspect.getsource(function) if function is not None else ""
+    except (OSError, TypeError):
+        source = ""
+    used = set(re.findall(r"\b([A-Z]\w*Config)\b", source))
+    return used & (others | {"LoraConfig"})
+
+
+def is_lora_only(item: pytest.Item, others: set[str]) -> bool:
+    """A test of LoRA alone: its config parameter is LoraConfig, or (unparametrized) its
+    source names LoraConfig and no other method's config."""
+    params = _param_configs(item)
+    if params is not None:
+        return all(p == "LoraConfig" for p in params)
+    return _source_configs(item, others) == {"LoraConfig"}
+
+
+def is_research(item: pytest.Item) -> bool:
+    """A test of a LoRA research variant (BD-LoRA, VeLoRA, KaSA, MonteCLoRA, MiCA, CorDA,
+    LoRA-GA, EVA, ...), by its config fields or its name."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        for value in callspec.params.values():
+            if isinstance(value, dict) and (
+                RESEARCH_KEYS & set(value) or str(value.get("init_lora_weights")) in RESEARCH_INITS
+            ):
+                return True
+    return bool(RESEARCH_NAMES.search(item.nodeid.split("::", 1)[-1]))
+
+
+@contextlib.contextmanager
+def _stay_offline(model_id: str) -> Iterator[None]:
+    """Stands in for PEFT's `hub_online_once`, which switches the hub on for a model's first
+    use (and again after every failure): here each such test fails at once, offline, instead
+    of waiting for network timeouts; it needs a hub either way."""
+    yield
+
+
+def _keep_offline() -> None:
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] == "tests" and hasattr(module, "hub_online_once"):
+            module.hub_online_once = _stay_offline  # type: ignore[attr-defined]
+
+
+def pytest_collection_modifyitems(
+    session: pytest.Session, config: pytest.Config, items: list[pytest.Item]
+) -> None:
+    _keep_offline()
+    state = config.stash[_STATE]
+    only_file = os.environ.get("PEFT_SUITE_ONLY")
+    only = set(Path(only_file).read_text().split("\n")) - {""} if only_file else None
+    others = _config_names()
+    keep, drop = [], []
+    for item in items:
+        wanted = item.nodeid in only if only is not None else is_lora_only(item, others)
+        (keep if wanted else drop).append(item)
+        if wanted:
+            state.info[item.nodeid] = {"research": is_research(item)}
+    items[:] = keep
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+
+
+# -- recording ---------------------------------------------------------------------------------
+def _first_error(report: pytest.TestReport) -> dict[str, Any]:
+    """The exception line and where it was raised, from a failed report."""
+    longrepr = report.longrepr
+    crash = getattr(longrepr, "reprcrash", None)
+    if crash is not None:
+        message, path = crash.message, str(crash.path)
+    elif isinstance(longrepr, tuple):  # a skip: (path, line, reason)
+        message, path = str(longrepr[2]), str(longrepr[0])
+    else:
+        message, path = str(longrepr).strip().splitlines()[-1:] or [""], ""
+        message = message[0] if isinstance(message, list) else message
+    frames = []
+    chain = getattr(longrepr, "chain", None)
+    if chain:
+        entries = chain[-1][0].reprentries
+        frames = [str(getattr(e.reprfileloc, "path", "")) for e in entries if e.reprfileloc]
+    return {
+        "message": message.strip().splitlines()[0][:400] if message else "",
+        "path": path,
+        "frames": frames[-8:],
+    }
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    config = _CONFIG.get("config")
+    if config is None:
+        return
+    state = config.stash[_STATE]
+    record = state.done.get(report.nodeid)
+    if record is None:
+        record = {"id": report.nodeid, "outcome": "passed", "seconds": 0.0}
+        record.update(state.info.get(report.nodeid, {}))
+        state.done[report.nodeid] = record
+    record["seconds"] = round(record["seconds"] + report.duration, 4)
+    if record["outcome"] != "passed":
+        return  # keep the first error only
+    if report.skipped and not hasattr(report, "wasxfail"):
+        record["outcome"] = "skipped"
+        record.update(_first_error(report))
+    elif report.failed:
+        record["outcome"] = "failed" if report.when == "call" else "error"
+        record.update(_first_error(report))
+    elif hasattr(report, "wasxfail"):
+        record["outcome"] = "xfailed" if report.skipped else "xpassed"
+
+
+_CONFIG: dict[str, pytest.Config] = {}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _CONFIG["config"] = session.config
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logfinish(nodeid: str, location: tuple) -> None:
+    """Append the finished test's record at once, so a run cut short keeps what it measured."""
+    config = _CONFIG.get("config")
+    if config is None:
+        return
+    state = config.stash[_STATE]
+    record = state.done.get(nodeid)
+    if state.results is None or record is None:
+        return
+    state.results.parent.mkdir(parents=True, exist_ok=True)
+    with state.results.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")

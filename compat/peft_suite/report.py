@@ -1,0 +1,133 @@
+"""Compare a PEFT run with a tilpass run of PEFT's tests: classify failures, write the table.
+
+Only tests that pass on PEFT itself count: a test PEFT skips or fails here (it needs a GPU, a
+model hub, a package not installed) says nothing about tilpass. Each tilpass failure among them
+is put in one class by its first error:
+
+- research variant: a LoRA variant tilpass does not implement (BD-LoRA, VeLoRA, KaSA, ...);
+- needs a model hub: the test reached for a download (the runs are offline);
+- PEFT internals: the test read PEFT's object layout (`model.base_model.model`, a layer's
+  PEFT-only attributes, PEFT's own functions handed a tilpass object), not a user's API; an
+  attribute PEFT's model forwards to the base model (`peft_model.lin0`) is not counted here:
+  user code reads those;
+- tilpass behaviour: everything else, the part a user porting PEFT code would meet.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+RESEARCH = "research variant"
+HUB = "needs a model hub"
+INTERNALS = "PEFT internals"
+BEHAVIOUR = "tilpass behaviour"
+CLASSES = (BEHAVIOUR, INTERNALS, HUB, RESEARCH)
+
+HUB_PATTERNS = re.compile(
+    r"offline|huggingface\.co|LocalEntryNotFound|Repository Not Found|disk cache|couldn't connect"
+    r"|not a valid model identifier|HFValidationError|OfflineModeIsEnabled|hf_hub",
+    re.IGNORECASE,
+)
+TILPASS_TYPES = ("LoraLinear", "LoraEmbedding", "LoraLayer", "ModulesToSave", "IA3Linear")
+# `peft_model.model` is PEFT's tuner object's `model` (`model.base_model.model`): its layout.
+INTERNAL_ATTRIBUTES = frozenset({"model"})
+MISSING_ATTRIBUTE = re.compile(r"'(\w+)' object has no attribute '(\w+)'")
+
+
+def classify(record: dict) -> str:
+    """The class of one failed tilpass record (see the module docstring)."""
+    message = record.get("message", "")
+    if record.get("research") or "research variant" in message:
+        return RESEARCH
+    if HUB_PATTERNS.search(message):
+        return HUB
+    found = MISSING_ATTRIBUTE.search(message)
+    if found:
+        owner, attribute = found.groups()
+        if owner == "AdaptedModel":  # PEFT's API or an attribute PEFT forwards, but `.model`
+            return INTERNALS if attribute in INTERNAL_ATTRIBUTES else BEHAVIOUR
+        if owner in TILPASS_TYPES or attribute in INTERNAL_ATTRIBUTES | {"base_model"}:
+            return INTERNALS  # a PEFT layer's attributes, or `model.base_model.model`
+        return BEHAVIOUR
+    if _raised_in_peft(record):
+        return INTERNALS
+    return BEHAVIOUR
+
+
+def _raised_in_peft(record: dict) -> bool:
+    """The error came from PEFT's own library code (not its tests) handed a tilpass object."""
+    path = record.get("path", "").replace("\\", "/")
+    return "/peft/" in path and "/tests/" not in path and "/tilpass/" not in path
+
+
+def normalise(message: str) -> str:
+    """An error message with numbers, tensors and addresses masked, for grouping."""
+    message = re.sub(r"0x[0-9a-f]+", "0x..", message)
+    message = re.sub(r"tensor\(.*", "tensor(...)", message)
+    message = re.sub(r"\d+(\.\d+)?(e-?\d+)?", "N", message)
+    return message[:160]
+
+
+@dataclass
+class Selection:
+    """Outcomes of one selection of tests under both backends."""
+
+    title: str
+    on_peft: int = 0
+    on_tilpass: int = 0
+    classes: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+
+    @property
+    def counted(self) -> int:
+        """Tests that pass on PEFT, less research variants and PEFT-internals readers."""
+        return self.on_peft - self.classes[RESEARCH] - self.classes[INTERNALS]
+
+    @property
+    def rate(self) -> float:
+        return 100.0 * self.on_tilpass / max(self.counted, 1)
+
+
+def compare(title: str, peft: list[dict], tilpass: list[dict]) -> Selection:
+    """Count, over the tests that pass on PEFT, how many pass on tilpass and why others fail."""
+    passing = {r["id"] for r in peft if r["outcome"] == "passed"}
+    ours = {r["id"]: r for r in tilpass}
+    selection = Selection(title, on_peft=len(passing))
+    for test in sorted(passing):
+        record = ours.get(test, {"id": test, "outcome": "not run", "message": "not run"})
+        if record["outcome"] == "passed":
+            selection.on_tilpass += 1
+            continue
+        kind = classify(record)
+        selection.classes[kind] += 1
+        if kind == BEHAVIOUR:
+            selection.errors[normalise(record.get("message", ""))] += 1
+    return selection
+
+
+def table(selections: list[Selection]) -> str:
+    """The Markdown table of pass figures and failure classes."""
+    head = (
+        "| selection (LoRA-only tests) | pass on PEFT | pass on tilpass | counted* | rate* | "
+        + " | ".join(f"fail: {c}" for c in CLASSES)
+        + " |"
+    )
+    lines = [head, "|" + "---|" * (5 + len(CLASSES))]
+    for s in selections:
+        classes = " | ".join(str(s.classes[c]) for c in CLASSES)
+        lines.append(
+            f"| {s.title} | {s.on_peft:,} | {s.on_tilpass:,} | {s.counted:,} | "
+            f"{s.rate:.1f}% | {classes} |"
+        )
+    return "\n".join(lines)
+
+
+def top_errors(selection: Selection, limit: int = 25) -> str:
+    """The most frequent first errors of tests in the `tilpass behaviour` class."""
+    lines = ["| tests | first error |", "|---|---|"]
+    for message, count in selection.errors.most_common(limit):
+        shown = message.replace("|", "/").replace("`", "'")
+        lines.append(f"| {count} | `{shown}` |")
+    return "\n".join(lines)

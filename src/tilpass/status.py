@@ -1,0 +1,146 @@
+"""PEFT's status report of a model's adapter layers: `get_layer_status` / `get_model_status`.
+
+Each layer reports whether it is enabled, which adapters it holds, which are active and
+merged, whether their parameters train, and where they are; the model's status sums the
+layers up and says "irregular" where they disagree (a model in an inconsistent state).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from tilpass.inject import adapter_layers
+from tilpass.layers import AdapterLayer
+
+Irregular = Literal["irregular"]
+
+
+@dataclass
+class TunerLayerStatus:
+    """One adapter layer's status (PEFT's fields)."""
+
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, bool | Irregular]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: str | None = None
+
+
+@dataclass
+class TunerModelStatus:
+    """The whole model's adapter status (PEFT's fields)."""
+
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: bool | Irregular
+    active_adapters: list[str] | Irregular
+    merged_adapters: list[str] | Irregular
+    requires_grad: dict[str, bool | Irregular]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+    quantization_backend: str | Irregular | None = None
+
+
+def _agree(values: list[bool | Irregular]) -> bool | Irregular:
+    if all(v is True for v in values):
+        return True
+    if all(v is False for v in values):
+        return False
+    return "irregular"
+
+
+def _root(model: nn.Module) -> nn.Module:
+    from tilpass.model import AdaptedModel
+
+    return model.base_model if isinstance(model, AdaptedModel) else model
+
+
+def _layer_status(name: str, layer: AdapterLayer) -> TunerLayerStatus:
+    grads: dict[str, bool | Irregular] = {}
+    devices: dict[str, list[str]] = {}
+    for adapter in layer.specs:
+        params = layer.adapter_parameters(adapter)
+        grads[adapter] = _agree([p.requires_grad for p in params])
+        devices[adapter] = sorted({p.device.type for p in params})
+    return TunerLayerStatus(
+        name=name,
+        module_type=type(layer).__name__,
+        enabled=not layer.disabled,
+        active_adapters=[a for a in layer.active if a in layer.specs],
+        merged_adapters=list(layer.merged),
+        requires_grad=grads,
+        available_adapters=sorted(layer.specs),
+        devices=devices,
+    )
+
+
+def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
+    """The status of every adapter layer of `model` (an `AdaptedModel` or a plain model with
+    injected layers); raises if it has none."""
+    found = [_layer_status(name, layer) for name, layer in adapter_layers(_root(model))]
+    if not found:
+        raise ValueError(
+            "No adapter layers found in the model, please ensure that it's a PEFT model or that "
+            "you have PEFT adapters injected in the model."
+        )
+    return found
+
+
+def _merged(layers: list[TunerLayerStatus]) -> list[str] | Irregular:
+    """Adapters merged in every layer that holds them; "irregular" if merged in only some."""
+    merged_all = {a for s in layers for a in s.merged_adapters}
+    for status in layers:
+        unmerged = set(status.available_adapters) - set(status.merged_adapters)
+        if unmerged & merged_all:
+            return "irregular"
+    return sorted(merged_all)
+
+
+def get_model_status(model: nn.Module) -> TunerModelStatus:
+    """The model's adapter status, summed over its layers."""
+    from tilpass.model import AdaptedModel
+
+    layers = get_layer_status(model)
+    root = _root(model)
+    enabled = {s.enabled for s in layers}
+    active = {tuple(s.active_adapters) for s in layers}
+    grads: dict[str, list[bool | Irregular]] = collections.defaultdict(list)
+    devices: dict[str, set[str]] = collections.defaultdict(set)
+    for status in layers:
+        for key, value in status.requires_grad.items():
+            grads[key].append(value)
+        for key, where in status.devices.items():
+            devices[key].update(where)
+    if isinstance(model, AdaptedModel):
+        peft_types = {n: str(c.PEFT_TYPE) for n, c in model.peft_config.items()}
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        peft_types = {}
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return TunerModelStatus(
+        base_model_type=type(root).__name__,
+        adapter_model_type=type(model).__name__,
+        peft_types=peft_types,
+        trainable_params=trainable,
+        total_params=total,
+        num_adapter_layers=len(layers),
+        enabled=enabled.pop() if len(enabled) == 1 else "irregular",
+        active_adapters=list(active.pop()) if len(active) == 1 else "irregular",
+        merged_adapters=_merged(layers),
+        requires_grad={k: _agree(v) for k, v in grads.items()},
+        available_adapters=sorted({a for s in layers for a in s.available_adapters}),
+        devices={k: sorted(v) for k, v in devices.items()},
+    )

@@ -1,0 +1,85 @@
+"""The PEFT compatibility harness (`compat/peft_suite/`): its failure classes, and the fixed
+sample of PEFT's own tests, run through the import shim in a real pytest subprocess.
+
+The sample's three PEFT test files ship in `tests/data/` (cut from PEFT's source distribution
+by `python compat/peft_suite/run.py vendor`), so this runs offline.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HARNESS = REPO / "compat" / "peft_suite"
+sys.path.insert(0, str(HARNESS))
+
+import report  # noqa: E402
+import suite  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"message": "AttributeError: 'AdaptedModel' object has no attribute 'model'"},
+         report.INTERNALS),
+        ({"message": "AttributeError: 'LoraLinear' object has no attribute 'scaling'"},
+         report.INTERNALS),
+        ({"message": "AttributeError: 'AdaptedModel' object has no attribute 'lin0'"},
+         report.BEHAVIOUR),
+        ({"message": "AttributeError: 'AdaptedModel' object has no attribute 'unload'"},
+         report.BEHAVIOUR),
+        ({"message": "AttributeError: 'MLP' object has no attribute 'model'"}, report.INTERNALS),
+        ({"message": "OSError: We couldn't connect to 'https://huggingface.co'"}, report.HUB),
+        ({"message": "TypeError: unexpected keyword", "research": True}, report.RESEARCH),
+        ({"message": "AssertionError: assert False",
+          "path": "/venv/site-packages/peft/tuners/lora/model.py"}, report.INTERNALS),
+        ({"message": "AssertionError: assert False", "path": "/x/tests/test_custom_models.py"},
+         report.BEHAVIOUR),
+    ],
+)  # fmt: skip
+def test_failures_are_classified(record: dict, expected: str) -> None:
+    assert report.classify(record) == expected
+
+
+def test_compare_counts_only_tests_that_pass_on_peft() -> None:
+    peft = [
+        {"id": "a", "outcome": "passed"},
+        {"id": "b", "outcome": "passed"},
+        {"id": "c", "outcome": "skipped"},
+        {"id": "d", "outcome": "passed"},
+    ]
+    ours = [
+        {"id": "a", "outcome": "passed"},
+        {"id": "b", "outcome": "failed", "message": "ValueError: x"},
+        {"id": "c", "outcome": "passed"},
+        {"id": "d", "outcome": "failed", "message": "'MLP' object has no attribute 'model'"},
+    ]
+    selection = report.compare("t", peft, ours)
+    assert (selection.on_peft, selection.on_tilpass, selection.counted) == (3, 1, 2)
+    assert selection.rate == 50.0
+    assert "| t | 3 | 1 | 2 | 50.0% | 1 | 1 | 0 | 0 |" in report.table([selection])
+
+
+@pytest.mark.slow
+def test_fixed_sample_of_peft_tests_passes_on_tilpass() -> None:
+    assert metadata.version("peft") == suite.PEFT_VERSION, (
+        f"the sample runs PEFT {suite.PEFT_VERSION}'s tests against the installed peft; install "
+        f"peft=={suite.PEFT_VERSION} (the [test] extra pins it)"
+    )
+    rows = [line.split("\t") for line in suite.SAMPLE.read_text().splitlines() if line]
+    assert len(rows) >= 200 and all(mark in ("pass", "fail") for mark, _ in rows)
+    done = subprocess.run(
+        [sys.executable, str(HARNESS / "run.py"), "sample"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = done.stdout + done.stderr
+    # Every case that passed when the sample was made must still pass.
+    assert done.returncode == 0, output[-6000:]
+    assert " 0 regressions" in output, output[-6000:]
