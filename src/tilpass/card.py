@@ -34,6 +34,7 @@ class ChangeRecord:
         config: the saved `adapter_config.json`, or the full model's `config.json`.
         settings: the adapter settings that differ from its method's defaults (for the card).
         weights_files: the saved weight files, hashed into the record.
+        base_quantization: how the base was quantized for training (QLoRA), or None.
     """
 
     base_model: str
@@ -53,6 +54,7 @@ class ChangeRecord:
     wall_time_s: float = 0.0
     run_config: dict[str, Any] = field(default_factory=dict)
     task: str | None = None
+    base_quantization: dict[str, Any] | None = None
 
 
 def versions() -> dict[str, str]:
@@ -97,7 +99,11 @@ def write_record(directory: str | Path, change: ChangeRecord) -> Path:
     record = {
         "format": "tilpass-change-record/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "base_model": {"name_or_path": change.base_model, "sha256": change.base_weights_sha256},
+        "base_model": {
+            "name_or_path": change.base_model,
+            "sha256": change.base_weights_sha256,
+            "quantization": change.base_quantization,
+        },
         **saved,
         "data": [{"path": p, "sha256": h} for p, h in sorted(change.data_files.items())],
         "metrics": {"before": change.metrics_before, "after": change.metrics_after},
@@ -163,6 +169,18 @@ def _what_changed(change: ChangeRecord) -> list[str]:
         *settings,
         f"- trainable parameters: {trained:,d} of {total:,d} "
         f"({100 * trained / max(total, 1):.4f}%); the base model's weights are unchanged",
+        *_quantized_base(change),
+    ]
+
+
+def _quantized_base(change: ChangeRecord) -> list[str]:
+    """The card's line about a base that was quantized for training (QLoRA)."""
+    if change.base_quantization is None:
+        return []
+    return [
+        f"- base model during training: {change.base_quantization['description']} "
+        "(bitsandbytes); the adapter is an ordinary LoRA file and also loads onto the "
+        "full-precision base",
     ]
 
 

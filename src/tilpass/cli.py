@@ -1,4 +1,4 @@
-"""The `tilpass` command: quickstart, train, eval, generate, chat, doctor.
+"""The `tilpass` command: quickstart, train, eval, generate, chat, doctor, merge, memory.
 
 Argument parsing and printing only; the work is in `tilpass.run` and the modules it calls.
 """
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from tilpass.errors import TilpassError
+from tilpass.memory_cli import add_memory_parser
+from tilpass.merge_cli import add_merge_parser, add_quantize_argument
 
 if TYPE_CHECKING:  # run.py imports torch; the CLI imports it only when a command needs it
     from tilpass.run import RunConfig, RunResult
@@ -167,6 +169,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = parse_overrides(extra)
     if args.skip_bad_rows:
         overrides = merge(overrides, {"data": {"skip_bad_rows": True}})
+    if args.quantize:
+        overrides = merge(overrides, {"quantize": args.quantize})
     values = merge(values, overrides)
     sources = [str(args.config)] if args.config else []
     sources += ["command line"] if overrides or not args.config else []
@@ -192,8 +196,11 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
         },
     )
     values = merge(values, parse_overrides(extra))
+    if args.quantize:
+        values = merge(values, {"quantize": args.quantize})
     config = build_config(values, "quickstart")
-    print(f"tilpass quickstart: LoRA on {config.model}, task: {QUICKSTART_TASK}")
+    base = f"{config.model} ({config.quantize} base: QLoRA)" if config.quantize else config.model
+    print(f"tilpass quickstart: LoRA on {base}, task: {QUICKSTART_TASK}")
     apply_process_settings(config.training)
     result = run(config, resume=args.resume)
     _print_table(result.before, result.after, "with adapter")
@@ -282,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="train a LoRA on the shipped dataset, show before/after")
     p.add_argument("--output", default="runs/quickstart", help="output directory")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
+    add_quantize_argument(p)
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser(
@@ -293,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint) or a checkpoint path")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows")
+    add_quantize_argument(p)
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (
@@ -311,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("doctor", help="check the installation: versions, default model, device")
     p.set_defaults(func=cmd_doctor)
+    add_merge_parser(sub)
+    add_memory_parser(sub)
     return parser
 
 

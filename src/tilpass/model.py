@@ -24,6 +24,7 @@ from tilpass.errors import AdapterFileError, AdapterNameError
 from tilpass.inject import adapter_layers, inject, mark_shared_weights, replace_module, unwrap_all
 from tilpass.layers import AdapterLayer
 from tilpass.methods import UnknownMethodError, method_for_peft_type, method_of
+from tilpass.quantize import BaseStorage, logical_numel, measure_storage
 from tilpass.routing import BASE, AdapterIds, Routing, routed
 
 PREFIX = "base_model.model."  # PEFT's key prefix for a model's adapter tensors
@@ -289,11 +290,13 @@ class AdaptedModel(nn.Module):
 
     # -- counting -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; shared (tied) tensors count once."""
+        """(trainable, all) parameter counts; shared (tied) tensors count once, and a packed
+        4-bit weight counts the weights it holds (two per byte), as in PEFT."""
         trainable = total = 0
         for p in self.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
+            count = logical_numel(p)
+            total += count
+            trainable += count if p.requires_grad else 0
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -303,6 +306,17 @@ class AdaptedModel(nn.Module):
             f"trainable params: {trainable:,d} || all params: {total:,d} || "
             f"trainable%: {100 * trainable / max(total, 1):.4f}"
         )
+
+    def base_storage(self) -> BaseStorage:
+        """The base weights' resident bytes and, for a quantized base, bits per weight,
+        measured from the tensors (the adapters' own tensors left out)."""
+        adapters = {id(p) for name in self.peft_config for p in self.adapter_parameters(name)}
+        return measure_storage(self.base_model, exclude=adapters)
+
+    def print_base_storage(self) -> None:
+        """Print the sibling line of `print_trainable_parameters`: the base's bytes and bits
+        per weight (e.g. 4.127 for NF4 with double quantization)."""
+        print(self.base_storage().describe())
 
     # -- files --------------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -50,6 +50,7 @@ from tilpass.pretrained import (
     resolve_model_path,
     weights_sha256,
 )
+from tilpass.quantize import QUANT_TYPES, QuantizeConfig, logical_numel, quantize_model
 from tilpass.train import (
     TrainConfig,
     TrainResult,
@@ -107,11 +108,16 @@ class RunConfig:
     )
     task: str = opt("", "One line saying what the run trains for (goes in the model card).")
     eval_before: bool = opt(True, "Evaluate the base model first, for the before/after table.")
+    quantize: str | None = opt(
+        None, "nf4 | fp4 | int8: load the base quantized (QLoRA with nf4; needs bitsandbytes)."
+    )
     data: DataSection = field(default_factory=DataSection)
     training: TrainConfig = field(default_factory=TrainConfig)
     adapter: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.quantize is not None:
+            _check_quantize(self.quantize, self.method)
         if self.method == FULL:
             if self.adapter is not None:
                 raise RunConfigError(f"method {FULL!r} trains no adapter, but one was given")
@@ -137,7 +143,21 @@ class RunConfig:
 
 
 _SECTIONS: dict[str, type] = {"data": DataSection, "training": TrainConfig}
-_SCALAR_KEYS = ("model", "method", "output_dir", "task", "eval_before")
+_SCALAR_KEYS = ("model", "method", "output_dir", "task", "eval_before", "quantize")
+
+
+def _check_quantize(quantize: str, method: str) -> None:
+    """A quantized base needs an adapter to train, and a format bitsandbytes offers."""
+    if quantize not in QUANT_TYPES:
+        raise RunConfigError(
+            f"quantize: unknown format {quantize!r}; choose one of {', '.join(QUANT_TYPES)}"
+        )
+    if method == FULL:
+        raise RunConfigError(
+            f"quantize: {quantize} cannot be combined with method: {FULL}: quantized weights are "
+            "frozen and cannot be trained. Train an adapter over the quantized base (method: "
+            "lora, i.e. QLoRA), or drop quantize for full fine-tuning."
+        )
 
 
 @dataclass
@@ -390,18 +410,24 @@ def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunRe
     model, tokenizer = load_model(
         config.model, device="cuda" if torch.cuda.is_available() else None
     )
+    quantized = None
+    if config.quantize is not None:
+        quantized = quantize_model(model, QuantizeConfig(config.quantize)).to_dict()
+        log(quantized["summary"])
     seed_everything(config.training.seed)  # the adapter's initial weights follow the seed
     # The adapter goes in before the data and the base evaluation, so that an adapter that
     # does not fit the model (target_modules matching nothing) stops the run at once.
     model = prepare_model(model, config)
     data = load_data(config.data, tokenizer, log)
     before = _base_metrics(model, tokenizer, data, config, log)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(logical_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(logical_numel(p) for p in model.parameters())
     log(
         f"trainable params: {trainable:,d} || all params: {total:,d} || "
         f"trainable%: {100 * trainable / total:.4f}"
     )
+    if quantized is not None:
+        log(model.base_storage().describe())
     started = time.perf_counter()
     # The loop evaluates on the held-out split every `eval_steps` and at the end; that final
     # evaluation is the "after" column.
@@ -421,6 +447,7 @@ def run(config: RunConfig, resume: str | None = None, log: Any = print) -> RunRe
     examples = after.pop("examples", [])
     before.pop("examples", None)
     change = _change_record(config, data, result, (trainable, total), (before, after), wall)
+    change.base_quantization = quantized
     saved = save_trained(model, tokenizer, out, change)
     body = json.dumps({"before": before, "after": after}, indent=2) + "\n"
     atomic_write_bytes(out / "result.json", body.encode())
