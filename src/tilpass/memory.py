@@ -147,7 +147,7 @@ def _unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def base_bytes(model: nn.Module, quantized: bool) -> int:
     """The base weights' bytes, with the quantizable linears in NF4 if `quantized`."""
     quant = {f"{n}.weight" for n in _quantizable(model)} if quantized else set()
-    total = 0
+    total = sum(b.numel() * b.element_size() for b in model.buffers())
     for name, p in _unique_parameters(model):
         total += nf4_bytes(p.numel()) if name in quant else p.numel() * p.element_size()
     return total

@@ -320,6 +320,21 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
     return weight.data.float() * (scales.float() / 127).view(-1, 1)  # (out, in)
 
 
+def code_book(quant_type: str = "nf4") -> torch.Tensor:
+    """The 16 values a 4-bit weight indexes (times its block's scale), as bitsandbytes uses."""
+    return bitsandbytes().functional.get_4bit_type(quant_type, device="cpu")
+
+
+def block_scales(weight: torch.Tensor) -> torch.Tensor:
+    """A 4-bit weight's scale (absolute maximum) per block of 64, as dequantization uses it:
+    with double quantization, the 8-bit scales dequantized and the offset added back."""
+    state = weight.quant_state
+    if not state.nested:
+        return state.absmax.float()
+    scales = bitsandbytes().functional.dequantize_blockwise(state.absmax, state.state2)
+    return scales.float() + state.offset
+
+
 @contextlib.contextmanager
 def allow_requantize() -> Iterator[None]:
     """Within the block, merging into a quantized base re-quantizes the merged weight.
