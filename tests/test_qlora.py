@@ -62,7 +62,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def random_adapter(model: AdaptedModel, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
+        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 

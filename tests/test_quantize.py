@@ -52,7 +52,7 @@ def randomize(model: nn.Module, seed: int = 0) -> None:
     """Every adapter tensor random and non-zero, reproducibly."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
+        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.2)
 
