@@ -125,7 +125,8 @@ def test_base_storage_and_memory_estimate_match_the_measured_bytes(model_dir: Pa
     adapter_bytes = sum(4 * p.numel() for p in adapted.parameters() if p.requires_grad)
     assert estimates["qlora"].lines["adapter weights"] == adapter_bytes
     bits = storage.bits_per_quantized_weight
-    assert bits is not None and 4.1 < bits < 4.6  # tiny layers: the code books weigh in
+    # 4.127 bits plus two code books (1 KiB) per layer, which weigh in on layers this small
+    assert bits is not None and 4.127 < bits < 6.0
 
 
 def test_memory_of_llama_2_7b_matches_published_counts() -> None:

@@ -39,8 +39,11 @@ from tilpass.routing import BASE
 
 # (atol, rtol) per compute dtype: LoRA over the 4-bit layer vs LoRA over its dequantized
 # weight in a plain nn.Linear. Both multiply by the same dequantized matrix; the difference is
-# the kernels' summation order (and, in bfloat16, the rounding of the operands).
-TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (3e-2, 3e-2)}
+# the kernels' summation order, and in bfloat16 the roundings: the base and adapter terms (of
+# size ~5 here, where bfloat16's spacing is 0.03) are rounded separately before they are added,
+# in float32 factors over the 4-bit base and bfloat16 ones over the plain layer, so a few
+# spacings of the terms' size, not of the (possibly small) sum.
+TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1.2e-1, 3e-2)}
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -114,11 +117,12 @@ def test_round_trip_error_within_the_block_bound(double_quant: bool) -> None:
 
 
 def test_measured_bits_per_weight() -> None:
-    """NF4 with double quantization: 4 + 8/64 + 32/(64*256) bits, plus the code books."""
+    """NF4 with double quantization: 4 + 8/64 + 32/(64*256) bits, plus the code books (1 KiB a
+    layer, which a 4096 x 4096 layer spreads thin)."""
     torch.manual_seed(0)
-    q = quantize_linear(nn.Linear(1024, 1024, bias=False), QuantizeConfig())
+    q = quantize_linear(nn.Linear(4096, 4096, bias=False), QuantizeConfig())
     storage = measure_storage(q)
-    assert storage.quantized_weights == 1024 * 1024
+    assert storage.quantized_weights == 4096 * 4096
     bits = storage.bits_per_quantized_weight
     assert bits is not None and 4.127 <= bits <= 4.13, bits
     assert storage.total_bytes == storage.quantized_bytes

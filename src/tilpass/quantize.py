@@ -157,7 +157,8 @@ def check_supported(quant_type: str, device: torch.device) -> None:
     now, with one message, instead of deep inside the first forward.
     """
     bnb = bitsandbytes()
-    layer = nn.Linear(64, 8, bias=False, device=device)
+    layer = nn.Linear(64, 8, bias=False, device="meta")  # no random init: leave the RNG alone
+    layer.weight = nn.Parameter(torch.linspace(-1, 1, 512, device=device).view(8, 64))
     try:
         quantized = quantize_linear(layer, QuantizeConfig(quant_type), bnb)
         with torch.no_grad():
