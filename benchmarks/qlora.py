@@ -15,13 +15,13 @@ default model, SmolLM2-135M-Instruct, where the section says so):
    q_proj, v_proj, the same non-zero adapter values; and the 4-bit decode step against the
    same model in fp32, with the time of dequantizing every 4-bit weight once (the floor of a
    dequantize-then-matmul kernel) beside it;
-4. quality (`--quickstart`, long): `tilpass quickstart`'s run (SmolLM2, 120 steps x 8, seed 0)
-   with LoRA over the fp32 base and over the NF4 base, held-out exact match of both.
+4. quality (`--sections quickstart`, long): `tilpass quickstart`'s run (SmolLM2, 120 steps x 8,
+   seed 0) with LoRA over the fp32 base and over the NF4 base, held-out exact match of both.
 
 Time: interleaved rounds, the order rotating; ratios are medians of per-round ratios.
 
-    python benchmarks/qlora.py --json qlora.json                # sections 1-3 (~5 min)
-    python benchmarks/qlora.py --quickstart --json qlora.json   # and section 4 (~20 min)
+    python benchmarks/qlora.py --json qlora.json                          # sections 1-3
+    python benchmarks/qlora.py --sections quickstart --json quick.json    # section 4 (long)
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def storage_section(build: Any, label: str) -> dict[str, Any]:
         "nf4_quantized_bytes": storage.quantized_bytes,
         "nf4_quantized_weights": storage.quantized_weights,
         "bits_per_quantized_weight": storage.bits_per_quantized_weight,
+        "bits_with_code_books": storage.bits_with_code_books,
+        "code_book_bytes": storage.code_book_bytes,
         "kept": report.kept,
         "quantized_layers": len(report.quantized),
     }
@@ -238,13 +240,12 @@ def quickstart_section() -> dict[str, Any]:
 
 def gates(results: dict[str, Any]) -> list[Gate]:
     out = [
-        Gate(
-            f"bits per quantized weight ({s['model']})", s["bits_per_quantized_weight"], 4.13, "<="
-        )
-        for s in results["storage"]
+        Gate(f"bits/weight ({s['model']})", s["bits_per_quantized_weight"], 4.13, "<=")
+        for s in results.get("storage", [])
     ]
-    same = all(results["bytes"][k] for k in ("packed_equal", "absmax_8bit_equal"))
-    out.append(Gate("NF4 bytes identical to bitsandbytes", float(same), 1, ">="))
+    if "bytes" in results:
+        same = all(results["bytes"][k] for k in ("packed_equal", "absmax_8bit_equal"))
+        out.append(Gate("NF4 bytes identical to bitsandbytes", float(same), 1, ">="))
     speed = results.get("speed")
     if speed:
         out.append(Gate("QLoRA train step / PEFT+bnb", speed["train_vs_peft"].median, 1.0, "<="))
@@ -256,25 +257,38 @@ def gates(results: dict[str, Any]) -> list[Gate]:
     return out
 
 
+SECTIONS = ("storage", "bytes", "speed", "quickstart")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--quickstart", action="store_true", help="also section 4 (long)")
-    parser.add_argument("--no-default-model", action="store_true")
+    parser.add_argument(
+        "--sections", default="storage,bytes,speed", help=f"comma-separated: {', '.join(SECTIONS)}"
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     torch.set_num_threads(2)
     info = machine_info(("torch", "transformers", "peft", "bitsandbytes", "tilpass"))
-    results: dict[str, Any] = {"machine": info, "storage": [storage_section(random_model, "core")]}
-    if not args.no_default_model:
-        results["storage"].append(storage_section(default_model, "SmolLM2-135M-Instruct"))
-    results["bytes"] = bytes_section()
-    results["speed"] = speed_section(args.rounds)
-    if args.quickstart:
+    results: dict[str, Any] = {"machine": info}
+    if "storage" in sections:
+        results["storage"] = [
+            storage_section(random_model, "core"),
+            storage_section(default_model, "SmolLM2-135M-Instruct"),
+        ]
+    if "bytes" in sections:
+        results["bytes"] = bytes_section()
+    if "speed" in sections:
+        results["speed"] = speed_section(args.rounds)
+    if "quickstart" in sections:
         results["quickstart"] = quickstart_section()
     results["gates"] = gates(results)
     print(machine_line(info))
-    for key in ("storage", "bytes", "speed", "quickstart"):
+    for key in SECTIONS:
         if key in results:
             print(key, results[key])
     for gate in results["gates"]:

@@ -400,15 +400,26 @@ class BaseStorage:
             included; a tensor shared by several modules (tied embeddings) counts once.
         quantized_bytes: the quantized weights with their scales and code books.
         quantized_weights: how many weights those hold.
+        code_book_bytes: the part of `quantized_bytes` that is code books (the 16 NF4 values
+            and the 256 values of the scales' 8-bit code, which bitsandbytes keeps per layer).
     """
 
     total_bytes: int
     quantized_bytes: int
     quantized_weights: int
+    code_book_bytes: int = 0
 
     @property
     def bits_per_quantized_weight(self) -> float | None:
-        """Stored bits per quantized weight (NF4 with double quantization: about 4.127)."""
+        """Stored bits per quantized weight, data and scales (NF4 with double quantization:
+        4 + 8/64 + 32/(64 * 256) = 4.127), without the per-layer code books."""
+        if not self.quantized_weights:
+            return None
+        return 8 * (self.quantized_bytes - self.code_book_bytes) / self.quantized_weights
+
+    @property
+    def bits_with_code_books(self) -> float | None:
+        """Stored bits per quantized weight, everything included."""
         if not self.quantized_weights:
             return None
         return 8 * self.quantized_bytes / self.quantized_weights
@@ -419,8 +430,9 @@ class BaseStorage:
         bits = self.bits_per_quantized_weight
         if bits is not None:
             line += (
-                f"; quantized layers: {bits:.3f} bits per weight over "
-                f"{self.quantized_weights:,d} weights ({self.quantized_bytes / 2**20:,.1f} MiB)"
+                f"; quantized layers: {bits:.3f} bits per weight ({self.bits_with_code_books:.3f}"
+                f" with the per-layer code books) over {self.quantized_weights:,d} weights "
+                f"({self.quantized_bytes / 2**20:,.1f} MiB)"
             )
         return line
 
@@ -430,7 +442,7 @@ def measure_storage(model: nn.Module, exclude: set[int] | None = None) -> BaseSt
     are not the base's (the adapters' parameters)."""
     exclude = exclude or set()
     seen: set[int] = set()
-    total = quantized = weights = 0
+    total = quantized = weights = tables = 0
     for module in model.modules():
         tensors = [
             *module.parameters(recurse=False),
@@ -445,7 +457,15 @@ def measure_storage(model: nn.Module, exclude: set[int] | None = None) -> BaseSt
             if extra:
                 quantized += size
                 weights += logical_numel(tensor)
-    return BaseStorage(total, quantized, weights)
+                tables += sum(t.numel() * t.element_size() for t in _code_books(tensor))
+    return BaseStorage(total, quantized, weights, tables)
+
+
+def _code_books(tensor: torch.Tensor) -> list[torch.Tensor]:
+    state = getattr(tensor, "quant_state", None)
+    if state is None:
+        return []
+    return [state.code, state.state2.code] if state.nested else [state.code]
 
 
 def _quant_tensors(module: nn.Module, tensor: torch.Tensor) -> list[torch.Tensor]:
