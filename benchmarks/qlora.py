@@ -202,7 +202,7 @@ def _decode_step(model: nn.Module, prompt: torch.Tensor) -> Any:
     def step() -> None:
         with torch.inference_mode():
             model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache.crop(CACHE)
+        cache.crop(-1)  # drop the token just added
 
     return step
 
