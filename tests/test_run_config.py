@@ -142,6 +142,7 @@ def test_full_fine_tuning_has_no_adapter_config() -> None:
         "output_dir",
         "task",
         "eval_before",
+        "quantize",
         "data",
         "training",
     ]

@@ -37,6 +37,7 @@ class ChangeRecord:
         weights_files: the saved weight files, hashed into the record.
         base_weights_note: where the base weights came from, when that is not the original
             release (the default model's are de-quantized from a GGUF file).
+        base_quantization: how the base was quantized for training (QLoRA), or None.
     """
 
     base_model: str
@@ -57,6 +58,7 @@ class ChangeRecord:
     run_config: dict[str, Any] = field(default_factory=dict)
     task: str | None = None
     base_weights_note: str | None = None
+    base_quantization: dict[str, Any] | None = None
 
 
 def versions() -> dict[str, str]:
@@ -104,6 +106,7 @@ def write_record(directory: str | Path, change: ChangeRecord) -> Path:
         "base_model": {
             "name_or_path": change.base_model,
             "sha256": change.base_weights_sha256,
+            "quantization": change.base_quantization,
             **({"note": change.base_weights_note} if change.base_weights_note else {}),
         },
         **saved,
@@ -171,6 +174,18 @@ def _what_changed(change: ChangeRecord) -> list[str]:
         *settings,
         f"- trainable parameters: {trained:,d} of {total:,d} "
         f"({100 * trained / max(total, 1):.4f}%); the base model's weights are unchanged",
+        *_quantized_base(change),
+    ]
+
+
+def _quantized_base(change: ChangeRecord) -> list[str]:
+    """The card's line about a base that was quantized for training (QLoRA)."""
+    if change.base_quantization is None:
+        return []
+    return [
+        f"- base model during training: {change.base_quantization['description']} "
+        "(bitsandbytes); the adapter is an ordinary LoRA file and also loads onto the "
+        "full-precision base",
     ]
 
 

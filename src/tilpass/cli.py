@@ -1,4 +1,4 @@
-"""The `tilpass` command: quickstart, train, eval, generate, chat, doctor.
+"""The `tilpass` command: quickstart, train, eval, generate, chat, doctor, merge, memory.
 
 Argument parsing and printing only; the work is in `tilpass.run` and the modules it calls.
 """
@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from tilpass.config_yaml import ConfigSources, load_config_file, read_overrides
 from tilpass.errors import TilpassError
+from tilpass.memory_cli import add_memory_parser
+from tilpass.merge_cli import add_merge_parser, add_quantize_argument
 
 if TYPE_CHECKING:  # run.py imports torch; the CLI imports it only when a command needs it
     from tilpass.run import RunConfig, RunResult
@@ -143,6 +145,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if args.skip_bad_rows:
         overrides = merge(overrides, {"data": {"skip_bad_rows": True}})
         sources.overrides.add(("data", "skip_bad_rows"))
+    if args.quantize:
+        overrides = merge(overrides, {"quantize": args.quantize})
+        sources.overrides.add(("quantize",))
     config = build_config(merge(values, overrides), sources)
     apply_process_settings(config.training)  # process-wide: the CLI's choice, not train()'s
     result = run(config, resume=args.resume, overwrite=args.overwrite, sources=sources)
@@ -166,8 +171,12 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
     )
     overrides, paths = read_overrides(extra)
     sources = ConfigSources(overrides=paths, default="quickstart")
+    if args.quantize:
+        overrides = merge(overrides, {"quantize": args.quantize})
+        sources.overrides.add(("quantize",))
     config = build_config(merge(values, overrides), sources)
-    print(f"tilpass quickstart: LoRA on {config.model}, task: {QUICKSTART_TASK}")
+    base = f"{config.model} ({config.quantize} base: QLoRA)" if config.quantize else config.model
+    print(f"tilpass quickstart: LoRA on {base}, task: {QUICKSTART_TASK}")
     apply_process_settings(config.training)
     result = run(config, resume=args.resume, overwrite=args.overwrite, sources=sources)
     _print_table(result.before, result.after, "with adapter")
@@ -288,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="runs/quickstart", help="output directory")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
+    add_quantize_argument(p)
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser(
@@ -300,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint) or a checkpoint path")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows")
+    add_quantize_argument(p)
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (
@@ -323,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     p = sub.add_parser("doctor", help="check the installation: versions, default model, device")
     p.set_defaults(func=cmd_doctor)
+    add_merge_parser(sub)
+    add_memory_parser(sub)
     return parser
 
 

@@ -64,6 +64,33 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return int(in_features), int(out_features)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    """A module whose weight is stored in an integer format (a 4- or 8-bit quantized base)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and not weight.is_floating_point()
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight as a dense float tensor in its stored layout.
+
+    A plain weight is returned as it is (the same tensor); a quantized one is dequantized into
+    a new tensor (`tilpass.quantize`), which is what merging and DoRA's row norms need.
+    """
+    if not is_quantized(module):
+        return module.weight
+    from tilpass.quantize import dequantize_weight
+
+    return dequantize_weight(module)
+
+
+def requantized(module: nn.Module, dense: torch.Tensor) -> nn.Parameter:
+    """A new quantized weight for a quantized `module` from a dense (out, in) tensor; raises
+    unless re-quantizing was asked for (`tilpass.quantize.allow_requantize`)."""
+    from tilpass.quantize import requantized_weight
+
+    return requantized_weight(module, dense)
+
+
 class AdapterLayer(nn.Module):
     """Base of every method's layer: a wrapped module plus named adapters.
 

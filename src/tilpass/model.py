@@ -27,6 +27,7 @@ from tilpass.inject import adapter_layers, inject, mark_shared_weights, replace_
 from tilpass.layers import AdapterLayer
 from tilpass.merging import add_weighted, merge_layer
 from tilpass.methods import UnknownMethodError, method_of
+from tilpass.quantize import BaseStorage, measure_storage
 from tilpass.routing import BASE, AdapterIds, Routing, batch_size, routed, routing_for
 from tilpass.saved_modules import ModulesToSave
 
@@ -430,20 +431,24 @@ class AdaptedModel(nn.Module):
 
     # -- counting -----------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; shared (tied) tensors count once."""
-        trainable = total = 0
-        for p in self.parameters():
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-        return trainable, total
+        """(trainable, all) parameter counts; shared (tied) tensors count once, and a packed
+        4-bit weight counts the weights it holds (two per byte), as in PEFT."""
+        return status.parameter_counts(self)
 
     def print_trainable_parameters(self) -> None:
         """Print PEFT's line: trainable params: N || all params: M || trainable%: P."""
-        trainable, total = self.get_nb_trainable_parameters()
-        print(
-            f"trainable params: {trainable:,d} || all params: {total:,d} || "
-            f"trainable%: {100 * trainable / max(total, 1):.4f}"
-        )
+        print(status.trainable_line(*self.get_nb_trainable_parameters()))
+
+    def base_storage(self) -> BaseStorage:
+        """The base weights' resident bytes and, for a quantized base, bits per weight,
+        measured from the tensors (the adapters' own tensors left out)."""
+        adapters = {id(p) for name in self.peft_config for p in self.adapter_parameters(name)}
+        return measure_storage(self.base_model, exclude=adapters)
+
+    def print_base_storage(self) -> None:
+        """Print the sibling line of `print_trainable_parameters` (e.g. 4.127 bits per weight
+        for NF4 with double quantization)."""
+        print(self.base_storage().describe())
 
     # -- files --------------------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -100,13 +100,20 @@ def load_model(
     name_or_path: str = DEFAULT_MODEL,
     dtype: torch.dtype = torch.float32,
     device: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal language model and its tokenizer, ready for evaluation.
 
+    ``load_model("SmolLM2-135M-Instruct", quantize="nf4")`` is QLoRA's base in one line: the
+    linear layers in 4-bit NF4 with double-quantized scales, the output head, embeddings and
+    norms in ``dtype`` (see :mod:`tilpass.quantize`; it needs bitsandbytes).
+
     Args:
         name_or_path: See :func:`resolve_model_path`.
-        dtype: Parameter dtype of the loaded model.
+        dtype: Parameter dtype of the loaded model (the quantized layers compute in it too).
         device: Where to put the model (e.g. ``"cuda"``); ``None`` leaves it on the CPU.
+        quantize: ``"nf4"``, ``"fp4"`` or ``"int8"`` to quantize the base's linear layers
+            (after moving it to ``device``); ``None`` keeps every weight in ``dtype``.
 
     Returns:
         ``(model, tokenizer)``; the model is in ``eval()`` mode and the tokenizer has a pad token
@@ -129,6 +136,11 @@ def load_model(
     if device is not None:
         model.to(device)
     model.eval()
+    if quantize is not None:
+        from tilpass.quantize import QuantizeConfig, quantize_model
+
+        report = quantize_model(model, QuantizeConfig(quantize, compute_dtype=dtype))
+        logger.info("%s", report.summary())
     return model, tokenizer
 
 

@@ -45,6 +45,7 @@ from tilpass.pretrained import (
     resolve_model_path,
     weights_sha256,
 )
+from tilpass.quantize import QuantizeConfig, logical_numel, quantize_model
 from tilpass.run_checks import check_run
 from tilpass.run_config import (
     BOOKKEEPING,
@@ -214,18 +215,24 @@ def run(
     model, tokenizer = load_model(
         config.model, device="cuda" if torch.cuda.is_available() else None
     )
+    quantized = None
+    if config.quantize is not None:
+        quantized = quantize_model(model, QuantizeConfig(config.quantize)).to_dict()
+        log(quantized["summary"])
     seed_everything(config.training.seed)  # the adapter's initial weights follow the seed
     # The adapter goes in before the data and the base evaluation, so that an adapter that
     # does not fit the model (target_modules matching nothing) stops the run at once.
     model = prepare_model(model, config)
     data = load_data(config.data, tokenizer, log)
     before = _base_metrics(model, tokenizer, data, config, log)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(logical_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(logical_numel(p) for p in model.parameters())
     log(
         f"trainable params: {trainable:,d} || all params: {total:,d} || "
         f"trainable%: {100 * trainable / total:.4f}"
     )
+    if quantized is not None:
+        log(model.base_storage().describe())
     started = time.perf_counter()
     # The loop evaluates on the held-out split every `eval_steps` and at the end; that final
     # evaluation is the "after" column.
@@ -247,6 +254,7 @@ def run(
     examples = after.pop("examples", [])
     before.pop("examples", None)
     change = _change_record(config, data, result, (trainable, total), (before, after), wall)
+    change.base_quantization = quantized
     _refuse_nonfinite(model, out)
     saved = save_trained(model, tokenizer, out, change)
     body = dumps_strict({"before": before, "after": after}, indent=2) + "\n"

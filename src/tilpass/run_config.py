@@ -28,6 +28,7 @@ from tilpass.data.sources import FORMATS
 from tilpass.errors import TilpassError
 from tilpass.methods import METHODS, method_named, method_of
 from tilpass.pretrained import DEFAULT_MODEL
+from tilpass.quantize import QUANT_TYPES
 from tilpass.train_config import TrainConfig
 
 FULL = "full"
@@ -87,11 +88,16 @@ class RunConfig:
     )
     task: str = opt("", "One line saying what the run trains for (goes in the model card).")
     eval_before: bool = opt(True, "Evaluate the base model first, for the before/after table.")
+    quantize: str | None = opt(
+        None, "nf4 | fp4 | int8: load the base quantized (QLoRA with nf4; needs bitsandbytes)."
+    )
     data: DataSection = field(default_factory=DataSection)
     training: TrainConfig = field(default_factory=TrainConfig)
     adapter: AdapterConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.quantize is not None:
+            check_quantize(self.quantize, self.method, "quantize")
         if self.method == FULL:
             if self.adapter is not None:
                 raise RunConfigError(f"method {FULL!r} trains no adapter, but one was given")
@@ -117,7 +123,21 @@ class RunConfig:
 
 
 _SECTIONS: dict[str, type] = {"data": DataSection, "training": TrainConfig}
-_SCALAR_KEYS = ("model", "method", "output_dir", "task", "eval_before")
+_SCALAR_KEYS = ("model", "method", "output_dir", "task", "eval_before", "quantize")
+
+
+def check_quantize(quantize: str, method: str, where: str) -> None:
+    """A quantized base needs an adapter to train, and a format bitsandbytes offers."""
+    if quantize not in QUANT_TYPES:
+        raise RunConfigError(
+            f"{where}: unknown format {quantize!r}; choose one of {', '.join(QUANT_TYPES)}"
+        )
+    if method == FULL:
+        raise RunConfigError(
+            f"{where}: {quantize} cannot be combined with method: {FULL}: quantized weights are "
+            "frozen and cannot be trained. Train an adapter over the quantized base (method: "
+            "lora, i.e. QLoRA), or drop quantize for full fine-tuning."
+        )
 
 
 def method_fields(config_class: type[AdapterConfig]) -> list[dataclasses.Field[Any]]:
@@ -171,6 +191,8 @@ def build_config(values: dict[str, Any], source: str | ConfigSources = "config")
         kwargs["adapter"] = _build_section(
             method_named(method).config_class, values.get(method), sources, method
         )
+    if kwargs.get("quantize") is not None:
+        check_quantize(kwargs["quantize"], method, f"{sources.origin('quantize')}: quantize")
     config = RunConfig(**kwargs)
     for name, section in (("training", config.training), ("data", config.data)):
         try:

@@ -2,7 +2,8 @@
 
 Each layer reports whether it is enabled, which adapters it holds, which are active and
 merged, whether their parameters train, and where they are; the model's status sums the
-layers up and says "irregular" where they disagree (a model in an inconsistent state).
+layers up and says "irregular" where they disagree (a model in an inconsistent state). The
+parameter counts behind `print_trainable_parameters` are here too.
 """
 
 from __future__ import annotations
@@ -143,4 +144,25 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         requires_grad={k: _agree(v) for k, v in grads.items()},
         available_adapters=sorted({a for s in layers for a in s.available_adapters}),
         devices={k: sorted(v) for k, v in devices.items()},
+    )
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts of a model; a packed 4-bit weight counts the weights
+    it holds (two per byte), as PEFT counts them."""
+    from tilpass.quantize import logical_numel
+
+    trainable = total = 0
+    for p in model.parameters():
+        count = logical_numel(p)
+        total += count
+        trainable += count if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_line(trainable: int, total: int) -> str:
+    """PEFT's line: trainable params: N || all params: M || trainable%: P."""
+    return (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100 * trainable / max(total, 1):.4f}"
     )

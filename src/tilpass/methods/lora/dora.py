@@ -57,12 +57,12 @@ class DoraVariant:
         if xd is x:
             base = result if bias is None else result - bias
         else:  # with dropout the base term is recomputed on the dropped input (as PEFT does)
-            base = F.linear(xd, layer.weight_out_in())
+            base = F.linear(xd, layer.weight_out_in().to(xd.dtype))
         return result + (mag - 1) * base + mag * lora
 
     def merge(self, layer: LoraLinear, name: str, delta: torch.Tensor) -> torch.Tensor:
         """The merged weight m / ||W + dW|| * (W + dW); remembers the norm for unmerging."""
-        weight = layer.base_layer.weight
+        weight = layer.dense_weight()
         norm = layer.row_norm(delta)
         layer.variant_state[name] = norm
         factor = layer.per_output(layer.lora_magnitude_vector[name] / norm)

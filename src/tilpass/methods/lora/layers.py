@@ -18,9 +18,12 @@ from torch import nn
 
 from tilpass.layers import (
     AdapterLayer,
+    dense_weight,
     has_plain_linear_forward,
+    is_quantized,
     is_transposed,
     linear_features,
+    requantized,
 )
 from tilpass.methods.lora.dora import DoraVariant
 from tilpass.methods.lora.fused import LoraLinearFunction, lora_plus_bias
@@ -83,7 +86,8 @@ class LoraLayer(AdapterLayer):
         self.variant_state: dict[str, torch.Tensor] = {}
         self._stack_cache: _StackCache | None = None
         # Other modules that use the wrapped weight tensor (GPT-2's wte is lm_head's weight):
-        # merging then works on a private copy and unmerging puts the shared tensor back.
+        # merging then works on a private copy and unmerging puts the shared tensor back. A
+        # quantized weight is kept the same way: merging re-quantizes into a new tensor.
         self.weight_shared_with: list[str] = []
         self._shared_weight: nn.Parameter | None = None
 
@@ -97,6 +101,10 @@ class LoraLayer(AdapterLayer):
 
     def invalidate(self) -> None:
         self._stack_cache = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """The wrapped weight, dense, in its stored layout (a quantized base dequantized)."""
+        return dense_weight(self.base_layer)
 
     def variant_for(self, name: str) -> Any:
         """Adapter `name`'s variant object for this kind of layer (None for plain LoRA)."""
@@ -154,6 +162,9 @@ class LoraLayer(AdapterLayer):
             if name not in self.specs or name in self.merged:
                 continue
             self.check_mergeable(name)
+            if is_quantized(self.base_layer):
+                self._merge_requantized(name)
+                continue
             weight = self.base_layer.weight
             if self.weight_shared_with and self._shared_weight is None:
                 self._shared_weight = weight
@@ -168,6 +179,30 @@ class LoraLayer(AdapterLayer):
             self.merge_bias(name, 1.0)
             self.merged.append(name)
 
+    def _merge_requantized(self, name: str) -> None:
+        """Merge into a quantized base: dequantize, add the update, quantize again.
+
+        Only inside `tilpass.quantize.allow_requantize()` (it changes outputs; otherwise this
+        raises before anything changes). The original quantized weight is kept aside and put
+        back by `unmerge`, so unmerging is exact.
+        """
+        delta = self.delta_weight(name)
+        variant = self.variant_for(name)
+        if variant is not None:
+            merged = variant.merge(self, name, delta)
+        else:
+            merged = self.dense_weight().to(delta.dtype) + delta
+        try:
+            weight = requantized(self.base_layer, merged)
+        except Exception:
+            self.variant_state.pop(name, None)
+            raise
+        if self._shared_weight is None:
+            self._shared_weight = self.base_layer.weight
+        self.set_base_parameter("weight", weight)
+        self.merge_bias(name, 1.0)
+        self.merged.append(name)
+
     def check_mergeable(self, name: str) -> None:
         """Raise if adapter `name` cannot be folded into this layer's weights."""
         if self.lora_bias_of(name) is not None and getattr(self.base_layer, "bias", None) is None:
@@ -176,7 +211,7 @@ class LoraLayer(AdapterLayer):
     @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract every merged update again, last merged first."""
-        if self._shared_weight is not None:  # the shared tensor was never touched
+        if self._shared_weight is not None:  # the shared (or quantized) tensor was never touched
             self.set_base_parameter("weight", self._shared_weight)
             self._shared_weight = None
             for name in self.merged:
@@ -282,8 +317,8 @@ class LoraLinear(LoraLayer):
         return getattr(self.base_layer, "bias", None)
 
     def weight_out_in(self) -> torch.Tensor:
-        """The wrapped weight as (out, in)."""
-        weight = self.base_layer.weight
+        """The wrapped weight as (out, in), dense (a quantized base dequantized)."""
+        weight = self.dense_weight()
         return weight.T if self.transposed else weight
 
     def tensor_options(self) -> dict[str, Any]:
@@ -350,7 +385,7 @@ class LoraLinear(LoraLayer):
 
     def row_norm(self, delta: torch.Tensor) -> torch.Tensor:
         """||W + delta|| per output row, in delta's dtype (float32 at least)."""
-        w = self.base_layer.weight.to(delta.dtype) + delta
+        w = self.dense_weight().to(delta.dtype) + delta
         return torch.linalg.norm(w, dim=0 if self.transposed else 1)  # (out,)
 
     def per_output(self, values: torch.Tensor) -> torch.Tensor:

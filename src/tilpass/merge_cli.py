@@ -1,0 +1,134 @@
+"""`tilpass merge`: fold an adapter into its base and save a standard `transformers` directory.
+
+The base is loaded in full precision (`--dtype fp32 | bf16`), the adapter is loaded onto it
+(a QLoRA adapter is an ordinary LoRA file), merged, and the result is written with the base's
+tokenizer, so `AutoModelForCausalLM.from_pretrained(OUT)` needs neither tilpass nor the
+adapter. Merging into a quantized base (`--quantize nf4`) rounds the merged weights to the
+4-bit grid again and so changes the outputs: it is refused unless `--requantize` asks for it,
+and then the largest logit difference it caused is printed. The output directory is written
+under a temporary name and renamed into place, so it never exists half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
+"""`--quantize` formats (as in `tilpass.quantize.QUANT_TYPES`; listed here so that building
+the command's parser does not import torch)."""
+
+DTYPES = ("fp32", "bf16")
+PROBE = "The capital of France is"
+"""The prompt whose logits are compared before and after merging."""
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """`--quantize FORMAT` for commands that load the base (train, quickstart, merge)."""
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        default=None,
+        help="load the base quantized through bitsandbytes (nf4 with an adapter: QLoRA)",
+    )
+
+
+def add_merge_parser(sub: Any) -> None:
+    """The `tilpass merge` subcommand."""
+    p = sub.add_parser(
+        "merge",
+        help="merge an adapter into its base and save a standard transformers model",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--base", required=True, help="base model name or local directory")
+    p.add_argument("--adapter", required=True, help="adapter directory (PEFT layout)")
+    p.add_argument("--out", required=True, help="new directory for the merged model")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the merged weights")
+    add_quantize_argument(p)
+    p.add_argument(
+        "--requantize",
+        action="store_true",
+        help="with --quantize: merge into the quantized base (re-quantizes; changes outputs)",
+    )
+    p.set_defaults(func=cmd_merge)
+
+
+@dataclass
+class MergeResult:
+    """Where the merged model went and how far its logits moved from base + adapter."""
+
+    out: Path
+    max_logit_difference: float
+    requantized: bool
+
+
+def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run `tilpass merge` and print what it did."""
+    if args.requantize and not args.quantize:
+        raise ValueError("--requantize only applies with --quantize FORMAT (a quantized base)")
+    result = merge_adapter(
+        args.base, args.adapter, Path(args.out), args.dtype, args.quantize, args.requantize
+    )
+    how = f"into the {args.quantize} base, re-quantized" if result.requantized else args.dtype
+    print(f"merged {args.adapter} into {args.base} ({how}); saved {result.out}")
+    print(
+        "largest logit difference from base + adapter on a probe prompt: "
+        f"{result.max_logit_difference:.3g}"
+    )
+    print(f"load it with: AutoModelForCausalLM.from_pretrained({str(result.out)!r})")
+    return 0
+
+
+def merge_adapter(
+    base: str,
+    adapter: str | Path,
+    out: Path,
+    dtype: str = "fp32",
+    quantize: str | None = None,
+    requantize: bool = False,
+) -> MergeResult:
+    """Merge `adapter` into `base` and save the result at `out` (which must not exist yet)."""
+    import torch
+
+    from tilpass.model import AdaptedModel
+    from tilpass.pretrained import load_model
+    from tilpass.quantize import allow_requantize, dequantize_model
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists; give a new directory for --out")
+    torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    model, tokenizer = load_model(base, dtype=torch_dtype, quantize=quantize)
+    adapted = AdaptedModel.from_pretrained(model, adapter)
+    probe = tokenizer(PROBE, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = adapted(probe).logits.float()
+        allowed = allow_requantize() if requantize else contextlib.nullcontext()
+        with allowed:
+            merged = adapted.merge_and_unload()
+        after = merged(probe).logits.float()
+    if quantize is not None:
+        dequantize_model(merged, torch_dtype)
+    _save_atomically(merged, tokenizer, out)
+    diff = float((after - before).abs().max())
+    return MergeResult(out, diff, quantize is not None)
+
+
+def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:
+    """save_pretrained into a hidden sibling directory, then rename it to `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out.exists():  # an empty directory (checked by the caller)
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
