@@ -46,7 +46,8 @@ OPTIONAL_PACKAGES: tuple[tuple[str, str], ...] = (
     ("peft", "pip install peft"),
     ("bitsandbytes", "pip install bitsandbytes"),
 )
-"""Optional back-ends: reported, never required."""
+"""Back-ends the main job does not need, reported but never required: peft (interop and the
+compatibility harness) and bitsandbytes (installed with tilpass, used only by `--quantize`)."""
 
 
 class Status(enum.Enum):
