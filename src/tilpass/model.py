@@ -57,6 +57,7 @@ class AdaptedModel(nn.Module):
         self.training = model.training  # a model in eval mode stays in eval mode
         self.adapter_ids = AdapterIds()
         self._layer_cache: list[AdapterLayer] | None = None
+        self._param_cache: tuple[Any, dict[str, list[nn.Parameter]]] = (None, {})
         self._input_cache: tuple[list[AdapterLayer], list[AdapterLayer]] | None = None
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
@@ -252,7 +253,21 @@ class AdaptedModel(nn.Module):
         for layer in self._layers():
             layer.active = list(names)
         for name in self.peft_config:
-            self.set_requires_grad(name, name in names and not inference_mode)
+            wanted = name in names and not inference_mode
+            for p in self._params_of(name):
+                if p.requires_grad != wanted:
+                    p.requires_grad_(wanted)
+
+    def _params_of(self, name: str) -> list[nn.Parameter]:
+        """`adapter_parameters(name)`, cached with the layer list (adding or deleting an
+        adapter starts a new one), so switching adapters does not walk every layer."""
+        layers = self._layers()
+        if self._param_cache[0] is not layers:
+            self._param_cache = (layers, {})
+        params = self._param_cache[1].get(name)
+        if params is None:
+            params = self._param_cache[1][name] = self.adapter_parameters(name)
+        return params
 
     @property
     def active_adapters(self) -> list[str]:
