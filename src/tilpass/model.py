@@ -1,5 +1,8 @@
 """`AdaptedModel`: a base model plus named adapters, with PEFT's `PeftModel` method names.
 
+This file holds the adapter management (add, activate, route, delete, disable); merging is in
+`model_merge.py`, files in `model_files.py`, counting in `status.py` (mixins of one class).
+
 The base model's modules are wrapped in place (base weights are never copied); each wrapper
 holds every named adapter of that module. This class knows no method: it finds a config's
 method in the registry and talks to layers only through the `AdapterLayer` protocol. It is the
@@ -10,32 +13,29 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _IncompatibleKeys
 
 from tilpass import inputs, model_files, status
 from tilpass.config import AdapterConfig
 from tilpass.errors import AdapterNameError
-from tilpass.inject import adapter_layers, inject, mark_shared_weights, replace_module, unwrap_all
+from tilpass.inject import adapter_layers, inject, replace_module
 from tilpass.layers import AdapterLayer
-from tilpass.merging import add_weighted, merge_layer
 from tilpass.methods import UnknownMethodError, method_of
-from tilpass.quantize import BaseStorage, measure_storage
+from tilpass.model_files import FilesMixin
+from tilpass.model_merge import MergeMixin
 from tilpass.routing import BASE, AdapterIds, Routing, batch_size, routed, routing_for
 from tilpass.saved_modules import ModulesToSave
+from tilpass.status import CountingMixin
 
 PREFIX = model_files.PREFIX  # PEFT's key prefix for a model's adapter tensors
 DEFAULT = model_files.DEFAULT
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
     """A base model with named adapters; `forward` and `generate` pass through to the base.
 
     Args:
@@ -127,7 +127,7 @@ class AdaptedModel(nn.Module):
 
     def adapter_id(self, adapter_name: str) -> int:
         """The stable integer id of an adapter (for `adapter_ids=`; -1 is the base model)."""
-        self._check_name(adapter_name)
+        self.check_adapter_name(adapter_name)
         return self.adapter_ids[adapter_name]
 
     def _layers(self) -> list[AdapterLayer]:
@@ -222,7 +222,7 @@ class AdaptedModel(nn.Module):
         """Turn gradients on or off for the given adapters' parameters (PEFT's method)."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
-            self._check_name(name)
+            self.check_adapter_name(name)
             for p in self.adapter_parameters(name):
                 p.requires_grad_(requires_grad)
 
@@ -248,7 +248,7 @@ class AdaptedModel(nn.Module):
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
-            self._check_name(name)
+            self.check_adapter_name(name)
         self._active = names
         for layer in self._layers():
             layer.active = list(names)
@@ -310,6 +310,10 @@ class AdaptedModel(nn.Module):
         """Every adapter layer of the model (for the modules that save, load and combine)."""
         return list(self._layers())
 
+    def refresh_layers(self) -> None:
+        """Forget the cached layer list, after layers were added, removed or unwrapped."""
+        self._layer_cache = None
+
     def get_layer_status(self) -> list[status.TunerLayerStatus]:
         """PEFT's per-layer status: enabled, active, merged, requires_grad, devices."""
         return status.get_layer_status(self)
@@ -318,14 +322,15 @@ class AdaptedModel(nn.Module):
         """PEFT's model status: the layers' status summed up ("irregular" where they differ)."""
         return status.get_model_status(self)
 
-    def _check_name(self, name: str) -> None:
+    def check_adapter_name(self, name: str) -> None:
+        """Raise `AdapterNameError` naming the loaded adapters unless `name` is one of them."""
         if name not in self.peft_config:
             known = ", ".join(self.peft_config) or "(none)"
             raise AdapterNameError(f"no adapter named {name!r}; loaded adapters: {known}")
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; layers left without adapters become base modules."""
-        self._check_name(adapter_name)
+        self.check_adapter_name(adapter_name)
         if any(adapter_name in layer.merged for layer in self._layers()):
             raise ValueError(
                 f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
@@ -376,237 +381,6 @@ class AdaptedModel(nn.Module):
         self._disabled = 0
         for layer in self._layers():
             layer.disabled = False
-
-    # -- merging ------------------------------------------------------------------------------
-    def merge_adapter(
-        self, adapter_names: list[str] | None = None, safe_merge: bool = False
-    ) -> None:
-        """Fold adapters (default: the active ones) into the base weights; idempotent.
-
-        With `safe_merge=True` each layer is merged on a copy first and a non-finite result
-        raises `ValueError`, leaving that layer's weights as they were.
-        """
-        names = self._active if adapter_names is None else list(adapter_names)
-        for name in names:
-            self._check_name(name)
-        self._check_mergeable(names)
-        holders = [layer for layer in self._layers() if any(n in layer.specs for n in names)]
-        if holders and all(set(names) & set(h.specs) <= set(h.merged) for h in holders):
-            warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)
-            return
-        mark_shared_weights(self.base_model)  # a tied weight is merged on a private copy
-        for layer in self._layers():
-            if layer.MERGEABLE:
-                merge_layer(layer, list(names), safe_merge)
-
-    def _check_mergeable(self, names: list[str]) -> None:
-        for layer in self._layers():
-            if not layer.MERGEABLE and any(n in layer.specs for n in names):
-                raise NotImplementedError(
-                    f"{type(layer).__name__} adapters cannot be merged into the weights; keep "
-                    "them loaded, or unload them"
-                )
-
-    def unmerge_adapter(self) -> None:
-        """Take every merged adapter back out of the base weights."""
-        for layer in self._layers():
-            layer.unmerge()
-
-    def merge_and_unload(
-        self,
-        progressbar: bool = False,
-        safe_merge: bool = False,
-        adapter_names: list[str] | None = None,
-    ) -> nn.Module:
-        """Merge adapters (default: the active ones) and return the plain base model, with no
-        wrappers left. `safe_merge` checks each merged weight for NaN / inf first."""
-        names = self._active if adapter_names is None else list(adapter_names)
-        for name in names:
-            self._check_name(name)
-        self._check_mergeable(names)
-        for layer in self._layers():
-            if layer.STAYS_WHEN_MERGED and any(n in layer.specs for n in names):
-                raise NotImplementedError(
-                    f"{type(layer).__name__} adapters stay outside the weights when merged, so "
-                    "the model cannot be unloaded with them; call merge_adapter() instead (it "
-                    "merges what can be merged and keeps the rest), or unload()"
-                )
-        for layer in self._layers():
-            layer.unmerge()  # so only the chosen adapters end up in the weights
-            layer.active = [n for n in names if n in layer.specs]
-        if safe_merge:
-            self.merge_adapter(names, safe_merge=True)
-        self._layer_cache = None
-        return unwrap_all(self.base_model, merge=True)
-
-    def unload(self) -> nn.Module:
-        """Return the base model as it was: adapters removed, nothing merged."""
-        self._layer_cache = None
-        return unwrap_all(self.base_model, merge=False)
-
-    # -- counting -----------------------------------------------------------------------------
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all) parameter counts; shared (tied) tensors count once, and a packed
-        4-bit weight counts the weights it holds (two per byte), as in PEFT."""
-        return status.parameter_counts(self)
-
-    def print_trainable_parameters(self) -> None:
-        """Print PEFT's line: trainable params: N || all params: M || trainable%: P."""
-        print(status.trainable_line(*self.get_nb_trainable_parameters()))
-
-    def base_storage(self) -> BaseStorage:
-        """The base weights' resident bytes and, for a quantized base, bits per weight,
-        measured from the tensors (the adapters' own tensors left out)."""
-        adapters = {id(p) for name in self.peft_config for p in self.adapter_parameters(name)}
-        return measure_storage(self.base_model, exclude=adapters)
-
-    def print_base_storage(self) -> None:
-        """Print the sibling line of `print_trainable_parameters` (e.g. 4.127 bits per weight
-        for NF4 with double quantization)."""
-        print(self.base_storage().describe())
-
-    # -- files --------------------------------------------------------------------------------
-    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under PEFT's keys (`base_model.model.<path>.lora_A.weight`)."""
-        self._check_name(adapter_name)
-        out: dict[str, torch.Tensor] = {}
-        for path, layer in adapter_layers(self.base_model):
-            for key, tensor in layer.adapter_tensors(adapter_name).items():
-                out[key if layer.ROOT_KEYS else f"{PREFIX}{path}.{key}"] = tensor
-        return out
-
-    def save_pretrained(
-        self,
-        save_directory: str | Path,
-        safe_serialization: bool = True,
-        selected_adapters: list[str] | None = None,
-        save_embedding_layers: bool | str = "auto",
-        is_main_process: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        """Write each adapter as PEFT does: `default` in the directory, others in `dir/<name>/`,
-        each with `adapter_config.json`, its tensors and a model card (`README.md`).
-
-        `safe_serialization=False` writes PEFT's pickle file `adapter_model.bin` instead of
-        safetensors (tilpass reads it back only with `allow_pickle=True`);
-        `save_embedding_layers` (True / False / "auto") adds the base embedding weights as PEFT
-        does when embedding layers are adapted.
-        """
-        model_files.save_adapters(
-            self,
-            save_directory,
-            safe_serialization,
-            selected_adapters,
-            save_embedding_layers,
-            is_main_process,
-            **kwargs,
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        model_id: str | Path,
-        adapter_name: str = DEFAULT,
-        is_trainable: bool = False,
-        config: AdapterConfig | None = None,
-        autocast_adapter_dtype: bool = True,
-        *,
-        low_cpu_mem_usage: bool = False,
-        torch_device: str | torch.device | None = None,
-        allow_pickle: bool = False,
-        allow_partial: bool = False,
-    ) -> AdaptedModel:
-        """Wrap `model` and load the adapter saved in `model_id` (a local directory).
-
-        As in PEFT, an adapter loaded with `is_trainable=False` is frozen and the model is put
-        in eval mode (dropout off); `config` replaces the directory's `adapter_config.json`.
-        """
-        adapted = cls(model)
-        adapted.load_adapter(
-            model_id,
-            adapter_name,
-            is_trainable,
-            torch_device,
-            autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            allow_pickle=allow_pickle,
-            allow_partial=allow_partial,
-            config=config,
-        )
-        adapted.set_adapter(adapter_name, inference_mode=not is_trainable)
-        if config is not None:  # PEFT keeps the caller's config object, updated
-            stored = adapted.peft_config[adapter_name]
-            for field in dataclasses.fields(stored):
-                setattr(config, field.name, getattr(stored, field.name))
-            adapted.peft_config[adapter_name] = config
-        return adapted
-
-    def push_to_hub(self, *args: Any, **kwargs: Any) -> None:
-        """Not available: tilpass talks to no model hub. Save with `save_pretrained` and upload
-        the directory with `huggingface_hub` (`HfApi().upload_folder`)."""
-        raise NotImplementedError(
-            "tilpass has no model hub client: save_pretrained(directory), then upload the "
-            "directory with huggingface_hub's HfApi().upload_folder"
-        )
-
-    def load_adapter(
-        self,
-        model_id: str | Path,
-        adapter_name: str,
-        is_trainable: bool = False,
-        torch_device: str | torch.device | None = None,
-        autocast_adapter_dtype: bool = True,
-        *,
-        low_cpu_mem_usage: bool = False,
-        allow_pickle: bool = False,
-        allow_partial: bool = False,
-        config: AdapterConfig | None = None,
-    ) -> _IncompatibleKeys:
-        """Load an adapter directory under `adapter_name`; strict unless `allow_partial`.
-        Returns PEFT's load result (`missing_keys`, `unexpected_keys`; empty unless partial).
-
-        The adapter is added, filled from the file and checked key by key; on any mismatch it
-        is removed again, so a failed load leaves the model as it was. Reading skips the
-        random initialisation, so `low_cpu_mem_usage` is always in effect. With
-        `is_trainable=False` the model is put in eval mode, as PEFT does.
-        """
-        directory = Path(model_id)
-        config = model_files.read_adapter_config(directory, is_trainable, config)
-        options = {
-            "allow_pickle": allow_pickle,
-            "allow_partial": allow_partial,
-            "torch_device": torch_device,
-            "autocast_adapter_dtype": autocast_adapter_dtype,
-        }
-        result = model_files.load_adapter_dir(self, directory, adapter_name, config, options)
-        if not is_trainable:
-            self.eval()  # as PEFT: dropout off for an adapter loaded for inference
-        return result
-
-    # -- combining ----------------------------------------------------------------------------
-    def add_weighted_adapter(
-        self,
-        adapters: list[str],
-        weights: list[float],
-        adapter_name: str,
-        combination_type: str = "svd",
-        svd_rank: int | None = None,
-        svd_clamp: float | None = None,
-        svd_full_matrices: bool = True,
-        svd_driver: str | None = None,
-    ) -> None:
-        """Add `adapter_name` as a weighted combination of `adapters` (PEFT's method; its
-        `linear`, `cat` and `svd` combination types). The new adapter is inactive and frozen."""
-        svd = {
-            "svd_rank": svd_rank,
-            "svd_clamp": svd_clamp,
-            "svd_full_matrices": svd_full_matrices,
-            "svd_driver": svd_driver,
-        }
-        if adapters:
-            self._check_name(adapters[0])
-        add_weighted(self, adapters, weights, adapter_name, combination_type, svd)
 
 
 def get_peft_model(

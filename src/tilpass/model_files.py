@@ -9,11 +9,13 @@ one back strictly: every tensor must match the model, or nothing is loaded.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from tilpass.adapter_files import (
@@ -234,3 +236,125 @@ def key_report(missing: list[str], unexpected: list[str], limit: int = 5) -> str
             )
             parts.append(f"{len(keys)} {label} keys: {shown}")
     return "; ".join(parts)
+
+
+class FilesMixin:
+    """`AdaptedModel`'s file API (PEFT's names): its state dict, saving and loading."""
+
+    def adapter_state_dict(self: AdaptedModel, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under PEFT's keys (`base_model.model.<path>.lora_A.weight`)."""
+        self.check_adapter_name(adapter_name)
+        out: dict[str, torch.Tensor] = {}
+        for path, layer in adapter_layers(self.base_model):
+            for key, tensor in layer.adapter_tensors(adapter_name).items():
+                out[key if layer.ROOT_KEYS else f"{PREFIX}{path}.{key}"] = tensor
+        return out
+
+    def save_pretrained(
+        self: AdaptedModel,
+        save_directory: str | Path,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter as PEFT does: `default` in the directory, others in `dir/<name>/`,
+        each with `adapter_config.json`, its tensors and a model card (`README.md`).
+
+        `safe_serialization=False` writes PEFT's pickle file `adapter_model.bin` instead of
+        safetensors (tilpass reads it back only with `allow_pickle=True`);
+        `save_embedding_layers` (True / False / "auto") adds the base embedding weights as PEFT
+        does when embedding layers are adapted.
+        """
+        save_adapters(
+            self,
+            save_directory,
+            safe_serialization,
+            selected_adapters,
+            save_embedding_layers,
+            is_main_process,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | Path,
+        adapter_name: str = DEFAULT,
+        is_trainable: bool = False,
+        config: AdapterConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        *,
+        low_cpu_mem_usage: bool = False,
+        torch_device: str | torch.device | None = None,
+        allow_pickle: bool = False,
+        allow_partial: bool = False,
+    ) -> AdaptedModel:
+        """Wrap `model` and load the adapter saved in `model_id` (a local directory).
+
+        As in PEFT, an adapter loaded with `is_trainable=False` is frozen and the model is put
+        in eval mode (dropout off); `config` replaces the directory's `adapter_config.json`.
+        """
+        adapted = cls(model)
+        adapted.load_adapter(
+            model_id,
+            adapter_name,
+            is_trainable,
+            torch_device,
+            autocast_adapter_dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage,
+            allow_pickle=allow_pickle,
+            allow_partial=allow_partial,
+            config=config,
+        )
+        adapted.set_adapter(adapter_name, inference_mode=not is_trainable)
+        if config is not None:  # PEFT keeps the caller's config object, updated
+            stored = adapted.peft_config[adapter_name]
+            for field in dataclasses.fields(stored):
+                setattr(config, field.name, getattr(stored, field.name))
+            adapted.peft_config[adapter_name] = config
+        return adapted
+
+    def push_to_hub(self: AdaptedModel, *args: Any, **kwargs: Any) -> None:
+        """Not available: tilpass talks to no model hub. Save with `save_pretrained` and upload
+        the directory with `huggingface_hub` (`HfApi().upload_folder`)."""
+        raise NotImplementedError(
+            "tilpass has no model hub client: save_pretrained(directory), then upload the "
+            "directory with huggingface_hub's HfApi().upload_folder"
+        )
+
+    def load_adapter(
+        self: AdaptedModel,
+        model_id: str | Path,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        *,
+        low_cpu_mem_usage: bool = False,
+        allow_pickle: bool = False,
+        allow_partial: bool = False,
+        config: AdapterConfig | None = None,
+    ) -> _IncompatibleKeys:
+        """Load an adapter directory under `adapter_name`; strict unless `allow_partial`.
+        Returns PEFT's load result (`missing_keys`, `unexpected_keys`; empty unless partial).
+
+        The adapter is added, filled from the file and checked key by key; on any mismatch it
+        is removed again, so a failed load leaves the model as it was. Reading skips the
+        random initialisation, so `low_cpu_mem_usage` is always in effect. With
+        `is_trainable=False` the model is put in eval mode, as PEFT does.
+        """
+        directory = Path(model_id)
+        config = read_adapter_config(directory, is_trainable, config)
+        options = {
+            "allow_pickle": allow_pickle,
+            "allow_partial": allow_partial,
+            "torch_device": torch_device,
+            "autocast_adapter_dtype": autocast_adapter_dtype,
+        }
+        result = load_adapter_dir(self, directory, adapter_name, config, options)
+        if not is_trainable:
+            self.eval()  # as PEFT: dropout off for an adapter loaded for inference
+        return result

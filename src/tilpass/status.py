@@ -3,19 +3,24 @@
 Each layer reports whether it is enabled, which adapters it holds, which are active and
 merged, whether their parameters train, and where they are; the model's status sums the
 layers up and says "irregular" where they disagree (a model in an inconsistent state). The
-parameter counts behind `print_trainable_parameters` are here too.
+parameter counts behind `print_trainable_parameters` are here too, with `CountingMixin`, the
+`AdaptedModel` methods that report them.
 """
 
 from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
 from tilpass.inject import adapter_layers
 from tilpass.layers import AdapterLayer
+from tilpass.quantize import BaseStorage, measure_storage
+
+if TYPE_CHECKING:
+    from tilpass.model import AdaptedModel
 
 Irregular = Literal["irregular"]
 
@@ -166,3 +171,27 @@ def trainable_line(trainable: int, total: int) -> str:
         f"trainable params: {trainable:,d} || all params: {total:,d} || "
         f"trainable%: {100 * trainable / max(total, 1):.4f}"
     )
+
+
+class CountingMixin:
+    """`AdaptedModel`'s counting API: trainable parameters (PEFT's names) and base storage."""
+
+    def get_nb_trainable_parameters(self: AdaptedModel) -> tuple[int, int]:
+        """(trainable, all) parameter counts; shared (tied) tensors count once, and a packed
+        4-bit weight counts the weights it holds (two per byte), as in PEFT."""
+        return parameter_counts(self)
+
+    def print_trainable_parameters(self: AdaptedModel) -> None:
+        """Print PEFT's line: trainable params: N || all params: M || trainable%: P."""
+        print(trainable_line(*self.get_nb_trainable_parameters()))
+
+    def base_storage(self: AdaptedModel) -> BaseStorage:
+        """The base weights' resident bytes and, for a quantized base, bits per weight,
+        measured from the tensors (the adapters' own tensors left out)."""
+        adapters = {id(p) for name in self.peft_config for p in self.adapter_parameters(name)}
+        return measure_storage(self.base_model, exclude=adapters)
+
+    def print_base_storage(self: AdaptedModel) -> None:
+        """Print the sibling line of `print_trainable_parameters` (e.g. 4.127 bits per weight
+        for NF4 with double quantization)."""
+        print(self.base_storage().describe())

@@ -20,8 +20,9 @@ as an uninterrupted run. Outputs: ``metrics.jsonl`` (one JSON line per event), `
 and the last ``save_total_limit`` checkpoints.
 
 The settings and what follows from them (data order, step plan, schedule) are in
-:mod:`tilpass.train_config`, the loop's running state in :mod:`tilpass.train_state`; this
-module re-exports their public names.
+:mod:`tilpass.train_config`, the loop's running state in :mod:`tilpass.train_state`, what the
+evaluate, checkpoint and end phases write in :mod:`tilpass.train_saving`; this module re-exports
+the public names of the first two.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tilpass.evaluate import evaluate_model
 from tilpass.losses import (
     Batch,
     causal_lm_loss,
@@ -53,7 +53,6 @@ from tilpass.runtime import autocast_for, enable_gradient_checkpointing, peak_me
 from tilpass.train_checkpoints import (
     MetricsLog,
     plot_losses,
-    save_checkpoint,
 )
 from tilpass.train_config import (
     PRECISIONS,
@@ -67,6 +66,7 @@ from tilpass.train_config import (
 )
 from tilpass.train_hooks import Callback, HookSet, TrainingHook, TrainState
 from tilpass.train_resume import resume_run
+from tilpass.train_saving import evaluate_now, finish_run, save_step
 from tilpass.train_state import (
     DivergenceError,
     GradientAudit,
@@ -75,7 +75,6 @@ from tilpass.train_state import (
     LoopState,
     StepOutput,
     check_gradient_flow,
-    nonfinite_parameters,
 )
 
 __all__ = [
@@ -103,8 +102,6 @@ __all__ = [
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-# Examples shown in an eval event.
-_EVAL_EXAMPLES = 3
 
 
 @dataclass
@@ -133,7 +130,7 @@ class Trainer:
     happens here, the run (resume, log, steps, final eval and checkpoint) in :meth:`fit`.
     """
 
-    _log: MetricsLog  # open during fit()
+    events: MetricsLog  # the run's metrics.jsonl, open during fit()
     _pbar: Any  # tqdm progress bar, during fit()
 
     def __init__(
@@ -257,7 +254,7 @@ class Trainer:
         self._fitted = True
         seed_everything(self.config.seed)
         ckpt = self._resume(resume)
-        self._log = self._open_log(ckpt)
+        self.events = self._open_log(ckpt)
         self._pbar = tqdm(
             total=self.plan.max_steps,
             initial=self.state.step,
@@ -268,10 +265,10 @@ class Trainer:
             self.model.train()
             self._window.reset(time.perf_counter())
             self._run_steps()
-            runtime = self._finish()
+            runtime = finish_run(self)
         finally:
             self._pbar.close()
-            self._log.close()
+            self.events.close()
         st = self.state
         return TrainResult(
             global_step=st.step,
@@ -362,7 +359,7 @@ class Trainer:
         loss = float(out.loss) / max(out.loss_tokens, 1)
         grad = float(out.grad_norm) if out.grad_norm is not None else float("nan")
         if c.on_nonfinite == "stop":
-            self._log.write({"event": "nonfinite", "step": step, "loss": loss, "grad_norm": grad})
+            self.events.write({"event": "nonfinite", "step": step, "loss": loss, "grad_norm": grad})
             raise DivergenceError(
                 f"step {step}: the training loss is {loss:g} and the gradient norm {grad:g}; "
                 "training diverged, and no adapter is saved from it. Lower "
@@ -373,7 +370,7 @@ class Trainer:
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()  # the schedule stays on the step count, as if the step had run
         self.state.skipped_steps += 1
-        self._log.write({"event": "skipped_step", "step": step, "loss": loss, "grad_norm": grad})
+        self.events.write({"event": "skipped_step", "step": step, "loss": loss, "grad_norm": grad})
         return lr
 
     def _clip(self) -> torch.Tensor:
@@ -408,7 +405,7 @@ class Trainer:
         self.state.train_loss = loss
         tps, mem = window.seen / max(now - window.started, 1e-9), peak_memory_mb(self.device)
         grad_norm = None if out.grad_norm is None else float(out.grad_norm)
-        self._log.write(
+        self.events.write(
             {
                 "event": "train",
                 "step": step,
@@ -433,7 +430,7 @@ class Trainer:
         c, st = self.config, self.state
         if not c.eval_steps or st.step % c.eval_steps != 0:
             return
-        st.last_eval, st.evaled_at = self._evaluate(), st.step
+        st.last_eval, st.evaled_at = evaluate_now(self), st.step
         loss = st.last_eval.get("eval_loss")
         if loss is None or not math.isfinite(loss):
             return
@@ -443,13 +440,13 @@ class Trainer:
             st.bad_evals += 1
         if c.early_stopping_patience and st.bad_evals >= c.early_stopping_patience:
             st.stop = st.stopped_early = True
-            self._log.write({"event": "early_stop", "step": st.step, "best_eval_loss": st.best})
+            self.events.write({"event": "early_stop", "step": st.step, "best_eval_loss": st.best})
 
     def _maybe_checkpoint(self) -> None:
         """Every ``save_steps``: a checkpoint."""
         every, st = self.config.save_steps, self.state
         if every and st.step % every == 0:
-            st.last_checkpoint, st.saved_at = self._save(), st.step
+            st.last_checkpoint, st.saved_at = save_step(self), st.step
 
     def _end_step(self, out: StepOutput, epoch: int) -> None:
         """``on_step_end`` hooks; any of them may ask to stop."""
@@ -461,95 +458,6 @@ class Trainer:
         for on_step_end in self.hooks.on_step_end:
             on_step_end(state)
         self.state.stop = self.state.stop or state.should_stop
-
-    # ------------------------------------------------------------- evaluate, save, end
-
-    def _evaluate(self) -> dict[str, Any]:
-        """Eval loss / perplexity and exact match as configured; logged as an eval event."""
-        c, st = self.config, self.state
-        metrics = evaluate_model(
-            self.model,
-            self.eval_dataset,
-            self.collate_fn,
-            tokenizer=self.tokenizer,
-            records=self.eval_records,
-            batch_size=c.eval_batch_size,
-            max_new_tokens=c.eval_max_new_tokens,
-            generation_samples=c.eval_generation_samples,
-            num_examples=_EVAL_EXAMPLES,
-            prompt_fn=self.prompt_fn,
-            answer_fn=self.answer_fn,
-            selective=st.selective,
-            autocast=self.autocast,
-        )
-        ev: dict[str, Any] = {}
-        if "loss" in metrics:
-            ev |= {"eval_loss": metrics["loss"], "eval_perplexity": metrics["perplexity"]}
-            ev["eval_tokens"] = metrics["tokens"]
-        if "exact_match" in metrics:
-            ev |= {k: metrics[k] for k in ("exact_match", "exact_match_n", "examples")}
-        if ev:
-            self._log.write({"event": "eval", "step": st.step, **ev})
-        return ev
-
-    def _save(self) -> Path:
-        """A checkpoint of the current step (rotating out the oldest), logged."""
-        st, plan = self.state, self.plan
-        trainer_state = {
-            "format": 1,
-            "global_step": st.step,
-            "epoch": st.step // plan.steps_per_epoch,
-            "batch_in_epoch": (st.step % plan.steps_per_epoch) * plan.accumulation,
-            "data": self.data_info(),
-            "max_steps": plan.max_steps,
-            "best_eval_loss": st.best,
-            "evals_without_improvement": st.bad_evals,
-            "last_eval_step": st.evaled_at,
-            "selective_lm_head": st.selective,
-            "skipped_steps": st.skipped_steps,
-            "run_id": self.run_id,
-            "config": asdict(self.config),
-        }
-        bad = nonfinite_parameters(self.named)
-        if bad:
-            raise DivergenceError(
-                f"step {st.step}: {len(bad)} trainable tensors hold NaN or infinity (e.g. "
-                f"{bad[0]}); training diverged and no checkpoint or adapter is saved from it. "
-                f"Lower training.learning_rate (now {self.config.learning_rate:g})"
-            )
-        path = save_checkpoint(
-            self.output_dir,
-            st.step,
-            self.named,
-            self.optimizer,
-            self.scheduler,
-            trainer_state,
-            self.config.save_total_limit,
-        )
-        self._log.write({"event": "checkpoint", "step": st.step, "path": str(path)})
-        return path
-
-    def _finish(self) -> float:
-        """Final evaluation and checkpoint unless this step has them; the end event."""
-        st = self.state
-        if st.saved_at != st.step:  # first, so a failing final evaluation loses no training
-            st.last_checkpoint, st.saved_at = self._save(), st.step
-        if st.evaled_at != st.step:
-            st.last_eval, st.evaled_at = self._evaluate(), st.step
-            loss = st.last_eval.get("eval_loss")
-            if loss is not None and math.isfinite(loss):
-                st.best = loss if st.best is None else min(st.best, loss)
-        runtime = time.perf_counter() - self.started
-        self._log.write(
-            {
-                "event": "end",
-                "step": st.step,
-                "runtime_s": runtime,
-                "stopped_early": st.stopped_early,
-                "skipped_steps": st.skipped_steps,
-            }
-        )
-        return runtime
 
 
 def train(
