@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -28,6 +30,37 @@ def tiny_llama(
         eos_token_id=2,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def save_tiny_model(directory: Path, hidden_size: int = 32) -> Path:
+    """Save a tiny chat Llama (tied embeddings, byte-level ChatML tokenizer) into `directory`
+    as a local Hugging Face model directory; returns it."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import CHATML_TEMPLATE, build_tokenizer_json
+
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(build_tokenizer_json()),
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        chat_template=CHATML_TEMPLATE,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.helpers import save_tiny_model
 from tilpass.cli import merge, parse_overrides
 from tilpass.methods import METHODS
 from tilpass.run import DataSection, build_config
@@ -31,36 +32,6 @@ WORDS = {"cardiology": "chest pain", "dermatology": "itchy rash", "neurology": "
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama + byte-level tokenizer saved as a local Hugging Face directory."""
     return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
-
-
-def save_tiny_model(directory: Path) -> Path:
-    """Save the tiny Llama and its byte-level tokenizer into `directory`; returns it."""
-    from tokenizers import Tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from tests.conftest import CHATML_TEMPLATE, build_tokenizer_json
-
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(build_tokenizer_json()),
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        chat_template=CHATML_TEMPLATE,
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def chat(label: str, i: int) -> dict[str, Any]:

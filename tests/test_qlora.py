@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from tests import helpers
 from tests.test_cli import common, tilpass
@@ -30,33 +30,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:adapter '.*' is .* MiB:UserWarni
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama with tied embeddings and a byte-level tokenizer, as a local directory."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.conftest import CHATML_TEMPLATE, build_tokenizer_json
-
-    directory = tmp_path_factory.mktemp("qlora-model")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(build_tokenizer_json()),
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        chat_template=CHATML_TEMPLATE,
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return helpers.save_tiny_model(tmp_path_factory.mktemp("qlora-model"), hidden_size=64)
 
 
 def random_adapter(model: AdaptedModel, seed: int = 0) -> None:

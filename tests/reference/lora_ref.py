@@ -78,10 +78,8 @@ def conv(
     """An ungrouped, undilated convolution with the weight delta of a 1 x 1 B after A:
     y = conv(x, W + scale * B A) + b, with A (r, in, *k), B (out, r, 1, ...)."""
     x, w, a, bm = (t.double() for t in (x, w, a, bm))
-    delta = torch.einsum("or,ri...->oi...", bm.flatten(1), a)  # (out, in, *k)
-    fn = CONV_FNS[w.dim() - 3]
-    y = fn(x, w + scale * delta, None, stride, padding)
-    return y if b is None else y + b.double().view(1, -1, *(1,) * (w.dim() - 2))
+    y = CONV_FNS[w.dim() - 3](x, w + scale * _conv_delta(bm, a), None, stride, padding)
+    return _plus_bias(y, b, w.dim() - 2)
 
 
 def conv_grouped(
@@ -96,37 +94,32 @@ def conv_grouped(
     """A grouped convolution (no weight delta exists): base + scale * B(A(x)), B grouped, each
     convolution written out as an unfold-and-matmul for 1-d inputs (stride 1, no padding)."""
     x, w, a, bm = (t.double() for t in (x, w, a, bm))
-    k = w.shape[-1]
-    cols = x.unfold(2, k, 1)  # (N, in, L', k)
-    cin = cols.shape[1]
-    per = cin // groups
-    out_per = w.shape[0] // groups
-    base = torch.cat(
-        [
-            torch.einsum(
-                "nilk,oik->nol",
-                cols[:, g * per : (g + 1) * per],
-                w[g * out_per : (g + 1) * out_per],
-            )
-            for g in range(groups)
-        ],
-        dim=1,
-    )
+    cols = x.unfold(2, w.shape[-1], 1)  # (N, in, L', k)
+    base = _per_group("nilk,oik->nol", cols, w, groups)
     h = torch.einsum("nilk,rik->nrl", cols, a)  # A is ungrouped: (N, r, L')
-    r_per = bm.shape[1]
-    lora = torch.cat(
-        [
-            torch.einsum(
-                "nrl,or->nol",
-                h[:, g * r_per : (g + 1) * r_per],
-                bm[g * out_per : (g + 1) * out_per, :, 0],
-            )
-            for g in range(groups)
-        ],
-        dim=1,
-    )
-    y = base + scale * lora
-    return y if b is None else y + b.double().view(1, -1, 1)
+    y = base + scale * _per_group("nrl,or->nol", h, bm[:, :, 0], groups)
+    return _plus_bias(y, b, 1)
+
+
+def _per_group(spec: str, left: torch.Tensor, right: torch.Tensor, groups: int) -> torch.Tensor:
+    """A grouped contraction: channel group g of `left` (axis 1) with output rows group g of
+    `right`, concatenated over the output channels."""
+    per, out_per = left.shape[1] // groups, right.shape[0] // groups
+    parts = [
+        torch.einsum(spec, left[:, g * per : (g + 1) * per], right[g * out_per : (g + 1) * out_per])
+        for g in range(groups)
+    ]
+    return torch.cat(parts, dim=1)
+
+
+def _plus_bias(y: torch.Tensor, b: torch.Tensor | None, spatial: int) -> torch.Tensor:
+    """y + b over the channel axis (axis 1) of a convolution output with `spatial` axes."""
+    return y if b is None else y + b.double().view(1, -1, *(1,) * spatial)
+
+
+def _conv_delta(bm: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The weight delta B A of a convolution LoRA: (out, r, 1, ...) x (r, in, *k)."""
+    return torch.einsum("or,ri...->oi...", bm.flatten(1), a)
 
 
 def dora_conv(
@@ -142,11 +135,11 @@ def dora_conv(
     """DoRA on a convolution: y = conv(x, m / ||W'||_out * W') + b, W' = W + s B A, the norm
     per output channel over all other axes."""
     x, w, a, bm, m = (t.double() for t in (x, w, a, bm, magnitude))
-    merged = w + scale * torch.einsum("or,ri...->oi...", bm.flatten(1), a)
+    merged = w + scale * _conv_delta(bm, a)
     norm = merged.flatten(1).norm(dim=1)  # (out,)
     factor = (m.flatten() / norm).view(-1, *(1,) * (w.dim() - 1))
     y = CONV_FNS[w.dim() - 3](x, factor * merged, None, 1, padding)
-    return y if b is None else y + b.double().view(1, -1, *(1,) * (w.dim() - 2))
+    return _plus_bias(y, b, w.dim() - 2)
 
 
 def dora_embedding(

@@ -33,6 +33,7 @@ from tilpass.methods.lora import LoraConfig, LoraLayer
 from tilpass.methods.lora import make_layer as make_lora_layer
 from tilpass.methods.prompt import (
     PromptEmbedding,
+    PromptFields,
     PromptTuningConfig,
     input_embedding_name,
 )
@@ -48,7 +49,7 @@ PROMPT_FIELDS = tuple(
 
 
 @dataclasses.dataclass
-class LoraPromptConfig(LoraConfig):
+class LoraPromptConfig(PromptFields, LoraConfig):
     """LoRA's fields (`r`, `target_modules`, ...) plus prompt tuning's, with PEFT's names.
 
     Attributes:
@@ -59,16 +60,6 @@ class LoraPromptConfig(LoraConfig):
 
     PEFT_TYPE = "LORA_PROMPT"
 
-    task_type: str | None = "CAUSAL_LM"
-    num_virtual_tokens: int = opt(20, "Virtual tokens prepended to every sequence.")
-    prompt_tuning_init: str = opt("RANDOM", "RANDOM, TEXT or SAMPLE_VOCAB.")
-    prompt_tuning_init_text: str | None = opt(None, "Text whose embeddings start the prompt.")
-    tokenizer_name_or_path: str | None = opt(None, "Tokenizer for prompt_tuning_init_text.")
-    tokenizer_kwargs: dict[str, Any] | None = opt(None, "Arguments for that tokenizer.")
-    token_dim: int | None = opt(None, "Embedding width (default: the model's).")
-    num_transformer_submodules: int | None = opt(None, "1 for decoder-only models (filled in).")
-    num_attention_heads: int | None = opt(None, "The model's (filled in).")
-    num_layers: int | None = opt(None, "The model's (filled in).")
     input_embedding: str | None = opt(None, "Module path of the input embedding (filled in).")
 
     def __post_init__(self) -> None:

@@ -35,18 +35,9 @@ INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 
 
 @dataclasses.dataclass
-class PromptTuningConfig(AdapterConfig):
-    """Prompt tuning settings, with PEFT's field names and meanings.
-
-    Attributes:
-        num_virtual_tokens: how many virtual tokens are prepended.
-        prompt_tuning_init: RANDOM (normal noise), TEXT (the embeddings of
-            `prompt_tuning_init_text`, repeated or cut to length) or SAMPLE_VOCAB (embeddings of
-            random vocabulary tokens).
-        token_dim: the embedding width; filled in from the model when unset.
-    """
-
-    PEFT_TYPE = "PROMPT_TUNING"
+class PromptFields:
+    """Prompt tuning's fields with PEFT's names, shared by `PromptTuningConfig` and the hybrid
+    `LoraPromptConfig` (a base class of both, before their other base)."""
 
     task_type: str | None = "CAUSAL_LM"
     num_virtual_tokens: int = opt(20, "Virtual tokens prepended to every sequence.")
@@ -58,6 +49,21 @@ class PromptTuningConfig(AdapterConfig):
     num_transformer_submodules: int | None = opt(None, "1 for decoder-only models (filled in).")
     num_attention_heads: int | None = opt(None, "The model's (filled in, as PEFT records it).")
     num_layers: int | None = opt(None, "The model's (filled in, as PEFT records it).")
+
+
+@dataclasses.dataclass
+class PromptTuningConfig(PromptFields, AdapterConfig):
+    """Prompt tuning settings, with PEFT's field names and meanings.
+
+    Attributes:
+        num_virtual_tokens: how many virtual tokens are prepended.
+        prompt_tuning_init: RANDOM (normal noise), TEXT (the embeddings of
+            `prompt_tuning_init_text`, repeated or cut to length) or SAMPLE_VOCAB (embeddings of
+            random vocabulary tokens).
+        token_dim: the embedding width; filled in from the model when unset.
+    """
+
+    PEFT_TYPE = "PROMPT_TUNING"
 
     def __post_init__(self) -> None:
         self.prompt_tuning_init = str(self.prompt_tuning_init).upper()

@@ -27,7 +27,7 @@ from torch import nn
 
 from tilpass.methods.lora.dora import CONV_DORA
 from tilpass.methods.lora.init import reads_weight
-from tilpass.methods.lora.layers import AdapterSpec, LoraLayer
+from tilpass.methods.lora.layers import AdapterSpec, LoraLayer, factor_tensors, init_factors
 from tilpass.routing import Plan
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -72,17 +72,10 @@ class LoraConv(LoraLayer):
         a = torch.empty(spec.r, self.in_features, *base.kernel_size, **kw)
         b = torch.empty(self.out_features, spec.r // self.groups, *ones, **kw)
         bias = torch.zeros(self.out_features, **kw) if spec.lora_bias else None
-        if spec.init is not None:  # None: left empty, every tensor is about to be loaded
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            if spec.init == "gaussian":
-                nn.init.normal_(a, std=1 / spec.r)
-            if spec.init is False:  # random, as nn.ConvNd initialises itself
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-                if bias is not None:
-                    bound = 1 / math.sqrt(spec.r // self.groups)
-                    nn.init.uniform_(bias, -bound, bound)
-            else:
-                nn.init.zeros_(b)
+        init_factors(a, b, spec.init, spec.r)
+        if spec.init is False and bias is not None:  # random, as nn.ConvNd initialises itself
+            bound = 1 / math.sqrt(spec.r // self.groups)
+            nn.init.uniform_(bias, -bound, bound)
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         if bias is not None:
@@ -92,14 +85,7 @@ class LoraConv(LoraLayer):
             CONV_DORA.create(self, name, spec.init is not None, kw)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        if name not in self.specs:
-            return {}
-        out = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
-        if name in self.lora_B_bias:
-            out["lora_B.bias"] = self.lora_B_bias[name]
-        if name in self.lora_magnitude_vector:
-            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
-        return out
+        return factor_tensors(self, name)
 
     def variant_for(self, name: str) -> Any:
         return CONV_DORA if self.specs[name].variant is not None else None

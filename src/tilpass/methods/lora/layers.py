@@ -286,6 +286,33 @@ class LoraLayer(AdapterLayer):
         return out
 
 
+def init_factors(a: torch.Tensor, b: torch.Tensor, init: Any, r: int) -> None:
+    """Fill A and B in place as PEFT initialises them: A Kaiming-uniform (Gaussian 1/r for
+    "gaussian"), B zero (random for `init_lora_weights=False`, so tests cannot pass vacuously);
+    `init=None` leaves both empty because every tensor is about to be loaded."""
+    if init is None:
+        return
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    if init == "gaussian":
+        nn.init.normal_(a, std=1 / r)
+    if init is False:
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(b)
+
+
+def factor_tensors(layer: Any, name: str) -> dict[str, torch.Tensor]:
+    """A linear or convolution LoRA layer's tensors of one adapter under PEFT's file keys."""
+    if name not in layer.specs:
+        return {}
+    out = {"lora_A.weight": layer.lora_A[name], "lora_B.weight": layer.lora_B[name]}
+    if name in layer.lora_B_bias:
+        out["lora_B.bias"] = layer.lora_B_bias[name]
+    if name in layer.lora_magnitude_vector:
+        out["lora_magnitude_vector"] = layer.lora_magnitude_vector[name]
+    return out
+
+
 class LoraLinear(LoraLayer):
     """LoRA over a linear-like module: y = base(x) + s * dropout(x) A^T B^T.
 
@@ -333,14 +360,8 @@ class LoraLinear(LoraLayer):
         b = torch.empty(self.out_features, spec.r, **kw)
         if reads_weight(spec.init):
             a, b = self._weight_init(spec, kw)
-        elif spec.init is not None:  # None: left empty, every tensor is about to be loaded
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            if spec.init == "gaussian":
-                nn.init.normal_(a, std=1 / spec.r)
-            if spec.init is False:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(b)
+        else:
+            init_factors(a, b, spec.init, spec.r)
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         if spec.lora_bias:
@@ -368,14 +389,7 @@ class LoraLinear(LoraLayer):
         return self.lora_B_bias._parameters.get(name)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        if name not in self.specs:
-            return {}
-        out = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
-        if name in self.lora_B_bias:
-            out["lora_B.bias"] = self.lora_B_bias[name]
-        if name in self.lora_magnitude_vector:
-            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
-        return out
+        return factor_tensors(self, name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_A[name], self.lora_B[name]

@@ -19,7 +19,6 @@ prefixes; a MultiheadAttention's out_proj factors sit under `base_layer.out_proj
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from torch import nn
 from torch.func import functional_call
 
 from tilpass.layers import AdapterLayer
-from tilpass.methods.lora.layers import AdapterSpec
+from tilpass.methods.lora.layers import AdapterSpec, init_factors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,14 +92,7 @@ class LoraParameters(AdapterLayer):
             kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
             a = torch.empty(spec.r * t.experts, t.in_features, **kw)
             b = torch.empty(t.out_features, spec.r * t.experts, **kw)
-            if spec.init is not None:  # None: left empty, every tensor is about to be loaded
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                if spec.init == "gaussian":
-                    nn.init.normal_(a, std=1 / spec.r)
-                if spec.init is False:
-                    nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-                else:
-                    nn.init.zeros_(b)
+            init_factors(a, b, spec.init, spec.r)
             store_a, store_b = self.factors(i)
             store_a[name] = nn.Parameter(a)
             store_b[name] = nn.Parameter(b)
