@@ -187,7 +187,9 @@ def describe_adapter(directory: str | Path) -> AdapterReport:
         grouped.setdefault(path, {})[suffix] = shape
     modules = [_module_report(path, tensors) for path, tensors in grouped.items()]
     modules.sort(key=lambda m: (m.layer if m.layer is not None else -1, m.path))
-    settings = {k: config[k] for k in DESCRIBED_SETTINGS if config.get(k) not in (None, {}, [])}
+    settings = {
+        k: config[k] for k in DESCRIBED_SETTINGS if config.get(k) not in (None, {}, [], False)
+    }
     virtual = config.get("num_virtual_tokens") if "" in grouped else None
     return AdapterReport(
         directory=str(directory),
@@ -244,13 +246,14 @@ def weight_deltas(adapted: Any, name: str = "default") -> dict[str, tuple[torch.
         if not layer.MERGEABLE or name not in layer.specs:
             continue
         layer.to(torch.float64)
-        for target in layer.merge_targets():
-            before = layer.original_tensor(target).detach().clone()
-            layer.merge([name])
-            after = getattr(layer.base_layer, target).detach().clone()
-            layer.unmerge()
+        targets = [t for t in layer.merge_targets() if getattr(layer, t, None) is not None]
+        before = {t: layer.original_tensor(t).detach().clone() for t in targets}
+        layer.merge([name])
+        after = {t: getattr(layer.base_layer, t).detach().clone() for t in targets}
+        layer.unmerge()
+        for target in targets:
             key = path if target == "weight" else f"{path}.{target}"
-            out[key] = (after - before, before)
+            out[key] = (after[target] - before[target], before[target])
     return out
 
 

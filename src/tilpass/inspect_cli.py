@@ -113,7 +113,11 @@ def report_lines(report: AdapterReport) -> list[str]:
     for module in report.modules:
         if module.path:
             kinds.setdefault(module.kind, []).append(module)
-    lines += ["", f"{'module kind':<24}{'count':>6}  {'layers':<10}{'rank':<12}{'parameters':>12}"]
+    if kinds:
+        lines += [
+            "",
+            f"{'module kind':<24}{'count':>6}  {'layers':<10}{'rank':<12}{'parameters':>12}",
+        ]
     for kind, modules in kinds.items():
         params = sum(m.parameters for m in modules)
         lines.append(
@@ -127,6 +131,8 @@ def report_lines(report: AdapterReport) -> list[str]:
         lines += ["", *module_lines(report)]
     if report.base_checked is None:
         lines += ["", "pass --base MODEL to measure each module's weight change"]
+    elif not any(m.effective_rank for m in report.modules):
+        lines += ["", f"{report.method} adds modules or inputs; it changes no base weight"]
     lines += [f"hint: {hint}" for hint in report.hints]
     return lines
 
