@@ -68,8 +68,11 @@ def _design(directory: Path, record: dict[str, Any], saved: dict[str, Any]) -> l
     blocks = [Block("ul", items=items)]
     if "adapter" in record:
         blocks += _structure(directory)
-    config = saved.get("config", {})
-    blocks += [Block("p", "Configuration as saved:"), Block("code", json.dumps(config, indent=2))]
+    config = {k: v for k, v in saved.get("config", {}).items() if v not in (None, {}, [])}
+    blocks += [
+        Block("p", "Configuration as saved (fields that are null or empty left out):"),
+        Block("code", json.dumps(config, indent=2)),
+    ]
     return blocks
 
 
