@@ -181,7 +181,7 @@ def test_cli_json_and_plot(
     plot = tmp_path / "changes.png"
     assert main(["inspect", str(rank_two), "--base", str(base_dir), "--plot", str(plot)]) == 0
     text = capsys.readouterr().out
-    assert "hint: 4 of 4 modules hold 99% of their change in at most a quarter" in text
+    assert "hint: 4 of 4 modules hold 90% of their change in at most a quarter" in text
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 

@@ -28,7 +28,7 @@ from tilpass.methods import UnknownMethodError, method_for_peft_type
 PREFIX = "base_model.model."  # PEFT's key prefix for a model's adapter tensors
 ENERGY_LEVELS = (0.90, 0.99)
 LOW_USE_FRACTION = 0.25
-"""A module "uses far less rank than allotted" when 99% of its change fits in r/4 directions."""
+"""A module "uses far less rank than allotted" when 90% of its change fits in r/4 directions."""
 DESCRIBED_SETTINGS = (
     "r",
     "lora_alpha",
@@ -286,14 +286,16 @@ def rank_hints(report: AdapterReport) -> list[str]:
             "DoRA rescales each weight's rows, so its change is not low-rank by construction; "
             "effective ranks are shown but say little about r"
         ]
-    low = [m for m in measured if m.effective_rank["99%"] <= max(1, m.rank * LOW_USE_FRACTION)]
+    low = [m for m in measured if m.effective_rank["90%"] <= max(1, m.rank * LOW_USE_FRACTION)]
     full = [m for m in measured if m.effective_rank["90%"] >= m.rank]
     hints = []
     if 2 * len(low) > len(measured):
-        needed = max(m.effective_rank["99%"] for m in low)
+        needed = sorted(m.effective_rank["99%"] for m in measured)[len(measured) // 2]
+        suggestion = 1 << max(needed - 1, 0).bit_length()  # the next power of two
         hints.append(
-            f"{len(low)} of {len(measured)} modules hold 99% of their change in at most a "
-            f"quarter of their rank: r could be lowered (to about {needed}) with little loss"
+            f"{len(low)} of {len(measured)} modules hold 90% of their change in at most a "
+            f"quarter of their rank, and half need at most {needed} directions for 99%: r "
+            f"could be lowered (to about {suggestion}) with little loss"
         )
     if 2 * len(full) > len(measured):
         hints.append(

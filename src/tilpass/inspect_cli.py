@@ -168,13 +168,15 @@ def write_plot(report: AdapterReport, path: Path) -> None:
     for kind in sorted({m.kind for m in measured}):
         rows = sorted((m for m in measured if m.kind == kind), key=lambda m: m.layer or 0)
         layers = [m.layer for m in rows]
-        top.plot(layers, [m.relative_norm for m in rows], marker="o", label=kind)
-        bottom.plot(layers, [m.effective_rank["99%"] for m in rows], marker="o", label=kind)
+        line = top.plot(layers, [m.relative_norm for m in rows], marker="o", label=kind)[0]
+        color = line.get_color()
+        bottom.plot(layers, [m.effective_rank["99%"] for m in rows], marker="o", color=color)
+        bottom.plot(layers, [m.effective_rank["90%"] for m in rows], linestyle=":", color=color)
     allotted = sorted({m.rank for m in measured if m.rank})
     for rank in allotted:
         bottom.axhline(rank, color="grey", linestyle="--", linewidth=0.8)
     top.set_ylabel("|dW| / |W|")
-    bottom.set_ylabel("rank holding 99% energy")
+    bottom.set_ylabel("rank for 99% (dotted: 90%)")
     bottom.set_xlabel("layer")
     top.set_title(f"{report.method} adapter {Path(report.directory).name} on {report.base_checked}")
     top.legend(fontsize="small")
