@@ -26,6 +26,7 @@ from tilpass.inspect_adapter import (
 )
 from tilpass.methods.bottleneck import BottleneckConfig
 from tilpass.methods.ia3 import IA3Config
+from tilpass.methods.lora_prompt import LoraPromptConfig
 from tilpass.methods.prompt import PromptTuningConfig
 
 
@@ -126,6 +127,21 @@ def test_whole_rank_in_use_hints_r_may_be_too_low(base_dir: Path, tmp_path: Path
     report = inspect_adapter(tmp_path, str(base_dir))
     assert {m.effective_rank["90%"] for m in report.modules} == {4}
     assert any("r may be too low" in hint for hint in report.hints)
+
+
+def test_untrained_lora_plus_prompt_reports_zero_change_and_its_tokens(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    config = LoraPromptConfig(target_modules=["q_proj"], num_virtual_tokens=3)
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)  # B = 0: no change yet
+    report = inspect_adapter(tmp_path, str(base_dir))
+    assert report.virtual_tokens == 3
+    lora_modules = [m for m in report.modules if m.path]
+    assert [m.effective_rank for m in lora_modules] == [{"90%": 0, "99%": 0}] * 2
+    assert [m.relative_norm for m in lora_modules] == [0.0, 0.0]
+    assert report.hints == [
+        "2 of 2 modules change nothing (an untrained adapter, or one whose update is still zero)"
+    ]
 
 
 def test_files_alone_give_structure_of_each_method(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tests.helpers import tiny_llama
 from tests.test_cli import tilpass
 from tilpass.adapter_files import file_sha256
-from tilpass.card import RECORD_NAME
+from tilpass.card import RECORD_NAME, ChangeRecord, write_record
 from tilpass.cli import main
 from tilpass.errors import AdapterFileError, TilpassError
 from tilpass.inspect_adapter import InspectError
@@ -158,3 +158,23 @@ def test_cli_exit_codes(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
     flip_byte(adapter / "adapter_model.safetensors")
     assert main(["verify", str(adapter), "--base", base]) == 1
     assert "MISMATCH     adapter_model.safetensors" in capsys.readouterr().out
+
+
+def test_a_fully_fine_tuned_model_is_checked_file_by_file(tmp_path: Path) -> None:
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for i, name in enumerate(names):
+        (tmp_path / name).write_bytes(bytes([i]) * 64)
+    change = ChangeRecord(
+        base_model="org/base",
+        base_weights_sha256="ab" * 32,
+        method="full fine-tuning",
+        trainable_parameters=10,
+        total_parameters=10,
+        full_model=True,
+        weights_files=names,
+    )
+    write_record(tmp_path, change)
+    assert verify(tmp_path).ok
+    flip_byte(tmp_path / names[1])
+    assert statuses(tmp_path)[names[1]] == MISMATCH
+    assert statuses(tmp_path)[names[0]] == OK

@@ -277,18 +277,27 @@ def measure_changes(report: AdapterReport, base: str) -> None:
 
 
 def rank_hints(report: AdapterReport) -> list[str]:
-    """Advice on `r` when most low-rank modules use far less of it, or all of it."""
-    measured = [m for m in report.modules if m.rank and m.effective_rank]
+    """Advice on `r` when most low-rank modules use far less of it, or all of it; and a note
+    on modules whose change is zero."""
+    changed = [m for m in report.modules if m.effective_rank]
+    unchanged = [m for m in changed if m.delta_norm == 0.0]
+    hints = []
+    if unchanged:
+        hints.append(
+            f"{len(unchanged)} of {len(changed)} modules change nothing (an untrained adapter, "
+            "or one whose update is still zero)"
+        )
+    measured = [m for m in changed if m.rank and m.delta_norm]
     if not measured:
-        return []
+        return hints
     if report.settings.get("use_dora"):
         return [
+            *hints,
             "DoRA rescales each weight's rows, so its change is not low-rank by construction; "
-            "effective ranks are shown but say little about r"
+            "effective ranks are shown but say little about r",
         ]
     low = [m for m in measured if m.effective_rank["90%"] <= max(1, m.rank * LOW_USE_FRACTION)]
     full = [m for m in measured if m.effective_rank["90%"] >= m.rank]
-    hints = []
     if 2 * len(low) > len(measured):
         needed = sorted(m.effective_rank["99%"] for m in measured)[len(measured) // 2]
         suggestion = 1 << max(needed - 1, 0).bit_length()  # the next power of two
