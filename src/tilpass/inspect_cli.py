@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +86,12 @@ def cmd_inspect(args: argparse.Namespace, extra: list[str]) -> int:
     if args.plot and not args.plot.lower().endswith(".png"):
         raise ValueError(f"--plot {args.plot}: give a .png file name")
     report = inspect_adapter(args.directory, args.base)
+    if args.base:
+        from tilpass.card import base_model_warning
+
+        warning = base_model_warning(args.directory, args.base)
+        if warning:  # same shapes, other weights: the changes are measured against those
+            print(warning, file=sys.stderr)
     if args.plot:
         write_plot(report, Path(args.plot))
     if args.json:
