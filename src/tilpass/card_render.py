@@ -101,7 +101,7 @@ PDF_STYLES = {
     "h1": LineStyle(15, weight="bold", width=60),
     "h2": LineStyle(11.5, weight="bold", width=80),
     "p": LineStyle(9, width=98),
-    "code": LineStyle(7, family="monospace", width=125),
+    "code": LineStyle(7, family="monospace", width=112),
 }
 
 
