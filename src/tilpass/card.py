@@ -38,6 +38,9 @@ class ChangeRecord:
         base_weights_note: where the base weights came from, when that is not the original
             release (the default model's are de-quantized from a GGUF file).
         base_quantization: how the base was quantized for training (QLoRA), or None.
+        base_weights_files: each base weight file's SHA-256 (name -> hash), when known, so a
+            check can name the file that changed; `base_weights_sha256` is their manifest hash.
+        provenance: how the record came about, when not by a tilpass training run.
     """
 
     base_model: str
@@ -59,6 +62,8 @@ class ChangeRecord:
     task: str | None = None
     base_weights_note: str | None = None
     base_quantization: dict[str, Any] | None = None
+    base_weights_files: dict[str, str] = field(default_factory=dict)
+    provenance: str | None = None
 
 
 def versions() -> dict[str, str]:
@@ -108,6 +113,11 @@ def write_record(directory: str | Path, change: ChangeRecord) -> Path:
             "sha256": change.base_weights_sha256,
             "quantization": change.base_quantization,
             **({"note": change.base_weights_note} if change.base_weights_note else {}),
+            **(
+                {"files": _file_entries(change.base_weights_files)}
+                if change.base_weights_files
+                else {}
+            ),
         },
         **saved,
         "data": [{"path": p, "sha256": h} for p, h in sorted(change.data_files.items())],
@@ -121,10 +131,15 @@ def write_record(directory: str | Path, change: ChangeRecord) -> Path:
         "task": change.task,
         "versions": versions(),
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0]},
+        **({"provenance": change.provenance} if change.provenance else {}),
     }
     path = directory / RECORD_NAME
     atomic_write_bytes(path, (dumps_strict(record, indent=2, sort_keys=False) + "\n").encode())
     return path
+
+
+def _file_entries(hashes: dict[str, str]) -> list[dict[str, str]]:
+    return [{"file": name, "sha256": digest} for name, digest in sorted(hashes.items())]
 
 
 def _metric_rows(before: dict[str, float], after: dict[str, float], trained: str) -> list[str]:

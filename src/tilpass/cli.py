@@ -1,5 +1,7 @@
 """The `tilpass` command: quickstart, train, eval, generate, chat, doctor, merge, memory.
 
+Also inspect, verify, record and card (what an adapter changed; `inspect_cli.py`).
+
 Argument parsing and printing only; the work is in `tilpass.run` and the modules it calls.
 """
 
@@ -15,6 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from tilpass.config_yaml import ConfigSources, load_config_file, read_overrides
 from tilpass.errors import TilpassError
+from tilpass.inspect_cli import (
+    add_card_parser,
+    add_inspect_parser,
+    add_record_parser,
+    add_verify_parser,
+)
 from tilpass.memory_cli import add_memory_parser
 from tilpass.merge_cli import add_merge_parser, add_quantize_argument
 
@@ -336,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
     add_merge_parser(sub)
     add_memory_parser(sub)
+    add_inspect_parser(sub)
+    add_verify_parser(sub)
+    add_record_parser(sub)
+    add_card_parser(sub)
     return parser
 
 
