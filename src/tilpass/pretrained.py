@@ -153,6 +153,16 @@ def weights_sha256(model_dir: str | Path) -> str:
     Raises:
         FileNotFoundError: The directory holds no ``*.safetensors`` file.
     """
+    return manifest_sha256(weights_file_hashes(model_dir))
+
+
+def weights_file_hashes(model_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of each ``*.safetensors`` file directly in a model directory, by file name
+    (sorted by the name's bytes, the manifest's order).
+
+    Raises:
+        FileNotFoundError: The directory holds no ``*.safetensors`` file.
+    """
     model_dir = Path(model_dir)
     files = sorted(model_dir.glob("*.safetensors"), key=lambda p: p.name.encode())
     if not files:
@@ -160,7 +170,13 @@ def weights_sha256(model_dir: str | Path) -> str:
             f"No *.safetensors file in {model_dir}: expected a model directory with weights "
             "in safetensors format (convert .bin weights with save_pretrained first)."
         )
-    manifest = "".join(f"{file_sha256(p)}  {p.name}\n" for p in files)
+    return {p.name: file_sha256(p) for p in files}
+
+
+def manifest_sha256(hashes: dict[str, str]) -> str:
+    """The SHA-256 of the ``sha256sum``-style manifest of per-file hashes (`weights_sha256`)."""
+    names = sorted(hashes, key=str.encode)
+    manifest = "".join(f"{hashes[name]}  {name}\n" for name in names)
     return hashlib.sha256(manifest.encode()).hexdigest()
 
 

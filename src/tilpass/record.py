@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tilpass.adapter_files import WEIGHTS_NAME, file_sha256
+from tilpass.adapter_files import WEIGHTS_NAME
 from tilpass.card import RECORD_NAME, ChangeRecord, hash_files, write_record
 from tilpass.config import read_config_dict
 from tilpass.errors import TilpassError
@@ -21,12 +21,6 @@ PROVENANCE = (
     "written by `tilpass record` for an adapter saved without a record; training settings, "
     "metrics and compute were not recorded"
 )
-
-
-def base_files(model_dir: Path) -> dict[str, str]:
-    """SHA-256 of each `*.safetensors` file of a model directory (the files `weights_sha256`
-    combines into one manifest hash)."""
-    return {p.name: file_sha256(p) for p in sorted(model_dir.glob("*.safetensors"))}
 
 
 def create_record(
@@ -41,8 +35,9 @@ def create_record(
     from tilpass.pretrained import (
         DEFAULT_MODEL_ALIASES,
         base_weights_note,
+        manifest_sha256,
         resolve_model_path,
-        weights_sha256,
+        weights_file_hashes,
     )
 
     record_path = directory / RECORD_NAME
@@ -57,12 +52,12 @@ def create_record(
     report = describe_adapter(directory)  # refuses a directory that is not an adapter
     adapted = load_onto_base(directory, base)
     total = sum(p.numel() for p in adapted.base_model.parameters())
-    model_dir = resolve_model_path(base)
+    files = weights_file_hashes(resolve_model_path(base))
     change = ChangeRecord(
         base_model=DEFAULT_MODEL_ALIASES[1] if base in DEFAULT_MODEL_ALIASES else base,
         base_weights_note=base_weights_note(base),
-        base_weights_sha256=weights_sha256(model_dir),
-        base_weights_files=base_files(model_dir),
+        base_weights_sha256=manifest_sha256(files),
+        base_weights_files=files,
         method=report.method,
         trainable_parameters=report.trainable_parameters,
         total_parameters=total,

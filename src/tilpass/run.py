@@ -42,8 +42,9 @@ from tilpass.pretrained import (
     DEFAULT_MODEL_ALIASES,
     base_weights_note,
     load_model,
+    manifest_sha256,
     resolve_model_path,
-    weights_sha256,
+    weights_file_hashes,
 )
 from tilpass.quantize import QuantizeConfig, logical_numel, quantize_model
 from tilpass.run_checks import check_run
@@ -284,9 +285,11 @@ def _change_record(
     """What the card and the record say about this run: (trainable, total) parameter counts,
     (before, after) metrics."""
     consumed = consumed_examples(len(data.train), result.global_step, config.training)
+    base_files = weights_file_hashes(resolve_model_path(config.model))
     return ChangeRecord(
         base_model=base_model_name(config.model),
-        base_weights_sha256=weights_sha256(resolve_model_path(config.model)),
+        base_weights_sha256=manifest_sha256(base_files),
+        base_weights_files=base_files,
         base_weights_note=base_weights_note(config.model),
         method=config.method if config.adapter is not None else FULL_METHOD_NAME,
         full_model=config.adapter is None,
