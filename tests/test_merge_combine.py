@@ -4,15 +4,23 @@ checked on plain tensors against float64 formulas."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import tiny_llama, tokens
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import tilpass
+from tilpass import AdaptedModel
+from tilpass.cli import main as cli_main
+from tilpass.merge_combine import CombineRequest, combine_adapters
 from tilpass.merging import add_weighted
+from tilpass.methods.lora.layers import LoraLayer
 from tilpass.methods.lora.task_arithmetic import combine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -123,3 +131,132 @@ def test_magnitude_prune_keeps_the_largest_entries() -> None:
     t = torch.tensor([1.0, -5.0, 2.0, 0.5])
     got = combine("magnitude_prune", [t], torch.tensor([3.0]), density=0.5)
     torch.testing.assert_close(got, torch.tensor([0.0, -15.0, 6.0, 0.0]))
+
+
+# -- `tilpass merge` with several adapters ---------------------------------------------------
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny model directory and two random LoRA adapters (r = 4, other targets) for it."""
+    from tests.test_cli import save_tiny_model
+
+    root = tmp_path_factory.mktemp("combine")
+    model_dir = save_tiny_model(root / "model")
+    out = {"model": model_dir}
+    for name, settings, seed in (("first", FIRST, 1), ("second", SECOND, 2)):
+        base = AutoModelForCausalLM.from_pretrained(model_dir)
+        torch.manual_seed(seed)
+        adapted = tilpass.get_peft_model(base, tilpass.LoraConfig(**settings))
+        adapted.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def _deltas(model_dir: Path, adapter: Path) -> dict[str, torch.Tensor]:
+    """Each adapted layer's weight change s B A in float64, by module name."""
+    adapted = AdaptedModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    out = {}
+    for name, module in adapted.base_model.named_modules():
+        if isinstance(module, LoraLayer):
+            a, b = module.lora_a["default"].double(), module.lora_b["default"].double()
+            out[name] = module.specs["default"].scale * (b @ a)
+    return out
+
+
+def test_linear_combination_is_the_weighted_sum_of_the_deltas(
+    saved: dict[str, Path], tmp_path: Path
+) -> None:
+    request = CombineRequest(
+        base=str(saved["model"]),
+        adapters=[saved["first"], saved["second"]],
+        weights=[0.7, 0.3],
+        out=tmp_path / "mix",
+        output="adapter",
+    )
+    result = combine_adapters(request)
+    assert result.passed and result.max_logit_difference == 0.0  # the saved file reloads exactly
+    first, second = (
+        _deltas(saved["model"], saved["first"]),
+        _deltas(saved["model"], saved["second"]),
+    )
+    mixed = _deltas(saved["model"], tmp_path / "mix")
+    assert sorted(mixed) == sorted(set(first) | set(second))
+    for name, delta in mixed.items():
+        zero = torch.zeros_like(delta)
+        expected = 0.7 * first.get(name, zero) + 0.3 * second.get(name, zero)
+        torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-6, msg=name)
+    record = json.loads((tmp_path / "mix" / "tilpass_record.json").read_text())
+    parents = record["merge"]["parents"]
+    assert [(Path(p["path"]), p["weight"]) for p in parents] == [
+        (saved["first"], 0.7),
+        (saved["second"], 0.3),
+    ]
+    assert "## Merged from" in (tmp_path / "mix" / "README.md").read_text()
+
+    request.weights, request.out = [1.0, 0.0], tmp_path / "only-first"
+    combine_adapters(request)
+    for name, delta in _deltas(saved["model"], tmp_path / "only-first").items():
+        expected = first.get(name, torch.zeros_like(delta))
+        torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_cli_ties_into_a_full_model_checks_itself(saved: dict[str, Path], tmp_path: Path) -> None:
+    from tests.test_cli import tilpass as run_tilpass
+
+    out = tmp_path / "merged"
+    proc = run_tilpass(
+        "merge", "--base", str(saved["model"]), "--adapter", str(saved["first"]),
+        "--adapter", str(saved["second"]), "--weights", "0.7,0.3", "--combination", "ties",
+        "--density", "0.5", "--out", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert "self-check: largest logit difference" in proc.stdout
+    # the reference: PEFT's ties combination of the same two files, unmerged
+    base = AutoModelForCausalLM.from_pretrained(saved["model"])
+    theirs = peft.PeftModel.from_pretrained(base, saved["first"], adapter_name="one")
+    theirs.load_adapter(saved["second"], adapter_name="two")
+    theirs.add_weighted_adapter(["one", "two"], [0.7, 0.3], "mix", "ties", density=0.5)
+    theirs.set_adapter("mix")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            merged(input_ids=x).logits, theirs(input_ids=x).logits, atol=1e-5, rtol=1e-5
+        )
+    record = json.loads((out / "tilpass_record.json").read_text())
+    assert record["merge"]["combination"] == "ties" and record["merge"]["density"] == 0.5
+    assert record["merge"]["self_check"]["passed"] is True
+
+
+def test_merge_refuses_bad_input_and_writes_nothing(
+    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(saved["second"], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "some/other-model"
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    base = ["merge", "--base", str(saved["model"]), "--adapter", str(saved["first"])]
+    cases = [
+        (["--adapter", str(tmp_path)], "is not an adapter directory"),
+        (["--adapter", str(saved["second"]), "--weights", "0.5"], "1 weights for 2 adapters"),
+        (["--adapter", str(other)], "different base models"),
+        (["--adapter", str(saved["second"]), "--combination", "ties"], "needs --density"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / "out"
+        assert cli_main([*base, *extra, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_self_check_failure_warns_and_exits_one(
+    saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli_main(
+        [
+            "merge", "--base", str(saved["model"]), "--adapter", str(saved["first"]),
+            "--adapter", str(saved["second"]), "--tolerance", "-1", "--out", str(tmp_path / "m"),
+        ]
+    )  # fmt: skip
+    assert code == 1
+    assert "warning: the merge changed the logits" in capsys.readouterr().err
