@@ -1,4 +1,5 @@
-"""The `tilpass` command: quickstart, train, eval, generate, chat, doctor, merge, memory.
+"""The `tilpass` command: quickstart, train, eval, generate, chat, doctor, merge, memory,
+export, export-gguf.
 
 Argument parsing and printing only; the work is in `tilpass.run` and the modules it calls.
 """
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tilpass.config_yaml import ConfigSources, load_config_file, read_overrides
 from tilpass.errors import TilpassError
 from tilpass.export_cli import add_export_parser
+from tilpass.gguf_cli import add_export_gguf_parser
 from tilpass.memory_cli import add_memory_parser
 from tilpass.merge_cli import add_merge_parser, add_quantize_argument
 
@@ -337,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
     add_merge_parser(sub)
     add_export_parser(sub)
+    add_export_gguf_parser(sub)
     add_memory_parser(sub)
     return parser
 
