@@ -157,6 +157,8 @@ def write_gguf(
         add_hyperparameters(writer, model.config, name, kind)
         add_tokenizer(writer, tokenizer, model.config, pre)
         add_tensors(writer, gguf_tensors(model), kind)
+        if kind == "q8_0":
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
