@@ -35,6 +35,8 @@ ADAPTED = {"vllm": set(LLAMA_LINEAR), "lorax": {*LLAMA_LINEAR, "lm_head"}}
 """The modules each server adapts in Llama-family models."""
 PEFT_TYPES_IN_PEFT = {"LORA", "ADALORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"}
 """The methods tilpass writes that PEFT itself loads."""
+PART_OF_LORA = (".lora_B.bias", ".lora_magnitude_vector", ".lora_magnitude_vector.weight")
+"""LoRA tensors that are no factor (judged by the bias and DoRA rules)."""
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_(?:embedding_)?[AB])(?:\.weight)?$")
 
 
@@ -99,8 +101,10 @@ def read_adapter(path: Path) -> AdapterFacts:
     facts = AdapterFacts(path, config)
     for key, info in safetensors_header(weights).items():
         match = LORA_KEY.match(key)
-        if match is None:
+        if match is None and not key.endswith(PART_OF_LORA):
             facts.other_tensors.append(key)
+        elif match is None:
+            continue
         elif match.group(2).endswith("A"):
             facts.ranks[match.group(1)] = int(info["shape"][0])
     return facts

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tilpass.merge_combine import COMBINATIONS, PROMPTS, TOLERANCE
+from tilpass.merge_combine import COMBINATIONS, PROMPTS, TOLERANCE, LogitCheck
 
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 """`--quantize` formats (as in `tilpass.quantize.QUANT_TYPES`; listed here so that building
@@ -81,7 +81,8 @@ def add_merge_parser(sub: Any) -> None:
     p.add_argument(
         "--tolerance",
         type=float,
-        help="largest logit difference the self-check accepts (default: by --dtype)",
+        help="largest logit difference the self-check accepts, relative to the largest logit "
+        "(default: 1e-4 for fp32, 5e-2 for bf16)",
     )
     add_quantize_argument(p)
     p.add_argument(
@@ -99,6 +100,7 @@ class MergeResult:
     out: Path
     max_logit_difference: float
     requantized: bool
+    relative_difference: float = 0.0
 
 
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
@@ -119,16 +121,17 @@ def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
     )
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(result.out)!r})")
     limit = TOLERANCE[args.dtype] if args.tolerance is None else args.tolerance
-    if not result.requantized and result.max_logit_difference > limit:
-        print(self_check_warning(result.max_logit_difference, limit, args.dtype), file=sys.stderr)
+    if not result.requantized and result.relative_difference > limit:
+        check = LogitCheck(result.max_logit_difference, result.relative_difference)
+        print(self_check_warning(check, limit, args.dtype), file=sys.stderr)
         return 1
     return 0
 
 
-def self_check_warning(difference: float, limit: float, dtype: str) -> str:
+def self_check_warning(check: LogitCheck, limit: float, dtype: str) -> str:
     """The warning a merge prints when its result differs from base + adapter too much."""
     return (
-        f"warning: the merge changed the logits by up to {difference:.3g}, more than the "
+        f"warning: the merge changed the logits by up to {check.describe()}, more than the "
         f"{limit:g} allowed for {dtype}: the result does not compute what base + adapter "
         "computes; check the adapter and the base (or use --dtype fp32)"
     )
@@ -156,12 +159,12 @@ def cmd_combine(args: argparse.Namespace) -> int:
     print(f"combined {parents} ({args.combination}); saved the {args.output} at {result.out}")
     print(
         f"self-check: largest logit difference from base + combined adapter on "
-        f"{len(PROMPTS)} prompts: {result.max_logit_difference:.3g} "
-        f"(tolerance {result.tolerance:g})"
+        f"{len(PROMPTS)} prompts: {result.check.describe()} "
+        f"(tolerance {result.tolerance:g} of the largest logit)"
     )
     if not result.passed:
         print(
-            self_check_warning(result.max_logit_difference, result.tolerance, args.dtype),
+            self_check_warning(result.check, result.tolerance, args.dtype),
             file=sys.stderr,
         )
         return 1
@@ -198,8 +201,8 @@ def merge_adapter(
     if quantize is not None:
         dequantize_model(merged, torch_dtype)
     _save_atomically(merged, tokenizer, out)
-    diff = float((after - before).abs().max())
-    return MergeResult(out, diff, quantize is not None)
+    check = LogitCheck.compare([after], [before])
+    return MergeResult(out, check.absolute, quantize is not None, check.relative)
 
 
 def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:

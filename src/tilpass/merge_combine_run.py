@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tilpass.card import RECORD_NAME, ChangeRecord, render_card, write_record
-from tilpass.merge_combine import PEFT_KIND, PROMPTS, CombineRequest, write_json
+from tilpass.merge_combine import PEFT_KIND, PROMPTS, CombineRequest, LogitCheck, write_json
 from tilpass.merging import add_weighted
 from tilpass.model import AdaptedModel
 from tilpass.pretrained import load_model
@@ -54,8 +54,8 @@ class CombineRun:
                 out.append(model(ids).logits.float())
         return out
 
-    def write(self, staging: Path) -> float:
-        """Write the result into `staging`; return the largest logit difference it causes."""
+    def write(self, staging: Path) -> LogitCheck:
+        """Write the result into `staging`; return the logit difference it causes."""
         reference = self.logits(self.model)
         if self.request.output == "adapter":
             self.model.save_pretrained(staging, selected_adapters=[COMBINED])
@@ -70,13 +70,11 @@ class CombineRun:
             trainable = sum(p.numel() for p in merged.parameters())
             del merged
             written = self.logits(reload_model(staging, self.dtype))
-        difference = max(
-            float((w - r).abs().max()) for w, r in zip(written, reference, strict=True)
-        )
-        self.describe(staging, trainable, difference)
-        return difference
+        check = LogitCheck.compare(written, reference)
+        self.describe(staging, trainable, check)
+        return check
 
-    def describe(self, staging: Path, trainable: int, difference: float) -> None:
+    def describe(self, staging: Path, trainable: int, check: LogitCheck) -> None:
         """The card and the record, naming the parents, their weights and the self-check."""
         request = self.request
         full = request.output == "model"
@@ -97,9 +95,9 @@ class CombineRun:
         )
         record_path = write_record(staging, change)
         record = json.loads(record_path.read_text())
-        record["merge"] = self.merge_entry(difference)
+        record["merge"] = self.merge_entry(check)
         write_json(staging / RECORD_NAME, record)
-        card = render_card(change, request.out) + "\n" + "\n".join(self.card_section(difference))
+        card = render_card(change, request.out) + "\n" + "\n".join(self.card_section(check))
         (staging / "README.md").write_text(card + "\n")
 
     def parents_setting(self) -> dict[str, Any]:
@@ -111,7 +109,7 @@ class CombineRun:
             out["density"] = self.request.density
         return out
 
-    def merge_entry(self, difference: float) -> dict[str, Any]:
+    def merge_entry(self, check: LogitCheck) -> dict[str, Any]:
         """The record's `merge` section."""
         request = self.request
         return {
@@ -130,13 +128,14 @@ class CombineRun:
                 for p in request.parents
             ],
             "self_check": {
-                "max_logit_difference": difference,
-                "tolerance": request.limit,
-                "passed": difference <= request.limit,
+                "max_logit_difference": check.absolute,
+                "relative_to_largest_logit": check.relative,
+                "tolerance_relative": request.limit,
+                "passed": check.relative <= request.limit,
             },
         }
 
-    def card_section(self, difference: float) -> list[str]:
+    def card_section(self, check: LogitCheck) -> list[str]:
         """The card's `Merged from` section."""
         request = self.request
         rows = [f"| `{p.path}` | {p.weight:g} | `{p.sha256[:16]}…` |" for p in self.request.parents]
@@ -152,8 +151,8 @@ class CombineRun:
             *rows,
             "",
             f"Self-check: the largest logit difference between base + combined adapter and "
-            f"this result on {len(PROMPTS)} prompts is {difference:.3g} "
-            f"(tolerance {request.limit:g} for {request.dtype}).",
+            f"this result on {len(PROMPTS)} prompts is {check.describe()} "
+            f"(tolerance {request.limit:g} of the largest logit for {request.dtype}).",
         ]
 
 
