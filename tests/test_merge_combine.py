@@ -260,3 +260,8 @@ def test_self_check_failure_warns_and_exits_one(
     )  # fmt: skip
     assert code == 1
     assert "warning: the merge changed the logits" in capsys.readouterr().err
+    single = ["merge", "--base", str(saved["model"]), "--adapter", str(saved["first"])]
+    assert cli_main([*single, "--out", str(tmp_path / "one")]) == 0
+    assert "of the largest logit" not in capsys.readouterr().err
+    assert cli_main([*single, "--tolerance", "-1", "--out", str(tmp_path / "two")]) == 1
+    assert "warning: the merge changed the logits" in capsys.readouterr().err
