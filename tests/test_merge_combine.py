@@ -234,19 +234,35 @@ def test_merge_refuses_bad_input_and_writes_nothing(
     config = json.loads((other / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = "some/other-model"
     (other / "adapter_config.json").write_text(json.dumps(config))
+    hashed, corrupt = tmp_path / "hashed", tmp_path / "corrupt"
+    for directory, record in ((hashed, {"base_model": {"sha256": "ab" * 32}}), (corrupt, "{")):
+        shutil.copytree(saved["second"], directory)
+        text = record if isinstance(record, str) else json.dumps(record)
+        (directory / "tilpass_record.json").write_text(text)
+    (tmp_path / "first").mkdir()
+    (tmp_path / "first" / "tilpass_record.json").write_text(
+        json.dumps({"base_model": {"sha256": "cd" * 32}})
+    )
+    first_hashed = tmp_path / "first"
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(saved["first"] / name, first_hashed / name)
     base = ["merge", "--base", str(saved["model"]), "--adapter", str(saved["first"])]
     cases = [
         (["--adapter", str(tmp_path)], "is not an adapter directory"),
         (["--adapter", str(saved["second"]), "--weights", "0.5"], "1 weights for 2 adapters"),
         (["--adapter", str(other)], "different base models"),
         (["--adapter", str(saved["second"]), "--combination", "ties"], "needs --density"),
+        (["--adapter", str(corrupt)], "tilpass_record.json is corrupt"),
     ]
     for extra, message in cases:
         out = tmp_path / "out"
         assert cli_main([*base, *extra, "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+    hashes = ["merge", "--base", str(saved["model"]), "--adapter", str(first_hashed)]
+    assert cli_main([*hashes, "--adapter", str(hashed), "--out", str(tmp_path / "out")]) == 2
+    assert "different base models" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "first", "hashed", "other"]
 
 
 def test_self_check_failure_warns_and_exits_one(
