@@ -185,6 +185,7 @@ def test_linear_combination_is_the_weighted_sum_of_the_deltas(
         expected = 0.7 * first.get(name, zero) + 0.3 * second.get(name, zero)
         torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-6, msg=name)
     record = json.loads((tmp_path / "mix" / "tilpass_record.json").read_text())
+    assert len(record["base_model"]["sha256"]) == 64
     parents = record["merge"]["parents"]
     assert [(Path(p["path"]), p["weight"]) for p in parents] == [
         (saved["first"], 0.7),

@@ -14,7 +14,7 @@ from tilpass.card import RECORD_NAME, ChangeRecord, render_card, write_record
 from tilpass.merge_combine import PEFT_KIND, PROMPTS, CombineRequest, LogitCheck, write_json
 from tilpass.merging import add_weighted
 from tilpass.model import AdaptedModel
-from tilpass.pretrained import load_model
+from tilpass.pretrained import base_weights_note, known_weights_sha256, load_model
 
 COMBINED = "default"
 """The combined adapter's name (PEFT saves `default` at the top of the directory)."""
@@ -83,7 +83,8 @@ class CombineRun:
         total = sum(p.numel() for p in self.model.base_model.parameters())
         change = ChangeRecord(
             base_model=request.base,
-            base_weights_sha256=None,
+            base_weights_sha256=known_weights_sha256(request.base),
+            base_weights_note=base_weights_note(request.base),
             method="lora",
             trainable_parameters=trainable,
             total_parameters=total,
