@@ -1,6 +1,6 @@
-"""The `tilpass` command: quickstart, train, eval, generate, chat, doctor, merge, memory.
-
-Also inspect, verify, record and card (what an adapter changed; `inspect_cli.py`).
+"""The `tilpass` command: quickstart, train, eval, generate, chat and doctor here; the other
+verbs (merge, memory, export, export-gguf, inspect, verify, record, card, ...) in their own
+`*_cli.py` modules, each registered with one `add_<verb>_parser` call.
 
 Argument parsing and printing only; the work is in `tilpass.run` and the modules it calls.
 """
@@ -23,6 +23,8 @@ from tilpass.inspect_cli import (
     add_record_parser,
     add_verify_parser,
 )
+from tilpass.export_cli import add_export_parser
+from tilpass.gguf_cli import add_export_gguf_parser
 from tilpass.memory_cli import add_memory_parser
 from tilpass.merge_cli import add_merge_parser, add_quantize_argument
 
@@ -343,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check the installation: versions, default model, device")
     p.set_defaults(func=cmd_doctor)
     add_merge_parser(sub)
+    add_export_parser(sub)
+    add_export_gguf_parser(sub)
     add_memory_parser(sub)
     add_inspect_parser(sub)
     add_verify_parser(sub)

@@ -7,6 +7,11 @@ adapter. Merging into a quantized base (`--quantize nf4`) rounds the merged weig
 4-bit grid again and so changes the outputs: it is refused unless `--requantize` asks for it,
 and then the largest logit difference it caused is printed. The output directory is written
 under a temporary name and renamed into place, so it never exists half-written.
+
+Several `--adapter`s (with `--weights`, `--combination linear|cat|ties`, `--density`) are
+combined into one (`merge_combine.py`), saved as a full model or, with `--as adapter`, as a new
+adapter directory. Every merge checks itself: its largest logit difference from base + adapter
+above the dtype's tolerance (`--tolerance`) is reported as a warning and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ import contextlib
 import os
 import secrets
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tilpass.merge_combine import COMBINATIONS, PROMPTS, TOLERANCE, LogitCheck
 
 QUANTIZE_CHOICES = ("nf4", "fp4", "int8")
 """`--quantize` formats (as in `tilpass.quantize.QUANT_TYPES`; listed here so that building
@@ -47,9 +55,35 @@ def add_merge_parser(sub: Any) -> None:
         description=__doc__.splitlines()[0],
     )
     p.add_argument("--base", required=True, help="base model name or local directory")
-    p.add_argument("--adapter", required=True, help="adapter directory (PEFT layout)")
+    p.add_argument(
+        "--adapter",
+        required=True,
+        action="append",
+        help="adapter directory (PEFT layout); repeat to combine several",
+    )
     p.add_argument("--out", required=True, help="new directory for the merged model")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="dtype of the merged weights")
+    p.add_argument("--weights", help="one weight per --adapter, comma-separated (e.g. 0.7,0.3)")
+    p.add_argument(
+        "--combination",
+        choices=COMBINATIONS,
+        default="linear",
+        help="how to combine several adapters: linear (exact weighted sum), cat, ties",
+    )
+    p.add_argument("--density", type=float, help="ties: the fraction of entries each keeps")
+    p.add_argument(
+        "--as",
+        dest="output",
+        choices=("model", "adapter"),
+        default="model",
+        help="write a full model (default) or the combined adapter",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="largest logit difference the self-check accepts, relative to the largest logit "
+        "(default: 1e-4 for fp32, 5e-2 for bf16)",
+    )
     add_quantize_argument(p)
     p.add_argument(
         "--requantize",
@@ -66,14 +100,18 @@ class MergeResult:
     out: Path
     max_logit_difference: float
     requantized: bool
+    relative_difference: float = 0.0
 
 
 def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
     """Run `tilpass merge` and print what it did."""
     if args.requantize and not args.quantize:
         raise ValueError("--requantize only applies with --quantize FORMAT (a quantized base)")
+    if len(args.adapter) > 1 or args.output == "adapter" or args.weights is not None:
+        return cmd_combine(args)
+    (adapter,) = args.adapter
     result = merge_adapter(
-        args.base, args.adapter, Path(args.out), args.dtype, args.quantize, args.requantize
+        args.base, adapter, Path(args.out), args.dtype, args.quantize, args.requantize
     )
     how = f"into the {args.quantize} base, re-quantized" if result.requantized else args.dtype
     print(f"merged {args.adapter} into {args.base} ({how}); saved {result.out}")
@@ -82,6 +120,54 @@ def cmd_merge(args: argparse.Namespace, extra: list[str]) -> int:
         f"{result.max_logit_difference:.3g}"
     )
     print(f"load it with: AutoModelForCausalLM.from_pretrained({str(result.out)!r})")
+    limit = TOLERANCE[args.dtype] if args.tolerance is None else args.tolerance
+    if not result.requantized and result.relative_difference > limit:
+        check = LogitCheck(result.max_logit_difference, result.relative_difference)
+        print(self_check_warning(check, limit, args.dtype), file=sys.stderr)
+        return 1
+    return 0
+
+
+def self_check_warning(check: LogitCheck, limit: float, dtype: str) -> str:
+    """The warning a merge prints when its result differs from base + adapter too much."""
+    return (
+        f"warning: the merge changed the logits by up to {check.describe()}, more than the "
+        f"{limit:g} allowed for {dtype}: the result does not compute what base + adapter "
+        "computes; check the adapter and the base (or use --dtype fp32)"
+    )
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    """`tilpass merge` with several adapters, weights or `--as adapter` (`merge_combine.py`)."""
+    from tilpass.merge_combine import CombineRequest, combine_adapters, parse_weights
+
+    if args.quantize:
+        raise ValueError("combining adapters works on the full-precision base; drop --quantize")
+    request = CombineRequest(
+        base=args.base,
+        adapters=[Path(a) for a in args.adapter],
+        weights=parse_weights(args.weights, len(args.adapter)),
+        out=Path(args.out),
+        combination=args.combination,
+        density=args.density,
+        output=args.output,
+        dtype=args.dtype,
+        tolerance=args.tolerance,
+    )
+    result = combine_adapters(request)
+    parents = ", ".join(f"{a} x {w:g}" for a, w in zip(args.adapter, request.weights, strict=True))
+    print(f"combined {parents} ({args.combination}); saved the {args.output} at {result.out}")
+    print(
+        f"self-check: largest logit difference from base + combined adapter on "
+        f"{len(PROMPTS)} prompts: {result.check.describe()} "
+        f"(tolerance {result.tolerance:g} of the largest logit)"
+    )
+    if not result.passed:
+        print(
+            self_check_warning(result.check, result.tolerance, args.dtype),
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -115,8 +201,8 @@ def merge_adapter(
     if quantize is not None:
         dequantize_model(merged, torch_dtype)
     _save_atomically(merged, tokenizer, out)
-    diff = float((after - before).abs().max())
-    return MergeResult(out, diff, quantize is not None)
+    check = LogitCheck.compare([after], [before])
+    return MergeResult(out, check.absolute, quantize is not None, check.relative)
 
 
 def _save_atomically(model: Any, tokenizer: Any, out: Path) -> None:

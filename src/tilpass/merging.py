@@ -39,8 +39,14 @@ def add_weighted(
     adapter_name: str,
     combination_type: str,
     svd: dict[str, Any],
+    density: float | None = None,
+    majority_sign_method: str = "total",
 ) -> None:
-    """`AdaptedModel.add_weighted_adapter`: hand the combination to the adapters' method."""
+    """`AdaptedModel.add_weighted_adapter`: hand the combination to the adapters' method.
+
+    `svd` holds PEFT's `svd_*` settings; `density` and `majority_sign_method` (for `ties`,
+    `dare_*` and `magnitude_prune*`) travel in the same settings dict, unless it names them.
+    """
     if not adapters:
         raise ValueError("add_weighted_adapter needs at least one adapter to combine")
     method = method_of(model.peft_config[adapters[0]])
@@ -48,4 +54,5 @@ def add_weighted(
         raise NotImplementedError(
             f"{method.name} adapters cannot be combined with add_weighted_adapter"
         )
-    method.add_weighted(model, adapters, weights, adapter_name, combination_type, svd)
+    settings = {"density": density, "majority_sign_method": majority_sign_method, **svd}
+    method.add_weighted(model, adapters, weights, adapter_name, combination_type, settings)

@@ -35,8 +35,9 @@ class Method:
             = layers built by `make_layer`'s own module (a method that combines others' layers
             names them here).
         prefix: the start of its adapter parameters' names (PEFT's `model.prefix`, "lora_").
-        add_weighted: (adapted model, adapters, weights, new name, combination type, svd
-            settings) -> None, for `add_weighted_adapter`; None = the method cannot combine.
+        add_weighted: (adapted model, adapters, weights, new name, combination type, settings:
+            `svd_*`, `density`, `majority_sign_method`) -> None, for `add_weighted_adapter`;
+            None = the method cannot combine.
     """
 
     name: str
