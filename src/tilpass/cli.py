@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 from tilpass.config_yaml import ConfigSources, load_config_file, read_overrides
 from tilpass.errors import TilpassError
+from tilpass.export_cli import add_export_parser
+from tilpass.gguf_cli import add_export_gguf_parser
 from tilpass.inspect_cli import (
     add_card_parser,
     add_inspect_parser,
     add_record_parser,
     add_verify_parser,
 )
-from tilpass.export_cli import add_export_parser
-from tilpass.gguf_cli import add_export_gguf_parser
 from tilpass.memory_cli import add_memory_parser
 from tilpass.merge_cli import add_merge_parser, add_quantize_argument
 
