@@ -19,7 +19,6 @@ import tilpass
 from tilpass import AdaptedModel
 from tilpass.cli import main as cli_main
 from tilpass.merge_combine import CombineRequest, combine_adapters
-from tilpass.merging import add_weighted
 from tilpass.methods.lora.layers import LoraLayer
 from tilpass.methods.lora.task_arithmetic import combine
 
@@ -69,7 +68,7 @@ def test_combination_matches_peft(combination: str, sign_method: str) -> None:
     torch.manual_seed(11)  # DARE's masks: the same draws in the same order as PEFT's
     theirs.add_weighted_adapter(["one", "two"], [0.7, -1.3], "mix", combination, **kwargs)
     torch.manual_seed(11)
-    add_weighted(ours, ["one", "two"], [0.7, -1.3], "mix", combination, {}, **kwargs)
+    ours.add_weighted_adapter(["one", "two"], [0.7, -1.3], "mix", combination, **kwargs)
     mine = _mix_tensors(ours)
     expected = peft.get_peft_model_state_dict(theirs, adapter_name="mix")
     assert sorted(mine) == sorted(expected)
@@ -88,9 +87,11 @@ def test_combination_matches_peft(combination: str, sign_method: str) -> None:
 def test_pruning_combinations_need_a_density() -> None:
     ours, _ = _pair()
     with pytest.raises(ValueError, match="needs density"):
-        add_weighted(ours, ["one", "two"], [1.0, 1.0], "mix", "ties", {})
+        ours.add_weighted_adapter(["one", "two"], [1.0, 1.0], "mix", "ties")
     with pytest.raises(ValueError, match="majority_sign_method"):
-        add_weighted(ours, ["one", "two"], [1.0, 1.0], "mix", "ties", {}, 0.5, "mode")
+        ours.add_weighted_adapter(
+            ["one", "two"], [1.0, 1.0], "mix", "ties", density=0.5, majority_sign_method="mode"
+        )
     assert "mix" not in ours.peft_config
 
 

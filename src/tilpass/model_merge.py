@@ -100,9 +100,13 @@ class MergeMixin:
         svd_clamp: float | None = None,
         svd_full_matrices: bool = True,
         svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
     ) -> None:
-        """Add `adapter_name` as a weighted combination of `adapters` (PEFT's method; its
-        `linear`, `cat` and `svd` combination types). The new adapter is inactive and frozen."""
+        """Add `adapter_name` as a weighted combination of `adapters` (PEFT's method and
+        combination types: `svd`, `linear`, `cat`, `ties`, `dare_linear`, `dare_ties`,
+        `magnitude_prune` and their `_svd` forms; `density` and `majority_sign_method` as in
+        PEFT). The new adapter is inactive and frozen."""
         svd = {
             "svd_rank": svd_rank,
             "svd_clamp": svd_clamp,
@@ -111,4 +115,13 @@ class MergeMixin:
         }
         if adapters:
             self.check_adapter_name(adapters[0])
-        add_weighted(self, adapters, weights, adapter_name, combination_type, svd)
+        add_weighted(
+            self,
+            adapters,
+            weights,
+            adapter_name,
+            combination_type,
+            svd,
+            density,
+            majority_sign_method,
+        )
