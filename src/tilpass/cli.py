@@ -17,6 +17,7 @@ from tilpass.config_yaml import ConfigSources, load_config_file, read_overrides
 from tilpass.errors import TilpassError
 from tilpass.memory_cli import add_memory_parser
 from tilpass.merge_cli import add_merge_parser, add_quantize_argument
+from tilpass.serve.cli import add_serve_parser
 
 if TYPE_CHECKING:  # run.py imports torch; the CLI imports it only when a command needs it
     from tilpass.run import RunConfig, RunResult
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
     add_merge_parser(sub)
     add_memory_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -61,9 +61,7 @@ def resolve_inside(root: Path, relative: str) -> Path:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         file = target / name
         if not file.is_file():
-            extra = " (safetensors only; .bin pickle files are not loaded)" * (
-                name == WEIGHTS_FILE
-            )
+            extra = " (safetensors only; .bin pickle files are not loaded)" * (name == WEIGHTS_FILE)
             raise AdapterError(f"adapter {relative!r} has no {name}{extra}")
         if not file.resolve().is_relative_to(base):
             raise AdapterError(f"adapter {relative!r}: {name} links outside the adapter directory")
@@ -172,7 +170,8 @@ class AdapterCache:
         try:
             self.model.load_adapter(path, name)
         except (TilpassError, ValueError, OSError, KeyError, TypeError) as exc:
-            raise AdapterError(f"adapter {name!r} could not be loaded from {path.name}: {exc}")
+            message = f"adapter {name!r} could not be loaded from {path.name}: {exc}"
+            raise AdapterError(message) from None
         entry = Entry(name, path, size_of(path), pinned, next(self.clock))
         with self.lock:
             self.entries[name] = entry

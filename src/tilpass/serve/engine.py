@@ -120,8 +120,8 @@ class Engine:
         self.thread = threading.Thread(target=self.loop, name="tilpass-engine", daemon=True)
         self.eos = eos_ids(model, tokenizer)
         self.pad = pad_id(tokenizer)
-        self.cache_keyword = "cache" if accepts(model.get_base_model(), "cache") else (
-            "past_key_values"
+        self.cache_keyword = (
+            "cache" if accepts(model.get_base_model(), "cache") else ("past_key_values")
         )
 
     # -- the API side (any thread) ----------------------------------------------------------
@@ -325,7 +325,7 @@ class Engine:
 
 
 def finish_reason(seq: Sequence, special: bool) -> str | None:
-    """"stop" (end of sequence or a stop string), "length" (max_tokens) or None."""
+    """ "stop" (end of sequence or a stop string), "length" (max_tokens) or None."""
     if special or seq.tracker.stopped:
         return "stop"
     if seq.generated >= seq.request.params.max_tokens:

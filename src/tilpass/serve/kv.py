@@ -31,8 +31,12 @@ def zero_masked(cache: DynamicCache, mask: torch.Tensor) -> DynamicCache:
     non-finite values there, which a later product with probability 0 would turn into NaN)."""
     keep = mask.bool()[:, None, :, None]  # (B, 1, C, 1)
     zeros = torch.zeros((), dtype=cache.layers[0].keys.dtype, device=mask.device)
-    return cache_from([(torch.where(keep, k, zeros), torch.where(keep, v, zeros))
-                       for k, v in cache_tensors(cache)])
+    return cache_from(
+        [
+            (torch.where(keep, k, zeros), torch.where(keep, v, zeros))
+            for k, v in cache_tensors(cache)
+        ]
+    )
 
 
 def left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -84,8 +88,10 @@ class BatchCache:
         first = int(used[0]) if used.numel() else mask.shape[1]
         self.mask = mask[:, first:]
         self.cache = cache_from(
-            [(k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
-             for k, v in cache_tensors(self.cache)]
+            [
+                (k.index_select(0, index)[:, :, first:], v.index_select(0, index)[:, :, first:])
+                for k, v in cache_tensors(self.cache)
+            ]
         )
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
