@@ -100,9 +100,36 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         log_level="warning",
         timeout_graceful_shutdown=args.shutdown_timeout,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    graceful_server(config).run(sockets=[sock])
     print("tilpass serve: stopped", flush=True)
     return 0
+
+
+def graceful_server(config: Any) -> Any:
+    """uvicorn's server, except that a SIGTERM or SIGINT it shut down on is not raised again
+    afterwards (uvicorn re-raises it), so the command ends with its own message and code 0."""
+    import contextlib
+    import signal
+    import threading
+    from collections.abc import Iterator
+
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            signals = (signal.SIGINT, signal.SIGTERM)
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer(config)
 
 
 def build_server(args: argparse.Namespace) -> Any:

@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from tilpass.inputs import extend_inputs
 from tilpass.routing import BASE_ID, Routing, routed
-from tilpass.serve.adapters import AdapterCache, AdapterError
+from tilpass.serve.adapters import AdapterCache, AdapterError, CacheFull
 from tilpass.serve.kv import BatchCache
 from tilpass.serve.sampling import SamplingParams, TextTracker, next_tokens
 
@@ -229,6 +229,13 @@ class Engine:
                 }
                 try:
                     self.adapters.ensure(request.adapter, busy)
+                except CacheFull as exc:
+                    if not busy:  # nothing will free a slot: answer now
+                        request.sink(Event("error", status=exc.status, message=str(exc)))
+                        continue
+                    with self.cond:  # wait at the front until a running sequence finishes
+                        self.waiting.appendleft(request)
+                    break
                 except AdapterError as exc:
                     request.sink(Event("error", status=exc.status, message=str(exc)))
                     continue
