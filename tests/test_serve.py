@@ -67,7 +67,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, _tiny_tokenizer_json: str) 
             "--adapter-dir", str(adapter_dir),
             "--max-adapters", "3",
             "--max-batch", "4",
-            "--max-queue", "8",
+            "--max-queue", "12",
             "--max-prompt-tokens", "32",
             "--max-tokens", "400",
             "--max-body-bytes", "4096",
@@ -125,7 +125,7 @@ def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
 
 
 def test_models_lists_base_and_adapters(served: Served) -> None:
-    assert "model=model" in served.server.startup and "max_queue=8" in served.server.startup
+    assert "model=model" in served.server.startup and "max_queue=12" in served.server.startup
     models = {m.id: m for m in served.client().models.list()}
     assert models[BASE].parent is None
     assert models["lora_a"].parent == BASE and models["lora_a"].root == "lora_a"
@@ -325,8 +325,8 @@ def test_overload_answers_429_at_once(served: Served) -> None:
     async def flood() -> list[httpx.Response]:
         headers = {"Authorization": f"Bearer {KEY}"}
         async with httpx.AsyncClient(base_url=served.server.url, headers=headers) as http:
-            body = {"model": "lora_a", "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0}
-            calls = [http.post("/v1/completions", json=body, timeout=60) for _ in range(24)]
+            body = {"model": "lora_a", "prompt": PROMPTS[0], "max_tokens": 30, "temperature": 0}
+            calls = [http.post("/v1/completions", json=body, timeout=60) for _ in range(32)]
             return await asyncio.gather(*calls)
 
     responses = asyncio.run(flood())
