@@ -280,6 +280,7 @@ def sampling(server: Server, body: Sampling, prompt: list[int]) -> SamplingParam
         top_p=body.top_p,
         seed=body.seed,
         stop=body.stop_strings(),
+        ignore_eos=body.ignore_eos,
     )
 
 

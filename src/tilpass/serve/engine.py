@@ -297,7 +297,7 @@ class Engine:
             if seq.first_token_at is None:
                 seq.first_token_at = now
                 self.observer.on_first_token(seq)
-            special = token in self.eos
+            special = token in self.eos and not seq.request.params.ignore_eos
             text = seq.tracker.add(token, special)
             seq.request.sink(Event("token", text=text, token=token))
             reason = finish_reason(seq, special)

@@ -22,6 +22,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (benchmarks)
 
     @property
     def greedy(self) -> bool:

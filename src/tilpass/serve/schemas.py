@@ -68,6 +68,7 @@ class Sampling(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False  # vLLM's extension: the generated token ids per choice
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens whatever comes
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
