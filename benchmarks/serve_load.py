@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -182,6 +183,7 @@ def start_tilpass(model_dir: Path, adapter_dir: Path, count: int, clients: int) 
     for line in proc.stdout:
         match = re.search(r"tilpass serve: (http://\S+)/v1", line)
         if match:
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep it drained
             return Process(proc, match.group(1))
     raise RuntimeError("tilpass serve did not start")
 

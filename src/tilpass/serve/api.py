@@ -14,7 +14,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,15 @@ from tilpass.serve.schemas import (
 )
 
 BASE_ALIASES = ("base", "__base__")
+ROUTES = (
+    "/health",
+    "/metrics",
+    "/v1/models",
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+)
 
 
 @dataclass(frozen=True)
@@ -72,7 +81,7 @@ class Server:
     limits: Limits
     api_key: str | None = None
     allow_adapter_api: bool = False
-    created: int = int(time.time())
+    created: int = field(default_factory=lambda: int(time.time()))
 
     def adapter_for(self, model: str) -> str | None:
         """The adapter a request's `model` names (None = the base model)."""
@@ -140,7 +149,9 @@ def create_app(server: Server) -> FastAPI:
     @app.middleware("http")
     async def guard(request: HttpRequest, call_next: Any) -> Response:
         response = await checked(server, request, call_next)
-        server.metrics.requests.labels(request.url.path, str(response.status_code)).inc()
+        path = request.url.path
+        route = path if path in ROUTES else "other"  # bounded label values
+        server.metrics.requests.labels(route, str(response.status_code)).inc()
         return response
 
     app.add_middleware(BodyLimit, limit=server.limits.max_body_bytes)

@@ -118,6 +118,7 @@ class Engine:
         self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self.loop, name="tilpass-engine", daemon=True)
+        self.device = next(model.parameters()).device  # inputs go there; sampling on CPU
         self.eos = eos_ids(model, tokenizer)
         self.pad = pad_id(tokenizer)
         self.cache_keyword = (
@@ -249,7 +250,7 @@ class Engine:
             BASE_ID if s.request.adapter is None else self.model.adapter_id(s.request.adapter)
             for s in seqs
         ]
-        return torch.tensor(ids, dtype=torch.long)
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
 
     def prefill(self, seqs: list[Sequence]) -> None:
         """Run the admitted prompts (left-padded) and add their rows to the batch."""
@@ -260,6 +261,7 @@ class Engine:
             prompt = s.request.prompt
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         routing = Routing(self.row_ids(seqs))
@@ -274,7 +276,7 @@ class Engine:
     def decode(self) -> None:
         """One token for every running row."""
         mask, positions = self.batch.step_inputs()
-        ids = torch.tensor([[s.last] for s in self.running], dtype=torch.long)
+        ids = torch.tensor([[s.last] for s in self.running], dtype=torch.long, device=self.device)
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         assert self.batch.cache is not None
         logits = self.forward(kwargs, self.batch.cache, Routing(self.row_ids(self.running)))
@@ -285,7 +287,7 @@ class Engine:
         kwargs = {**kwargs, self.cache_keyword: cache, "use_cache": True, "logits_to_keep": 1}
         with torch.inference_mode(), routed(routing):
             out = self.model.get_base_model()(**kwargs)
-        return out.logits[:, -1]
+        return out.logits[:, -1].float().cpu()  # (B, V)
 
     def emit(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Pick each row's token, send its text, and retire the rows that finished."""
