@@ -234,7 +234,9 @@ async def one_request(http: httpx.AsyncClient, body: dict[str, Any], result: Res
     result.ttfts.append((first or end) - start)
 
 
-async def drive(url: str, models: list[str], load: Load, name: str, adapters: int) -> Result:
+async def drive(
+    url: str, models: list[str], load: Load, name: str, adapters: int, peer: bool = False
+) -> Result:
     """`load.clients` clients, each sending its share of the requests one after another."""
     prompts = load.prompts()
     result = Result(name, adapters, 0, 0.0)
@@ -243,17 +245,29 @@ async def drive(url: str, models: list[str], load: Load, name: str, adapters: in
 
         async def client(c: int) -> None:
             for i in range(c, len(prompts), load.clients):
-                body = {
-                    "model": models[i % len(models)], "prompt": prompts[i],
-                    "max_tokens": load.max_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}, "ignore_eos": True,
-                }  # fmt: skip
+                body = request_body(models[i % len(models)], prompts[i], load.max_tokens, peer)
                 await one_request(http, body, result)
 
         start = time.perf_counter()
         await asyncio.gather(*(client(c) for c in range(load.clients)))
         result.seconds = time.perf_counter() - start
     return result
+
+
+def request_body(model: str, prompt: str, max_tokens: int, peer: bool) -> dict[str, Any]:
+    """A streamed greedy completion of exactly `max_tokens` tokens. tilpass takes vLLM's
+    `ignore_eos`; transformers serve refuses unknown fields but takes a `generation_config`
+    (without an eos token it never stops early)."""
+    body: dict[str, Any] = {
+        "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+        "stream": True,
+    }  # fmt: skip
+    if peer:
+        config = {"max_new_tokens": max_tokens, "do_sample": False}
+        body["generation_config"] = json.dumps(config)
+    else:
+        body.update(stream_options={"include_usage": True}, ignore_eos=True)
+    return body
 
 
 # -- in-process baselines -------------------------------------------------------------------
@@ -332,9 +346,10 @@ def measure_peer(merged_dir: Path, port: int, load: Load) -> Result:
     peer = start_peer(merged_dir, port)
     try:
         name = str(merged_dir)
-        asyncio.run(drive(peer.url, [name], Load(load.clients, 1, 8, 4), "warm-up", 1))
+        warm = Load(load.clients, 1, 8, 4)
+        asyncio.run(drive(peer.url, [name], warm, "warm-up", 1, peer=True))
         system = "transformers serve --continuous-batching (1 merged adapter)"
-        return asyncio.run(drive(peer.url, [name], load, system, 1))
+        return asyncio.run(drive(peer.url, [name], load, system, 1, peer=True))
     finally:
         peer.stop()
 
@@ -346,18 +361,18 @@ def report(results: list[Result], load: Load, args: argparse.Namespace, note: st
     gates = {}
     top = max(int(m) for m in args.mixes.split(","))
     if ("tilpass serve", top) in by:
-        gates["serve / in-process generate (16 adapters)"] = (
+        gates[f"serve / in-process generate ({top} adapters)"] = (
             by[("tilpass serve", top)] / by[("generate", top)]
         )
-        gates["serve 16 adapters / serve 1 adapter"] = (
+        gates[f"serve {top} adapters / serve 1 adapter"] = (
             by[("tilpass serve", top)] / by[("tilpass serve", 1)]
         )
-        gates["serve 16 adapters / naive per-adapter batches"] = (
+        gates[f"serve {top} adapters / naive per-adapter batches"] = (
             by[("tilpass serve", top)] / by[("naive", top)]
         )
         peers = [v for (s, _), v in by.items() if s.startswith("transformers serve")]
         if peers:
-            gates["serve 16 adapters / transformers serve (merged)"] = (
+            gates[f"serve {top} adapters / transformers serve (merged)"] = (
                 by[("tilpass serve", top)] / peers[0]
             )
     env = {
