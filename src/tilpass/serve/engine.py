@@ -114,6 +114,7 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.running: list[Sequence] = []
         self.batch = BatchCache()
+        self.decode_routing: Routing | None = None  # kept while the batch's rows stay the same
         self.commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self.cond = threading.Condition()
         self.stopping = False
@@ -197,6 +198,7 @@ class Engine:
                 if not self.commands:
                     return
                 fn, future = self.commands.popleft()
+            self.decode_routing = None  # the model's adapters may change
             try:
                 with torch.no_grad():
                     future.set_result(fn())
@@ -271,6 +273,7 @@ class Engine:
         logits = self.forward(kwargs, cache, routing)
         self.batch.append(cache, kwargs["attention_mask"])
         self.running.extend(seqs)
+        self.decode_routing = None
         self.emit(seqs, logits)
 
     def decode(self) -> None:
@@ -279,7 +282,9 @@ class Engine:
         ids = torch.tensor([[s.last] for s in self.running], dtype=torch.long, device=self.device)
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         assert self.batch.cache is not None
-        logits = self.forward(kwargs, self.batch.cache, Routing(self.row_ids(self.running)))
+        if self.decode_routing is None:  # its token grouping is then built once, not per step
+            self.decode_routing = Routing(self.row_ids(self.running))
+        logits = self.forward(kwargs, self.batch.cache, self.decode_routing)
         self.emit(list(self.running), logits)
 
     def forward(self, kwargs: dict[str, Any], cache: DynamicCache, routing: Routing) -> Any:
@@ -324,6 +329,7 @@ class Engine:
         keep = [i for i in range(len(self.running)) if i not in gone]
         self.running = [self.running[i] for i in keep]
         self.batch.keep(keep)
+        self.decode_routing = None
 
     def fail_all(self, message: str) -> None:
         """Answer every running request with an error and start an empty batch."""
@@ -331,6 +337,7 @@ class Engine:
             seq.request.sink(Event("error", status=500, message=message))
         self.running = []
         self.batch = BatchCache()
+        self.decode_routing = None
 
 
 def finish_reason(seq: Sequence, special: bool) -> str | None:
