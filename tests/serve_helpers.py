@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 from helpers import lora, tiny_llama
 
@@ -96,9 +97,20 @@ class ServerProcess:
             match = re.search(r"tilpass serve: (http://\S+)/v1", line)
             if match:
                 self.url, self.startup = match.group(1), line
-                return self
+                return self.healthy(deadline)
         self.stop()
         raise RuntimeError("the server did not start:\n" + "".join(self.lines))
+
+    def healthy(self, deadline: float) -> ServerProcess:
+        """Wait until `/health` answers (the engine has started)."""
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("the server never answered /health:\n" + "".join(self.lines))
 
     def drain(self, seen: queue.Queue[str]) -> None:
         assert self.proc is not None and self.proc.stdout is not None

@@ -84,6 +84,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
+    sock.listen(2048)  # clients that connect before uvicorn accepts wait in the backlog
     host, port = sock.getsockname()[:2]
     adapters = ", ".join(e.name for e in server.adapters.listing()) or "(none)"
     print(
