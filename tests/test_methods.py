@@ -138,7 +138,7 @@ def _hybrid(**kw: Any) -> AdapterConfig:
 
 ROWS = [
     Row("lora", _lora, _lora_ref, _peft_lora),
-    Row("dora", lambda **kw: _lora(use_dora=True, **kw), _dora_ref, mixed_batches=False),
+    Row("dora", lambda **kw: _lora(use_dora=True, **kw), _dora_ref),
     Row(
         "lora-bias",
         lambda **kw: _lora(lora_bias=True, **kw),

@@ -27,6 +27,7 @@ from tilpass.inspect_cli import (
 )
 from tilpass.memory_cli import add_memory_parser
 from tilpass.merge_cli import add_merge_parser, add_quantize_argument
+from tilpass.serve.cli import add_serve_parser
 
 if TYPE_CHECKING:  # run.py imports torch; the CLI imports it only when a command needs it
     from tilpass.run import RunConfig, RunResult
@@ -352,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_parser(sub)
     add_record_parser(sub)
     add_card_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from tilpass.methods.lora.conv import LoraConv
     from tilpass.methods.lora.embedding import LoraEmbedding
     from tilpass.methods.lora.layers import LoraLinear
+    from tilpass.routing import Plan
 
 
 class DoraVariant:
@@ -59,6 +60,50 @@ class DoraVariant:
         else:  # with dropout the base term is recomputed on the dropped input (as PEFT does)
             base = F.linear(xd, layer.weight_out_in().to(xd.dtype))
         return result + (mag - 1) * base + mag * lora
+
+    def mixed_forward(
+        self, layer: LoraLinear, x: torch.Tensor, plan: Plan, *args: Any, **kw: Any
+    ) -> torch.Tensor:
+        """A mixed batch of a Linear layer holding DoRA adapters, per token t of adapter g:
+
+            y_t = r_t + (m_g - 1) * (r_t - b) + m_g * s_g B_g A_g x_t
+
+        with r the base output, m_g = magnitude_g / ||W + s_g B_g A_g|| for a DoRA adapter and
+        1 for a plain LoRA adapter or a base token (so those rows get r + s B A x). The LoRA
+        terms are the grouped batched matmuls of the plain mixed path.
+        """
+        from tilpass.routing import grouped_lora
+
+        if layer.training:
+            raise NotImplementedError(
+                "mixed batches with DoRA adapters run in eval mode only (dropout recomputes "
+                "DoRA's base term per adapter); call model.eval(), or train one adapter"
+            )
+        result = layer.base_forward(x, *args, **kw)
+        flat = result.reshape(-1, layer.out_features)  # (n, out)
+        x2d = x.reshape(-1, layer.in_features)  # (n, in)
+        delta = torch.zeros_like(flat)
+        for sub, _, a_t, b_t in layer.rank_groups(plan, x.dtype):  # one bmm pair per rank
+            grouped_lora(x2d, a_t, b_t, sub, delta)
+        mag = self.token_magnitudes(layer, plan, flat.dtype)  # (n, out)
+        bias = layer.base_bias()
+        base = flat if bias is None else flat - bias.to(flat.dtype)
+        out = flat + (mag - 1) * base + mag * delta
+        if layer.lora_B_bias:
+            out = out + layer.token_bias(plan, out.dtype)
+        return out.view(result.shape)
+
+    def token_magnitudes(self, layer: LoraLinear, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
+        """(n, out) each token's m / ||W + s B A|| (ones for base tokens and plain LoRA)."""
+        assert plan.token_ids is not None
+        ids = plan.token_ids  # (n,)
+        size = max(max(layer.ids.values()), int(ids.max())) + 2  # last row: base tokens
+        table = torch.ones(size, layer.out_features, dtype=dtype, device=ids.device)
+        for name, spec in layer.specs.items():  # per adapter, not per token
+            if spec.variant is not None:
+                norm = layer.row_norm(layer.delta_weight(name).detach()).detach()  # (out,)
+                table[layer.ids[name]] = (layer.lora_magnitude_vector[name] / norm).to(dtype)
+        return table[torch.where(ids >= 0, ids, size - 1)]
 
     def merge(self, layer: LoraLinear, name: str, delta: torch.Tensor) -> torch.Tensor:
         """The merged weight m / ||W + dW|| * (W + dW); remembers the norm for unmerging."""

@@ -25,7 +25,7 @@ from tilpass.layers import (
     linear_features,
     requantized,
 )
-from tilpass.methods.lora.dora import DoraVariant
+from tilpass.methods.lora.dora import DORA, DoraVariant
 from tilpass.methods.lora.fused import LoraLinearFunction, lora_plus_bias
 from tilpass.methods.lora.init import reads_weight, weight_init
 from tilpass.routing import Plan, grouped_lora
@@ -77,6 +77,7 @@ class LoraLayer(AdapterLayer):
     """What the LoRA layer kinds share: merging, tied weights, the mixed path's stacks."""
 
     MERGEABLE = True
+    MIXES_VARIANTS: ClassVar[bool] = False  # True: the mixed path applies DoRA itself
     A_KEY: ClassVar[str] = "lora_A"
     out_features: int  # the wrapped module's output width (channels, embedding size)
     B_KEY: ClassVar[str] = "lora_B"
@@ -246,7 +247,7 @@ class LoraLayer(AdapterLayer):
             return cache.stacks
         names = sorted(self.specs, key=self.ids.__getitem__)
         for name in names:
-            if self.specs[name].variant is not None:
+            if self.specs[name].variant is not None and not self.MIXES_VARIANTS:
                 raise NotImplementedError(
                     f"adapter {name!r} uses {self.specs[name].variant.name}, which mixed batches "
                     "(adapter_names=...) do not support yet; merge it, or run its rows in a "
@@ -322,6 +323,7 @@ class LoraLinear(LoraLayer):
     """
 
     STORES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
+    MIXES_VARIANTS = True
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
@@ -507,6 +509,8 @@ class LoraLinear(LoraLayer):
 
     def mixed_forward(self, x: torch.Tensor, plan: Plan, *args: Any, **kw: Any) -> torch.Tensor:
         weight = self.base_layer.weight
+        if any(spec.variant is not None for spec in self.specs.values()):
+            return DORA.mixed_forward(self, x, plan, *args, **kw)
         if (
             self.known_forward
             and not (args or kw)
