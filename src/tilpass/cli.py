@@ -1,4 +1,4 @@
-"""The `tilpass` command: quickstart, train, eval, generate, chat, doctor, merge, memory.
+"""The `tilpass` command: quickstart, train, eval, generate, chat, doctor, merge, memory, compare.
 
 Argument parsing and printing only; the work is in `tilpass.run` and the modules it calls.
 """
@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tilpass.compare.cli import add_compare_parser
 from tilpass.config_yaml import ConfigSources, load_config_file, read_overrides
 from tilpass.errors import TilpassError
 from tilpass.memory_cli import add_memory_parser
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
     add_merge_parser(sub)
     add_memory_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 
