@@ -20,11 +20,19 @@ from safetensors import safe_open
 
 from tests.test_cli import cli_env, save_tiny_model, write_data
 from tilpass.cli import main
-from tilpass.compare.child import FAIL_ENV
-from tilpass.compare.plan import DEFAULTS, UNAVAILABLE, CompareError, is_available, parse_methods
+from tilpass.compare.child import FAIL_ENV, TimeLimit
+from tilpass.compare.plan import (
+    DEFAULTS,
+    UNAVAILABLE,
+    Budget,
+    CompareError,
+    is_available,
+    parse_methods,
+)
 from tilpass.compare.recommend import recommendations
 from tilpass.compare.report import COLUMNS, CSV_KEYS
-from tilpass.compare.runner import split_data
+from tilpass.compare.runner import Settings, spec_for, split_data
+from tilpass.train_hooks import TrainState
 
 FAILING = "pfeiffer"
 
@@ -160,3 +168,29 @@ def test_held_out_split_is_fixed_by_the_seed(tmp_path: Path) -> None:
     held = [json.loads(line) for line in first[1].splitlines()]
     kept = [json.loads(line) for line in first[0].splitlines()]
     assert len(held) == 2 and len(kept) == 22 and not any(r in kept for r in held)
+
+
+def test_every_row_shares_data_order_seed_and_budget(tmp_path: Path) -> None:
+    settings = Settings("m", "train.jsonl", "test.jsonl", Budget(steps=7), tmp_path)
+    specs = [spec_for(settings, None)] + [spec_for(settings, p) for p in DEFAULTS.values()]
+    shared = {"model", "data", "eval_before"}
+    first = specs[0]["config"]
+    for spec in specs[1:]:
+        config = spec["config"]
+        assert {k: config[k] for k in shared} == {k: first[k] for k in shared}
+        training = dict(config["training"])
+        assert training.pop("learning_rate") == DEFAULTS[spec["label"]].learning_rate
+        assert training == first["training"] and training["max_steps"] == 7
+    assert specs[1]["merged_row"] and specs[1]["config"]["lora"]["r"] == 8
+    assert specs[2]["config"]["quantize"] == "nf4"  # qlora: LoRA over an NF4 base
+
+
+def test_time_budget_stops_the_loop_after_its_minutes() -> None:
+    limit = TimeLimit(0.0)
+    state = TrainState(step=1, max_steps=10, epoch=0, loss=1.0, lr=1e-3)
+    limit.on_step_end(state)  # the clock starts after the first step
+    assert not state.should_stop
+    limit.on_step_end(state)
+    assert state.should_stop
+    with pytest.raises(CompareError, match="exactly one budget"):
+        Budget(steps=3, minutes=1.0)

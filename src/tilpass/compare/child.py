@@ -17,6 +17,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -165,6 +166,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     except Exception as exc:  # the row reports any failure; the other methods still run
         row = {"label": label, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     row["wall_s"] = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    row["cpu_s"] = usage.ru_utime + usage.ru_stime  # the child's own CPU time, load-independent
     row["device"] = str(_device())
     return row
 
