@@ -112,12 +112,22 @@ def _check_out(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def cpu_name() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), or None where there is none."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else None
+
+
 def machine_line() -> str:
     """The machine the numbers come from: CPU / GPU, cores, torch version."""
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_name() or platform.processor() or platform.machine()
     return (
         f"{platform.system()} {cpu}, {os.cpu_count()} cores visible, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), {device}"
