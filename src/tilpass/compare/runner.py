@@ -69,7 +69,7 @@ class Settings:
                 "max_steps": self.steps(),
                 "warmup_steps": max(1, steps // 10) if steps else 5,
                 "lr_scheduler": "cosine" if steps else "constant",
-                "logging_steps": max(1, steps // 5) if steps else 5,
+                "logging_steps": max(1, steps // 5) if steps else 1,
                 "seed": self.seed,
                 "eval_batch_size": 25,
                 "eval_max_new_tokens": 8,
