@@ -155,6 +155,8 @@ def test_bad_requests_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureFix
     code = main(["compare", "--data", missing, "--out", str(tmp_path / "out")])
     assert code == 2 and "--data" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    assert main(["compare", "--batch-size", "0", "--out", str(tmp_path / "out")]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
     (tmp_path / "compare.md").write_text("old")
     assert main(["compare", "--out", str(tmp_path)]) == 2
     assert "--overwrite" in capsys.readouterr().err

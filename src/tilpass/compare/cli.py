@@ -75,6 +75,8 @@ def add_compare_parser(sub: Any) -> None:
 
 def _budget(args: argparse.Namespace) -> Budget:
     if args.budget_minutes is not None:
+        if not args.budget_minutes > 0:
+            raise CompareError(f"--budget-minutes must be > 0, got {args.budget_minutes}")
         return Budget(minutes=args.budget_minutes)
     steps = DEFAULT_STEPS if args.budget_steps is None else args.budget_steps
     if steps < 1:
@@ -92,6 +94,18 @@ def _data(args: argparse.Namespace, out: Path) -> tuple[str, str]:
     if args.eval is not None:
         return args.data, args.eval
     return split_data(args.data, out, args.seed)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """The counting options are in range (before any process starts)."""
+    for flag, value, low in (
+        ("--eval-samples", args.eval_samples, 0),
+        ("--repeats", args.repeats, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--max-length", args.max_length, 1),
+    ):
+        if value < low:
+            raise CompareError(f"{flag} must be >= {low}, got {value}")
 
 
 def _check_paths(args: argparse.Namespace) -> None:
@@ -142,10 +156,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 
     labels = parse_methods(args.methods)
     budget = _budget(args)
-    if args.eval_samples < 0:
-        raise CompareError(f"--eval-samples must be >= 0, got {args.eval_samples}")
-    if args.repeats < 1:
-        raise CompareError(f"--repeats must be >= 1, got {args.repeats}")
+    _check_counts(args)
     _check_paths(args)
     out = Path(args.out)
     _check_out(out, args.overwrite)
