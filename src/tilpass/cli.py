@@ -1,6 +1,6 @@
 """The `tilpass` command: quickstart, train, eval, generate, chat and doctor here; the other
-verbs (merge, memory, export, export-gguf, inspect, verify, record, card, ...) in their own
-`*_cli.py` modules, each registered with one `add_<verb>_parser` call.
+verbs (merge, memory, export, export-gguf, inspect, verify, record, card, serve, compare) in
+their own `*_cli.py` modules, each registered with one `add_<verb>_parser` call.
 
 Argument parsing and printing only; the work is in `tilpass.run` and the modules it calls.
 """
@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tilpass.compare.cli import add_compare_parser
 from tilpass.config_yaml import ConfigSources, load_config_file, read_overrides
 from tilpass.errors import TilpassError
 from tilpass.export_cli import add_export_parser
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_record_parser(sub)
     add_card_parser(sub)
     add_serve_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

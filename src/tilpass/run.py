@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -198,6 +199,7 @@ def run(
     *,
     overwrite: bool = False,
     sources: ConfigSources | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> RunResult:
     """Execute one run end to end; see the module docstring for the steps.
 
@@ -206,6 +208,7 @@ def run(
         overwrite: delete a run found in ``output_dir`` first (else such a directory is
             refused, unless resuming).
         sources: where the config's settings came from, for error messages.
+        callbacks: training hooks passed to the loop (`tilpass.train_hooks.TrainingHook`).
     """
     if not config.data.train:
         raise RunConfigError("data.train is not set: give a training file (--data.train PATH)")
@@ -249,6 +252,7 @@ def run(
         resume=resume,
         run_id=run_id,
         log=log,
+        callbacks=callbacks,
     )
     wall = time.perf_counter() - started
     after = _after_metrics(result, model, tokenizer, data, config)
