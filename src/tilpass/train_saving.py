@@ -77,6 +77,8 @@ def save_step(trainer: Trainer) -> Path:
             f"{bad[0]}); training diverged and no checkpoint or adapter is saved from it. "
             f"Lower training.learning_rate (now {trainer.config.learning_rate:g})"
         )
+    if not trainer.dist.is_main:  # rank 0 writes; every rank holds the same weights
+        return trainer.output_dir / f"checkpoint-{st.step}"
     path = save_checkpoint(
         trainer.output_dir,
         st.step,
