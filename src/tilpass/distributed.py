@@ -287,20 +287,79 @@ class DataParallel:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def full_state(
+        self, named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer
+    ) -> tuple[list[tuple[str, Any]], Any]:
+        """Parameters and optimizer with FSDP2 shards gathered whole, for a checkpoint.
+
+        A collective under ``--shard``: every rank calls it, rank 0 writes what it returns.
+        """
+        if not self.shard or self.world.backend is None:
+            return named, optimizer
+        return [(n, full_tensor(p)) for n, p in named], GatheredOptimizer(optimizer)
+
+    def gather_parameters(self, model: nn.Module) -> None:
+        """Replace FSDP2-sharded parameters by whole ones (after training, before saving).
+
+        A collective under ``--shard``; the model is for saving only afterwards.
+        """
+        if not self.shard or self.world.backend is None:
+            return
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                whole = full_tensor(p)
+                if whole is not p:
+                    setattr(module, name, nn.Parameter(whole, requires_grad=p.requires_grad))
+
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.world.backend is not None:
             dist.barrier()
 
 
-def shard_model(loss: LossModule, model: nn.Module) -> nn.Module:
-    """FSDP2: each transformer block is its own unit, the rest (embeddings, head) the root's.
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole (a collective); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
 
-    The frozen base is sharded too; only parameters that require a gradient (the adapter's)
-    get their gradients reduce-scattered.
+    return t.full_tensor().detach() if isinstance(t, DTensor) else t
+
+
+class GatheredOptimizer:
+    """An optimizer's state dict with its FSDP2-sharded states gathered whole (what the
+    checkpoint writer reads; the checkpoint is then the same as one of an unsharded run)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        sd = optimizer.state_dict()
+        sd["state"] = {
+            i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in st.items()}
+            for i, st in sd["state"].items()
+        }
+        self.gathered = sd
+
+    def state_dict(self) -> dict[str, Any]:
+        """The gathered state dict."""
+        return self.gathered
+
+
+def shard_model(loss: LossModule, model: nn.Module) -> nn.Module:
+    """FSDP2: each transformer block is its own ``fully_shard`` unit; the rest stays whole.
+
+    The blocks' frozen base weights are sharded over the ranks and gathered one block at a
+    time; only parameters that require a gradient (the adapter's) get their gradients
+    reduce-scattered. Embeddings, final norm and head stay replicated, so they must be
+    frozen: their gradients would not be reduced.
     """
     from torch.distributed.fsdp import fully_shard
 
-    for block in transformer_blocks(model):
+    blocks = transformer_blocks(model)
+    inside = {id(p) for block in blocks for p in block.parameters()}
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
+    if outside:
+        raise DistributedError(
+            f"--shard shards the transformer blocks, but {len(outside)} trained tensors lie "
+            f"outside them (e.g. {outside[0]}); their gradients would not be reduced. Target "
+            "only modules inside the blocks, or train without --shard (DDP)"
+        )
+    for block in blocks:
         fully_shard(block)
-    return fully_shard(loss)
+    return loss

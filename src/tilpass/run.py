@@ -258,6 +258,7 @@ def run(
         distributed=dp,
     )
     wall = time.perf_counter() - started
+    dp.gather_parameters(model)  # FSDP2 shards made whole again, for saving
     after = _after_metrics(result, model, tokenizer, data, config)
     examples = after.pop("examples", [])
     before.pop("examples", None)
