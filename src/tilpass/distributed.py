@@ -311,6 +311,15 @@ class DataParallel:
                 if whole is not p:
                     setattr(module, name, nn.Parameter(whole, requires_grad=p.requires_grad))
 
+    def check_resume(self, resume: object) -> None:
+        """Refuse to resume under ``--shard``: a checkpoint's whole tensors are not yet put
+        back into FSDP2 shards. Checkpoints do not depend on the engine: DDP resumes them."""
+        if self.shard and resume is not None:
+            raise DistributedError(
+                "--resume with --shard is not supported yet: resume this run without --shard "
+                "(DDP reads the same checkpoints; keep the global batch size the same)"
+            )
+
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.world.backend is not None:

@@ -223,6 +223,7 @@ class Trainer:
         with several ranks, rank 0 chooses it and the others follow, one after the other."""
         if self.dist.size == 1:
             return resume_run(self, resume)
+        self.dist.check_resume(resume)
         chosen = resume_run(self, resume) if self.dist.is_main else None
         chosen, self.run_id = self.dist.share((chosen, self.run_id))
         if not self.dist.is_main:
