@@ -386,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args, extra))
     except (TilpassError, ValueError, OSError, ImportError, NotImplementedError) as exc:
         print(f"tilpass {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))  # a rank that lost another says so
     except KeyboardInterrupt:
         print(
             "interrupted; rerun with --resume auto to continue from the last checkpoint",

@@ -42,8 +42,21 @@ TIMEOUT_ENV = "TILPASS_DIST_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 1800.0
 
 
+# The exit status of a rank that stops because another rank went away: the launcher's
+# summary then names the rank that failed first for another reason.
+LOST_RANK_EXIT = 75
+
+
 class DistributedError(TilpassError, RuntimeError):
     """A distributed run cannot start or cannot go on: wrong backend, a lost rank."""
+
+    exit_code = 2
+
+
+class LostRankError(DistributedError):
+    """Another rank died or stopped answering; this rank stops too."""
+
+    exit_code = LOST_RANK_EXIT
 
 
 @dataclass(frozen=True)
@@ -118,9 +131,11 @@ def world_session(requested: str = "auto") -> Iterator[World]:
     world = init_world(requested)
     try:
         yield world
-    except dist.DistError as exc:
+    except RuntimeError as exc:
+        if world.backend is None or not lost_rank(exc):
+            raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DistributedError(
+        raise LostRankError(
             f"rank {world.rank} of {world.world_size}: lost contact with the other ranks "
             f"({first}). Another rank died or did not answer within {world.timeout_s:g} s "
             f"({TIMEOUT_ENV}); the launcher's summary names the rank that failed"
@@ -128,6 +143,14 @@ def world_session(requested: str = "auto") -> Iterator[World]:
     finally:
         if world.backend is not None and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def lost_rank(exc: BaseException) -> bool:
+    """Whether an error says that a collective lost its peers (gloo, NCCL, a timeout)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return any(m in text for m in ("gloo", "Connection reset", "Connection closed", "NCCL"))
 
 
 class LossModule(nn.Module):

@@ -31,11 +31,15 @@ def without_nproc(argv: Sequence[str]) -> list[str]:
 
 def describe_failure(rank: int, exitcode: int, pid: int) -> str:
     """What happened to a rank, in words: its exit code, or the signal that killed it."""
+    from tilpass.distributed import LOST_RANK_EXIT
+
     if exitcode < 0:
         try:
             how = f"was killed by {signal.Signals(-exitcode).name}"
         except ValueError:
             how = f"was killed by signal {-exitcode}"
+    elif exitcode == LOST_RANK_EXIT:
+        how = "stopped: it lost contact with another rank"
     else:
         how = f"exited with code {exitcode}"
     return f"rank {rank} (pid {pid}) {how}"
@@ -69,7 +73,15 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
 
 def failure_message(failures: dict[int, Any]) -> str:
     """The launcher's failures as one message naming the first rank that failed."""
-    ordered = sorted(failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+    from tilpass.distributed import LOST_RANK_EXIT
+
+    # A rank that stopped because it lost another, or that the launcher stopped (SIGTERM),
+    # is not the cause: name the others first.
+    after_effects = (LOST_RANK_EXIT, -signal.SIGTERM)
+    ordered = sorted(
+        failures.items(),
+        key=lambda kv: (kv[1].exitcode in after_effects, kv[1].timestamp, kv[0]),
+    )
     rank, first = ordered[0]
     lines = [
         f"tilpass train: error: {describe_failure(rank, first.exitcode, first.pid)}; "
