@@ -19,6 +19,10 @@ from ``checkpoint-N/`` (see :mod:`tilpass.train_checkpoints`), reaches the same 
 as an uninterrupted run. Outputs: ``metrics.jsonl`` (one JSON line per event), ``loss.png``
 and the last ``save_total_limit`` checkpoints.
 
+With several ranks (``torchrun``; :mod:`tilpass.distributed`) each rank trains its slice of
+every global micro-batch under DDP or FSDP2, the loss normalised over all ranks' loss tokens,
+and only rank 0 prints, logs and writes checkpoints.
+
 The settings and what follows from them (data order, step plan, schedule) are in
 :mod:`tilpass.train_config`, the loop's running state in :mod:`tilpass.train_state`, what the
 evaluate, checkpoint and end phases write in :mod:`tilpass.train_saving`; this module re-exports
