@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -21,17 +22,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.test_cli import cli_env, common, save_tiny_model, write_data
+from tests.test_cli import chat, cli_env, common, save_tiny_model, write_data
 from tilpass.distributed import DataParallel, DistributedError, World, choose_backend, rank_slice
 
-STEPS = 4  # optimizer steps; a checkpoint every 2
+# 25 examples in global micro-batches of 4: step 7 trains one example, on rank 0 alone (rank
+# 1 runs a stand-in with its loss masked out); step 8 starts the second epoch.
+STEPS = 8  # optimizer steps; a checkpoint every 2
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    """(tiny model dir, train file, held-out file)."""
+    """(tiny model dir, train file of 25 rows, held-out file)."""
     root = tmp_path_factory.mktemp("dist")
     train, test = write_data(root)
+    with train.open("a") as f:
+        f.write(json.dumps(chat("neurology", 24)) + "\n")
     return save_tiny_model(root / "model"), train, test
 
 
@@ -42,6 +47,7 @@ def train_args(setup: tuple[Path, Path, Path], out: Path, batch: int, *extra: st
     args[i + 1] = str(batch)
     i = args.index("--data.eval")
     del args[i : i + 2]  # no evaluation: these tests are about the training steps
+    args += ["--training.keep_freed_memory", "false"]  # no process-wide malloc change here
     return [
         "train",
         *args,
@@ -88,8 +94,10 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
 def reference(setup: tuple[Path, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, 4 examples per step: ``run/`` (cosine schedule) and ``constant/``."""
     root = tmp_path_factory.mktemp("one")
-    in_process(train_args(setup, root / "run", 4))
-    in_process([*train_args(setup, root / "constant", 4), "--training.lr_scheduler", "constant"])
+    keep = ["--training.save_total_limit", "0"]
+    in_process([*train_args(setup, root / "run", 4), *keep])
+    constant = ["--training.lr_scheduler", "constant", *keep]
+    in_process([*train_args(setup, root / "constant", 4), *constant])
     return root
 
 
@@ -117,10 +125,10 @@ def test_two_ranks_equal_one_process_and_resume_on_one(
     want = adapter(reference / "run")
     assert_same(adapter(out), want)
     assert any(bool(t.abs().max() > 0) for k, t in want.items() if "lora_B" in k)
-    # Resume the 2-rank run's step-2 checkpoint with one process and 4 examples per step.
+    # Resume the 2-rank run's step-6 checkpoint with one process and 4 examples per step.
     one = tmp_path / "resumed"
     one.mkdir()
-    for name in ("checkpoint-2", "run.json", "config.yaml", "metrics.jsonl"):
+    for name in ("checkpoint-6", "run.json", "config.yaml", "metrics.jsonl"):
         subprocess.run(["cp", "-r", str(out / name), str(one / name)], check=True)
     in_process([*train_args(setup, one, 4), "--resume", "auto"])
     assert_same(adapter(one), want)
