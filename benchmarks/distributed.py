@@ -12,13 +12,16 @@ Per configuration it reports:
 - communication share: 1 - (median step time with DDP's ``no_sync``, i.e. no gradient
   reduction) / (median step time with it), the time the step spends on communication that
   the backward pass does not hide;
-- the all-reduce time of one flat tensor the size of the adapter's gradients, measured alone;
+- the all-reduce time of one flat tensor the size of the adapter's gradients, measured alone,
+  and its share of the step time (an upper bound of what DDP spends reducing, as DDP
+  overlaps the reduction with the backward pass);
 - bytes reduced per step: the adapter's gradients (what travels) beside the whole model's
   parameters (what full fine-tuning with DDP would reduce).
 
     python benchmarks/distributed.py                      # default model, 1 and 2 processes
     python benchmarks/distributed.py --quick              # short mode: 2 warm-up + 4 timed steps
     python benchmarks/distributed.py --model tiny --quick # smoke run on a tiny random Llama
+    python benchmarks/distributed.py --render out.json    # the table of saved results
 """
 
 from __future__ import annotations
@@ -155,6 +158,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"{1000 * r['step_s']:.0f}",
             f"{100 * r['comm_share']:.1f}%",
             f"{1000 * r['allreduce_adapter_s']:.2f}",
+            f"{100 * r['allreduce_adapter_s'] / r['step_s']:.2f}%",
             f"{r['adapter_grad_bytes'] / 2**20:.2f} MiB",
             f"{r['model_bytes'] / 2**20:.1f} MiB",
         ]
@@ -167,6 +171,7 @@ def table(results: list[dict[str, Any]]) -> str:
         "step ms",
         "comm share",
         "adapter all-reduce ms",
+        "all-reduce / step",
         "adapter grads/step",
         "full model grads/step",
     ]
@@ -182,11 +187,17 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--quick", action="store_true", help="short mode: 4 timed, 2 warm-up steps")
     p.add_argument("--json", default=None, help="write results and machine info here")
+    p.add_argument("--render", default=None, help="print the table of a --json file and stop")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        print(machine_line(saved["machine"]))
+        print(table(saved["results"]))
         return
     if args.quick:
         args.steps, args.warmup = 4, 2
