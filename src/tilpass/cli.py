@@ -304,13 +304,13 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
         "--nproc",
         type=int,
         default=None,
-        help="data-parallel ranks on this machine (relaunches under torch.distributed.run)",
+        help="data-parallel ranks on this machine (relaunches the command under torchrun)",
     )
     p.add_argument(
         "--backend",
         choices=("auto", "gloo", "nccl"),
         default="auto",
-        help="torch.distributed backend: auto = nccl on GPUs, gloo on CPU",
+        help="communication backend: auto = nccl on GPUs, gloo on CPU",
     )
     p.add_argument(
         "--shard",

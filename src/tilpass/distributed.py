@@ -258,9 +258,18 @@ class DataParallel:
             from torch.nn.parallel import DistributedDataParallel
 
             device = [self.world.local_rank] if self.world.backend == "nccl" else None
-            # Buffers (rotary tables) are computed alike on every rank: no sync per step.
+            # Every rank loads the same base from the same files: only the trained tensors are
+            # broadcast from rank 0 (DDP's own start-up sync would send the whole base, 128
+            # GiB for a 70B), and buffers (rotary tables) are computed alike: no sync per step.
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
             self.wrapped = DistributedDataParallel(
-                loss, device_ids=device, forward_sync_buffers=False, find_unused_parameters=False
+                loss,
+                device_ids=device,
+                init_sync=False,
+                forward_sync_buffers=False,
+                find_unused_parameters=False,
             )
         return self.wrapped
 
