@@ -162,8 +162,21 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         sources.overrides.add(("quantize",))
     config = build_config(merge(values, overrides), sources)
     apply_process_settings(config.training)  # process-wide: the CLI's choice, not train()'s
-    result = run(config, resume=args.resume, overwrite=args.overwrite, sources=sources)
-    _print_outcome(result, config)
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        from tilpass.distributed import choose_backend
+        from tilpass.distributed_launch import launch
+
+        choose_backend(args.backend)  # a GPU backend on a machine without GPUs: say so now
+        return launch(args.nproc, args.argv)
+    from tilpass.distributed import DataParallel, world_session
+
+    with world_session(args.backend) as world:
+        dp = DataParallel(world, shard=args.shard)
+        result = run(
+            config, resume=args.resume, overwrite=args.overwrite, sources=sources, distributed=dp
+        )
+    if world.is_main:
+        _print_outcome(result, config)
     return 0
 
 
@@ -297,6 +310,27 @@ def cmd_doctor(args: argparse.Namespace, extra: list[str]) -> int:
 _OVERWRITE_HELP = "delete a run already in the output directory first (else it is refused)"
 
 
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    """`--nproc`, `--backend` and `--shard` of `tilpass train` (docs/distributed.md)."""
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="data-parallel ranks on this machine (relaunches the command under torchrun)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "gloo", "nccl"),
+        default="auto",
+        help="communication backend: auto = nccl on GPUs, gloo on CPU",
+    )
+    p.add_argument(
+        "--shard",
+        action="store_true",
+        help="FSDP2: shard the frozen base over the ranks (fully_shard per block) instead of DDP",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilpass", description=__doc__.splitlines()[0])
     from tilpass import __version__
@@ -323,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows")
     add_quantize_argument(p)
+    add_distributed_arguments(p)
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (
@@ -364,13 +399,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tilpass never reaches for a model hub
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc relaunches
     if extra and args.command not in ("train", "quickstart", "eval"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args, extra))
     except (TilpassError, ValueError, OSError, ImportError, NotImplementedError) as exc:
         print(f"tilpass {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))  # a rank that lost another says so
     except KeyboardInterrupt:
         print(
             "interrupted; rerun with --resume auto to continue from the last checkpoint",

@@ -36,6 +36,7 @@ from tilpass.config import CONFIG_NAME
 from tilpass.config_yaml import ConfigSources
 from tilpass.data import TokenizedDataset, build_dataset, collate, load_records
 from tilpass.data.sources import peek_format
+from tilpass.distributed import DataParallel
 from tilpass.evaluate import evaluate_model
 from tilpass.json_files import dumps_strict
 from tilpass.model import AdaptedModel, get_peft_model
@@ -200,6 +201,7 @@ def run(
     overwrite: bool = False,
     sources: ConfigSources | None = None,
     callbacks: Sequence[Any] = (),
+    distributed: DataParallel | None = None,
 ) -> RunResult:
     """Execute one run end to end; see the module docstring for the steps.
 
@@ -209,16 +211,20 @@ def run(
             refused, unless resuming).
         sources: where the config's settings came from, for error messages.
         callbacks: training hooks passed to the loop (`tilpass.train_hooks.TrainingHook`).
+        distributed: this process's ranks (`tilpass.distributed`); None: one process. Only
+            rank 0 logs and writes files.
     """
+    dp = distributed or DataParallel()
+    log = log if dp.is_main else _quiet
     if not config.data.train:
         raise RunConfigError("data.train is not set: give a training file (--data.train PATH)")
     check_run(config, sources or ConfigSources.of("config"))
     out = Path(config.output_dir)
-    run_id = claim_output_dir(out, overwrite=overwrite, resume=resume)
-    save_config(config, out / "config.yaml")
-    model, tokenizer = load_model(
-        config.model, device="cuda" if torch.cuda.is_available() else None
-    )
+    run_id = claim_output_dir(out, overwrite=overwrite, resume=resume) if dp.is_main else None
+    run_id = dp.share(run_id)  # rank 0 claims the directory, the others learn its run
+    if dp.is_main:
+        save_config(config, out / "config.yaml")
+    model, tokenizer = load_model(config.model, device=dp.world.device())
     quantized = None
     if config.quantize is not None:
         quantized = quantize_model(model, QuantizeConfig(config.quantize)).to_dict()
@@ -237,6 +243,7 @@ def run(
     )
     if quantized is not None:
         log(model.base_storage().describe())
+    log(dp.banner(config.training))
     started = time.perf_counter()
     # The loop evaluates on the held-out split every `eval_steps` and at the end; that final
     # evaluation is the "after" column.
@@ -253,18 +260,29 @@ def run(
         run_id=run_id,
         log=log,
         callbacks=callbacks,
+        distributed=dp,
     )
     wall = time.perf_counter() - started
+    dp.gather_parameters(model)  # FSDP2 shards made whole again, for saving
     after = _after_metrics(result, model, tokenizer, data, config)
     examples = after.pop("examples", [])
     before.pop("examples", None)
-    change = _change_record(config, data, result, (trainable, total), (before, after), wall)
+    change = _change_record(
+        config, data, result, (trainable, total), (before, after), wall, dp.global_config
+    )
     change.base_quantization = quantized
     _refuse_nonfinite(model, out)
+    if not dp.is_main:  # rank 0 saves; the other ranks hold the same adapter
+        kept = out / (MODEL_DIR if config.adapter is None else ADAPTER_DIR)
+        return RunResult(before, after, kept, result, examples)
     saved = save_trained(model, tokenizer, out, change)
     body = dumps_strict({"before": before, "after": after}, indent=2) + "\n"
     atomic_write_bytes(out / "result.json", body.encode())
     return RunResult(before, after, saved, result, examples)
+
+
+def _quiet(*_: Any) -> None:
+    """The log of ranks other than 0."""
 
 
 def _base_metrics(
@@ -285,10 +303,12 @@ def _change_record(
     counts: tuple[int, int],
     metrics: tuple[dict[str, Any], dict[str, Any]],
     wall: float,
+    global_config: Any = None,
 ) -> ChangeRecord:
     """What the card and the record say about this run: (trainable, total) parameter counts,
-    (before, after) metrics."""
-    consumed = consumed_examples(len(data.train), result.global_step, config.training)
+    (before, after) metrics; `global_config` turns the per-rank batch into the global one."""
+    training = global_config(config.training) if global_config else config.training
+    consumed = consumed_examples(len(data.train), result.global_step, training)
     base_files = weights_file_hashes(resolve_model_path(config.model))
     return ChangeRecord(
         base_model=base_model_name(config.model),

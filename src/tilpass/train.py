@@ -19,6 +19,10 @@ from ``checkpoint-N/`` (see :mod:`tilpass.train_checkpoints`), reaches the same 
 as an uninterrupted run. Outputs: ``metrics.jsonl`` (one JSON line per event), ``loss.png``
 and the last ``save_total_limit`` checkpoints.
 
+With several ranks (``torchrun``; :mod:`tilpass.distributed`) each rank trains its slice of
+every global micro-batch under DDP or FSDP2, the loss normalised over all ranks' loss tokens,
+and only rank 0 prints, logs and writes checkpoints.
+
 The settings and what follows from them (data order, step plan, schedule) are in
 :mod:`tilpass.train_config`, the loop's running state in :mod:`tilpass.train_state`, what the
 evaluate, checkpoint and end phases write in :mod:`tilpass.train_saving`; this module re-exports
@@ -40,9 +44,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tilpass.distributed import DataParallel, SilentLog
 from tilpass.losses import (
     Batch,
-    causal_lm_loss,
     count_loss_tokens,
     model_device,
     selective_loss_matches,
@@ -149,9 +153,11 @@ class Trainer:
         answer_fn: Callable[[Any], str] | None = None,
         run_id: str | None = None,
         log: Callable[[str], None] = print,
+        distributed: DataParallel | None = None,
     ) -> None:
         config.validate()
-        self.run_id, self.say = run_id, log
+        self.dist = distributed or DataParallel()  # a world of one unless launched by torchrun
+        self.run_id, self.say = run_id, log if self.dist.is_main else _quiet
         self.started = time.perf_counter()
         self.model, self.config = model, config
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
@@ -164,6 +170,7 @@ class Trainer:
         n = len(train_dataset)  # type: ignore[arg-type]
         if n == 0:
             raise ValueError("train_dataset is empty: check the data file and its filters")
+        self.loss_fn = self.dist.wrap(model)  # DDP / FSDP2 over the loss; plain in one process
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
@@ -175,7 +182,7 @@ class Trainer:
         self.autocast = autocast_for(config, self.device)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        self.plan = StepPlan.of(n, config)
+        self.plan = StepPlan.of(n, self.dist.global_config(config))  # global micro-batches
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.state = LoopState(selective=None if config.selective_lm_head else False)
@@ -216,11 +223,22 @@ class Trainer:
         }
 
     def _resume(self, resume: str | os.PathLike[str] | None) -> Path | None:
-        """Restore a checkpoint of this run (see :func:`tilpass.train_resume.resume_run`)."""
-        return resume_run(self, resume)
+        """Restore a checkpoint of this run (see :func:`tilpass.train_resume.resume_run`);
+        with several ranks, rank 0 chooses it and the others follow, one after the other."""
+        if self.dist.size == 1:
+            return resume_run(self, resume)
+        self.dist.check_resume(resume)
+        chosen = resume_run(self, resume) if self.dist.is_main else None
+        chosen, self.run_id = self.dist.share((chosen, self.run_id))
+        if not self.dist.is_main:
+            resume_run(self, chosen)
+        self.dist.barrier()
+        return chosen
 
     def _open_log(self, resumed_from: Path | None) -> MetricsLog:
         """Open ``metrics.jsonl`` (appending after a resume) and write the start event."""
+        if not self.dist.is_main:
+            return SilentLog()  # type: ignore[return-value]  # rank 0 writes the log
         log = MetricsLog(self.metrics_path, self.hooks.on_log)
         log.write(
             {
@@ -258,7 +276,7 @@ class Trainer:
         self._pbar = tqdm(
             total=self.plan.max_steps,
             initial=self.state.step,
-            disable=not self.config.progress_bar,
+            disable=not (self.config.progress_bar and self.dist.is_main),
             desc="train",
         )
         try:
@@ -278,7 +296,9 @@ class Trainer:
             stopped_early=st.stopped_early,
             checkpoint_dir=st.last_checkpoint,
             metrics_path=self.metrics_path,
-            plot_path=plot_losses(self.metrics_path, self.output_dir / PLOT_FILE),
+            plot_path=plot_losses(self.metrics_path, self.output_dir / PLOT_FILE)
+            if self.dist.is_main
+            else None,
             runtime_s=runtime,
         )
 
@@ -318,32 +338,36 @@ class Trainer:
     # --------------------------------------------------------------------- step phases
 
     def _batch(self, index_groups: list[list[int]]) -> list[Batch]:
-        """Collate each micro-batch, trailing all-padding columns dropped."""
-        data, collate_fn = self.train_dataset, self.collate_fn
-        return [trim_padding(collate_fn([data[i] for i in idx])) for idx in index_groups]
+        """Collate this rank's part of each micro-batch (all of it in one process)."""
+        return [self.dist.micro_batch(idx, self._collate) for idx in index_groups]
+
+    def _collate(self, indices: list[int]) -> Batch:
+        """One micro-batch of examples ``indices``, trailing all-padding columns dropped."""
+        return trim_padding(self.collate_fn([self.train_dataset[i] for i in indices]))
 
     def _forward_backward(self, micro: list[Batch]) -> StepOutput:
         """Forward, loss (+ hooks' loss terms) and backward of every micro-batch of a step."""
         n_tok = sum(count_loss_tokens(b) for b in micro)
         seen = sum(int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b in micro)
+        n_tok, seen = self.dist.sum_counts(n_tok, seen)  # the whole step's, over all ranks
         if self.state.selective is None:
             first = to_device(micro[0], self.device)
             self.state.selective = selective_loss_matches(self.model, first, self.autocast)
         out = StepOutput(torch.zeros((), dtype=torch.float64, device=self.device), n_tok, seen, {})
-        for b in micro:
-            with self.autocast or nullcontext():
-                loss, _ = causal_lm_loss(
-                    self.model, to_device(b, self.device), self.state.selective
-                )
+        for i, b in enumerate(micro):
+            with self.dist.sync(last=i == len(micro) - 1), self.autocast or nullcontext():
+                loss, _ = self.loss_fn(to_device(b, self.device), self.state.selective)
             # Normalise by the loss tokens of the whole step: accumulation 4 x batch 2 is then
-            # the same update as batch 8.
-            objective = loss / max(n_tok, 1)
+            # the same update as batch 8, and 2 ranks x batch 4 as one process with batch 8.
+            objective = loss * self.dist.loss_scale / max(n_tok, 1)
             if self.hooks.loss_terms:
                 objective = objective + self.hooks.loss_term_total(
                     self.state.step, out.terms, len(micro)
                 )
-            objective.backward()
+            with self.dist.sync(last=i == len(micro) - 1):
+                objective.backward()
             out.loss += loss.detach().double()
+        out.loss = self.dist.sum(out.loss)
         return out
 
     def _finite(self, out: StepOutput) -> bool:
@@ -460,6 +484,10 @@ class Trainer:
         self.state.stop = self.state.stop or state.should_stop
 
 
+def _quiet(line: str) -> None:
+    """The log of ranks other than 0: they say nothing."""
+
+
 def train(
     model: nn.Module,
     train_dataset: Dataset,
@@ -476,6 +504,7 @@ def train(
     answer_fn: Callable[[Any], str] | None = None,
     run_id: str | None = None,
     log: Callable[[str], None] = print,
+    distributed: DataParallel | None = None,
 ) -> TrainResult:
     """Train every parameter with ``requires_grad=True``; evaluate, log and checkpoint.
 
@@ -500,6 +529,8 @@ def train(
         run_id: The run's id (`tilpass.run_dir`); None takes the output directory's run when
             resuming, else a new id. Checkpoints carry it; only the run's own are resumed.
         log: Receives the lines that say what a resume did (default: ``print``).
+        distributed: The ranks of a ``torchrun`` launch (`tilpass.distributed`); None: one
+            process. Only rank 0 logs and writes; ``batch_size`` is per rank.
 
     Returns:
         A :class:`TrainResult` (final step, losses, last eval metrics, last checkpoint).
@@ -523,5 +554,6 @@ def train(
         answer_fn=answer_fn,
         run_id=run_id,
         log=log,
+        distributed=distributed,
     )
     return trainer.fit(resume)

@@ -77,11 +77,14 @@ def save_step(trainer: Trainer) -> Path:
             f"{bad[0]}); training diverged and no checkpoint or adapter is saved from it. "
             f"Lower training.learning_rate (now {trainer.config.learning_rate:g})"
         )
+    named, optimizer = trainer.dist.full_state(trainer.named, trainer.optimizer)
+    if not trainer.dist.is_main:  # rank 0 writes; every rank holds the same weights
+        return trainer.output_dir / f"checkpoint-{st.step}"
     path = save_checkpoint(
         trainer.output_dir,
         st.step,
-        trainer.named,
-        trainer.optimizer,
+        named,
+        optimizer,
         trainer.scheduler,
         trainer_state,
         trainer.config.save_total_limit,
