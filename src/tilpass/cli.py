@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tilpass.config_yaml import ConfigSources, load_config_file, read_overrides
 from tilpass.errors import TilpassError
+from tilpass.export_cli import add_export_parser
 from tilpass.memory_cli import add_memory_parser
 from tilpass.merge_cli import add_merge_parser, add_quantize_argument
 
@@ -336,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
     add_merge_parser(sub)
     add_memory_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
