@@ -38,6 +38,7 @@ class ChangeRecord:
         base_weights_note: where the base weights came from, when that is not the original
             release (the default model's are de-quantized from a GGUF file).
         base_quantization: how the base was quantized for training (QLoRA), or None.
+        method_report: the method's own report on the trained adapter (AdaLoRA's ranks).
     """
 
     base_model: str
@@ -59,6 +60,7 @@ class ChangeRecord:
     task: str | None = None
     base_weights_note: str | None = None
     base_quantization: dict[str, Any] | None = None
+    method_report: list[str] = field(default_factory=list)  # Markdown from `Method.report`
 
 
 def versions() -> dict[str, str]:
@@ -231,6 +233,7 @@ def render_card(change: ChangeRecord, location: str | Path) -> str:
         *_what_changed(change),
         f"- base weights SHA-256: `{change.base_weights_sha256}`",
         *([f"- note: {change.base_weights_note}"] if change.base_weights_note else []),
+        *change.method_report,
         "",
         "## Data",
         "",
