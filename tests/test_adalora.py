@@ -28,6 +28,7 @@ from tilpass.methods.adalora.allocator import budget_schedule
 from tilpass.methods.adalora.report import report
 from tilpass.methods.adalora.training import AdaLoraTraining, orthogonal_regulariser
 from tilpass.routing import BASE
+from tilpass.run_report import card_lines, figure_files, method_reports
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 peft = pytest.importorskip("peft")
@@ -197,9 +198,12 @@ def test_final_budget_is_the_target_and_ranks_differ(trained: dict[str, Any]) ->
     for layer in layers:
         e = layer.lora_E["default"].view(-1)
         assert int((e != 0).sum()) == layer.kept_rank("default")
-    lines = report(trained["ours"], "default")
-    assert lines is not None and lines.figure is not None
-    assert "kept rank 12 of 24" in lines.lines[-1]
+    made = report(trained["ours"], "default")
+    assert made is not None and "kept rank 12 of 24" in made.lines[-1]
+    assert method_reports(trained["ours"]) != []  # found through the registry
+    card = card_lines([made])
+    assert card[1] == "## AdaLoRA final ranks (default)" and "![" in card[-1]
+    assert figure_files([made])["adalora_ranks.png"].startswith(b"\x89PNG")
 
 
 def test_peft_pruned_adapter_loads_in_tilpass(trained: dict[str, Any]) -> None:
