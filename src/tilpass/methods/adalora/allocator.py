@@ -118,16 +118,24 @@ class RankAllocator:
     def apply_masks(self, keeps: list[torch.Tensor]) -> dict[str, list[bool]]:
         """Zero Lambda of the triplets `keeps` drops; record the masks and the rank pattern."""
         pattern = {}
-        for (path, layer), keep in zip(self.layers, keeps, strict=True):
-            layer.lora_E[self.name].masked_fill_(~keep.view(-1, 1), 0.0)
-            layer.rank_mask[self.name] = keep.detach().to("cpu")
-            pattern[f"{path}.lora_E"] = keep.view(-1).tolist()
+        # One device-to-host copy for all layers, not one per layer.
+        on_host = torch.cat([k.view(-1) for k in keeps]).to("cpu").split([k.numel() for k in keeps])
+        for (path, layer), keep, host in zip(self.layers, keeps, on_host, strict=True):
+            e = layer.lora_E[self.name]
+            e.masked_fill_(~keep.to(e.device).view(-1, 1), 0.0)
+            layer.rank_mask[self.name] = host
+            pattern[f"{path}.lora_E"] = host.tolist()
         self.config.rank_pattern = pattern
         return pattern
 
     def mask_with_pattern(self) -> None:
-        """Re-apply the fixed final pattern (after each step of the final phase)."""
-        self.apply_masks([layer.rank_mask[self.name] for _, layer in self.layers])
+        """Re-apply the fixed final pattern (after each step of the final phase). A run
+        resumed from a checkpoint has no masks yet: the pruned triplets are the zero Lambdas."""
+        keeps = []
+        for _, layer in self.layers:
+            keep = layer.rank_mask.get(self.name)
+            keeps.append(layer.lora_E[self.name].view(-1) != 0 if keep is None else keep)
+        self.apply_masks(keeps)
 
     def allocate(self, step: int) -> None:
         """The budget and masking of optimizer step `step` (0-based), as PEFT's
@@ -142,7 +150,7 @@ class RankAllocator:
         elif step == end:
             self.mask_to_budget(self.target_budget)
             self.reset_scores()
-        elif all(self.name in layer.rank_mask for _, layer in self.layers):
+        else:
             self.mask_with_pattern()
 
     def wants_scores(self, step: int) -> bool:
