@@ -302,3 +302,27 @@ def test_trainer_runs_hooks_and_fills_total_step(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"tinit \(1\) \+ tfinal \(2\) >= total_step \(3"):
         fresh = AdaptedModel(helpers.tiny_llama(), ours(total_step=None))
         train(fresh, make_items(16), None, collate, cfg(max_steps=3), tmp_path / "short")
+
+
+def test_export_leaves_out_fully_pruned_modules(trained: dict[str, Any]) -> None:
+    """A module whose triplets were all pruned is left out (target_modules lists the rest);
+    the largest rank is r and the others are anchored rank_pattern / alpha_pattern keys."""
+    from tilpass.adapter_files import save_tensors
+    from tilpass.methods.adalora import export_lora
+
+    root, ids = trained["root"], trained["ids"]
+    source = root / "one-pruned"
+    tensors = load_file(root / "peft" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_E"
+    tensors[key] = torch.zeros_like(tensors[key])
+    source.mkdir()
+    save_tensors(source / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+    (source / "adapter_config.json").write_text((root / "peft" / "adapter_config.json").read_text())
+    config = export_lora(source, root / "one-pruned-lora")
+    assert "model.layers.1.mlp.down_proj" not in config.target_modules
+    assert len(config.target_modules) == 5
+    assert config.r == max(trained["hook"].allocator.kept_ranks().values())
+    assert all(key.startswith("^model\\.layers\\.") for key in config.rank_pattern)
+    expected = logits(AdaptedModel.from_pretrained(helpers.tiny_llama(), source), ids)
+    lora = peft.PeftModel.from_pretrained(helpers.tiny_llama(), root / "one-pruned-lora")
+    torch.testing.assert_close(logits(lora, ids), expected, **TOL)

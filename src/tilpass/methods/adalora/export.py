@@ -16,8 +16,9 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections import Counter
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,16 +67,23 @@ def lora_config(config: AdaLoraConfig, ranks: dict[str, int], modules: int) -> L
     """A LoRA config with scale 1 in every module of `ranks` ({file key prefix: rank}) of
     the AdaLoRA adapter's `modules` modules."""
     paths = {key.removeprefix("base_model.model."): rank for key, rank in ranks.items()}
-    r = max(paths.values(), default=1)
-    common = Counter(paths.values()).most_common(1)[0][0] if paths else r
-    pattern = {_exact(path): rank for path, rank in paths.items() if rank != common}
+    r = max(paths.values())  # the largest rank: what a server checks against its maximum
+    pattern = {_exact(path): rank for path, rank in paths.items() if rank != r}
     targets = config.target_modules
     pruned_away = len(paths) < modules
     if pruned_away:
         targets = sorted(paths)
+    with warnings.catch_warnings():  # AdaLoRA's low ranks are its result, not a mistake
+        warnings.filterwarnings("ignore", message="LoRA rank")
+        return _lora_config(config, targets, pruned_away, r, pattern)
+
+
+def _lora_config(
+    config: AdaLoraConfig, targets: Any, pruned_away: bool, r: int, pattern: dict[str, int]
+) -> LoraConfig:
     return LoraConfig(
-        r=common,
-        lora_alpha=common,
+        r=r,
+        lora_alpha=r,
         rank_pattern=pattern,
         alpha_pattern={key: float(rank) for key, rank in pattern.items()},
         target_modules=targets,
