@@ -326,3 +326,27 @@ def test_export_leaves_out_fully_pruned_modules(trained: dict[str, Any]) -> None
     expected = logits(AdaptedModel.from_pretrained(helpers.tiny_llama(), source), ids)
     lora = peft.PeftModel.from_pretrained(helpers.tiny_llama(), root / "one-pruned-lora")
     torch.testing.assert_close(logits(lora, ids), expected, **TOL)
+
+
+def test_tilpass_train_adalora_end_to_end(tmp_path: Path) -> None:
+    """`tilpass train --method adalora` (a real subprocess): the rank table at the end, the
+    PNG and the table in the adapter directory and card, total_step from the step plan."""
+    from tests.test_cli import common, save_tiny_model, tilpass, write_data
+
+    model = save_tiny_model(tmp_path / "model")
+    train, test = write_data(tmp_path)
+    out = tmp_path / "run"
+    settings = ["--adalora.target_modules", "[q_proj, v_proj]", "--adalora.init_r", "4"]
+    settings += ["--adalora.target_r", "2", "--adalora.tinit", "1", "--adalora.tfinal", "2"]
+    args = common(model, train, test, out, steps=6, lora=False)
+    proc = tilpass("train", *args, "--method", "adalora", *settings, cwd=tmp_path)
+    assert "AdaLoRA final ranks (default)" in proc.stdout
+    assert "| layer | q_proj | v_proj |" in proc.stdout
+    adapter = out / "adapter"
+    assert (adapter / "adalora_ranks.png").read_bytes().startswith(b"\x89PNG")
+    card = (adapter / "README.md").read_text()
+    assert "## AdaLoRA final ranks (default)" in card and "(adalora_ranks.png)" in card
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["total_step"] == 6
+    kept = [sum(mask) for mask in config["rank_pattern"].values()]
+    assert sum(kept) == 2 * len(kept) and f"kept rank {sum(kept)} of {4 * len(kept)}" in card
