@@ -201,6 +201,7 @@ def test_final_budget_is_the_target_and_ranks_differ(trained: dict[str, Any]) ->
     made = report(trained["ours"], "default")
     assert made is not None and "kept rank 12 of 24" in made.lines[-1]
     assert method_reports(trained["ours"]) != []  # found through the registry
+    assert method_reports(helpers.tiny_llama()) == []  # full fine-tuning: no adapters
     card = card_lines([made])
     assert card[1] == "## AdaLoRA final ranks (default)" and "![" in card[-1]
     assert figure_files([made])["adalora_ranks.png"].startswith(b"\x89PNG")

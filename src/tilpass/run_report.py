@@ -10,14 +10,17 @@ import io
 from typing import Any
 
 from tilpass.methods import MethodReport, method_of
+from tilpass.model import AdaptedModel
 
 
 def method_reports(model: Any) -> list[MethodReport]:
-    """The reports of the model's active adapters whose methods have one."""
-    configs = getattr(model, "peft_config", None) or {}
+    """The reports of the model's active adapters whose methods have one (none for a model
+    without adapters: full fine-tuning)."""
+    if not isinstance(model, AdaptedModel):
+        return []
     found = []
-    for name in getattr(model, "active_adapters", []):
-        method = method_of(configs[name])
+    for name in model.active_adapters:
+        method = method_of(model.peft_config[name])
         made = method.report(model, name) if method.report is not None else None
         if made is not None:
             found.append(made)
