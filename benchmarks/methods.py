@@ -9,6 +9,9 @@ peak memory, and the adapter file's size. Variants come from the method registry
 linear; (IA)^3 defaults; Houlsby, Pfeiffer and parallel with bottleneck 64), and a method it
 does not name runs with `PEFT_TYPE_SETTINGS` or its config's defaults, so a new method appears
 without editing this file. A mixed batch of 8 bottleneck adapters is timed against one.
+AdaLoRA's whole training step (regulariser, importance scores, masking) is timed against a
+LoRA step of rank init_r and PEFT's AdaLoRA step (benchmarks/adalora_steps.py;
+`--adalora-only` runs just that).
 
 AdapterHub 1.3 pins transformers 4.57, so its side runs in a virtualenv this script creates
 (`--peer-venv`, default `~/.cache/tilpass/bench-adapterhub-venv`: `pip install adapters==1.3.0`,
@@ -19,6 +22,7 @@ interleaved in its own process) is compared.
 
     python benchmarks/methods.py --json methods.json
     python benchmarks/methods.py --quick --rounds 5     # smaller model, a few minutes
+    python benchmarks/methods.py --quick --adalora-only --rounds 5
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from adalora_steps import adalora_steps, print_adalora
 from common import (
     Gate,
     core_llama_config,
@@ -76,6 +81,13 @@ SETTINGS: dict[str, list[Variant]] = {
         Variant("LoRA unmerged", "lora", LORA),
     ],
     "ia3": [Variant("(IA)3", "ia3", {})],
+    "adalora": [
+        Variant(
+            "AdaLoRA",
+            "adalora",
+            {"init_r": 12, "target_r": 8, "target_modules": ALL_LINEAR, "total_step": 1000},
+        )
+    ],
     "bottleneck": [
         Variant("Houlsby", "bottleneck", {"bottleneck_size": BOTTLENECK, "non_linearity": "silu"}),
         Variant("Pfeiffer", "bottleneck", {"bottleneck_size": BOTTLENECK, "placement": "pfeiffer"}),
@@ -287,6 +299,9 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true", help="skip the AdapterHub run")
     parser.add_argument("--train-child", default=None, help=argparse.SUPPRESS)
     parser.add_argument(
+        "--adalora-only", action="store_true", help="only the AdaLoRA step comparison"
+    )
+    parser.add_argument(
         "--peer-venv", default=str(Path.home() / ".cache/tilpass/bench-adapterhub-venv")
     )
     args = parser.parse_args()
@@ -298,6 +313,10 @@ def main() -> None:
     config = model_config(args.quick)
     torch.manual_seed(0)
     base = LlamaForCausalLM(config).eval()
+    if args.adalora_only:
+        print(f"\n{machine_line(machine_info())}")
+        print_adalora(adalora_steps(base, config.vocab_size, args.rounds))
+        return
     base_params = sum(p.numel() for p in base.parameters())
     variants = registry_variants()
     models: dict[str, Any] = {"base": base}
@@ -324,6 +343,7 @@ def main() -> None:
     mixed = mixed_batch(base, args.rounds, args.reps, config.vocab_size)
     peer = None if args.no_peer else run_peer(Path(args.peer_venv), config, args.rounds, args.reps)
     report(args, config, base_params, rows, seconds, mixed, peer)
+    print_adalora(adalora_steps(base, config.vocab_size, args.rounds))
 
 
 def peer_rows(seconds: dict[str, Any], peer: dict[str, Any]) -> tuple[list[list[str]], list[Gate]]:

@@ -20,7 +20,7 @@ from torch import nn
 
 import tilpass
 from tests.helpers import tiny_llama, tokens
-from tests.reference import bottleneck_ref, ia3_ref, lora_ref, prompt_ref
+from tests.reference import adalora_ref, bottleneck_ref, ia3_ref, lora_ref, prompt_ref
 from tilpass.config import AdapterConfig
 from tilpass.layers import AdapterLayer
 from tilpass.methods import METHODS, method_of
@@ -119,6 +119,34 @@ def _peft_lora(peft: Any, **kw: Any) -> Any:
     )
 
 
+def _adalora(**kw: Any) -> AdapterConfig:
+    from tilpass.methods.adalora import AdaLoraConfig
+
+    settings = {"init_r": 4, "target_r": 2, "total_step": 10, "lora_alpha": 6}
+    targets = {"target_modules": ["q_proj", "v_proj", "down_proj"]}
+    return AdaLoraConfig(**{**settings, **targets, "init_lora_weights": False, **kw})
+
+
+def _adalora_ref(base: nn.Linear, layer: AdapterLayer, name: str, x: torch.Tensor) -> torch.Tensor:
+    t = layer.adapter_tensors(name)
+    scale = layer.specs[name].scale
+    return adalora_ref.svd_linear(
+        x, base.weight, base.bias, t["lora_A"], t["lora_E"], t["lora_B"], scale
+    )
+
+
+def _peft_adalora(peft: Any, **kw: Any) -> Any:
+    return peft.AdaLoraConfig(
+        init_r=4,
+        target_r=2,
+        total_step=10,
+        lora_alpha=6,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+        **kw,
+    )
+
+
 def _prompt(**kw: Any) -> AdapterConfig:
     kw.pop("target_modules", None)  # prompt tuning targets the input embedding only
     return tilpass.PromptTuningConfig(**{"num_virtual_tokens": 3, **kw})
@@ -167,6 +195,7 @@ ROWS = [
     ),
     # PEFT has no such method; its LoRA part's interop is in test_lora_prompt.py
     Row("lora+prompt", _hybrid, _lora_ref, unloads_merged=False),
+    Row("adalora", _adalora, _adalora_ref, _peft_adalora),
     Row(
         "bottleneck",
         _bottleneck,

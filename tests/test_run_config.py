@@ -106,8 +106,8 @@ def test_every_field_is_reachable_from_the_command_line() -> None:
             "alpha_pattern, arrow_config, bias,",
         ),
         (
-            {"method": "adalora"},
-            "run.yaml: method: unknown method 'adalora'; choose one of "
+            {"method": "vera"},
+            "run.yaml: method: unknown method 'vera'; choose one of "
             + ", ".join([*METHODS, "full"]),
         ),
         (

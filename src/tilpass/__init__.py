@@ -10,6 +10,7 @@ from tilpass.adapter_state import (
 )
 from tilpass.config import AdapterConfig, PeftType
 from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
+from tilpass.methods.adalora import AdaLoraConfig
 from tilpass.methods.lora import LoraConfig
 from tilpass.methods.lora_prompt import LoraPromptConfig
 from tilpass.methods.prompt import PromptTuningConfig
@@ -20,6 +21,7 @@ from tilpass.status import TunerLayerStatus, TunerModelStatus, get_layer_status,
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaLoraConfig",
     "AdaptedModel",
     "AdapterConfig",
     "AdapterFileError",

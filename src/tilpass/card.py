@@ -41,6 +41,7 @@ class ChangeRecord:
         base_weights_files: each base weight file's SHA-256 (name -> hash), when known, so a
             check can name the file that changed; `base_weights_sha256` is their manifest hash.
         provenance: how the record came about, when not by a tilpass training run.
+        method_report: the method's own report on the trained adapter (AdaLoRA's ranks).
     """
 
     base_model: str
@@ -64,6 +65,7 @@ class ChangeRecord:
     base_quantization: dict[str, Any] | None = None
     base_weights_files: dict[str, str] = field(default_factory=dict)
     provenance: str | None = None
+    method_report: list[str] = field(default_factory=list)  # Markdown from `Method.report`
 
 
 def versions() -> dict[str, str]:
@@ -246,6 +248,7 @@ def render_card(change: ChangeRecord, location: str | Path) -> str:
         *_what_changed(change),
         f"- base weights SHA-256: `{change.base_weights_sha256}`",
         *([f"- note: {change.base_weights_note}"] if change.base_weights_note else []),
+        *change.method_report,
         "",
         "## Data",
         "",

@@ -67,6 +67,7 @@ from tilpass.run_config import (
     save_config,
 )
 from tilpass.run_dir import claim_output_dir
+from tilpass.run_report import card_lines, figure_files, method_reports
 from tilpass.train import (
     DivergenceError,
     TrainResult,
@@ -271,11 +272,15 @@ def run(
         config, data, result, (trainable, total), (before, after), wall, dp.global_config
     )
     change.base_quantization = quantized
+    reports = method_reports(model)
+    for line in [line for made in reports for line in ["", made.title, *made.lines]]:
+        log(line)
+    change.method_report = card_lines(reports)
     _refuse_nonfinite(model, out)
     if not dp.is_main:  # rank 0 saves; the other ranks hold the same adapter
         kept = out / (MODEL_DIR if config.adapter is None else ADAPTER_DIR)
         return RunResult(before, after, kept, result, examples)
-    saved = save_trained(model, tokenizer, out, change)
+    saved = save_trained(model, tokenizer, out, change, figure_files(reports))
     body = dumps_strict({"before": before, "after": after}, indent=2) + "\n"
     atomic_write_bytes(out / "result.json", body.encode())
     return RunResult(before, after, saved, result, examples)
@@ -356,18 +361,27 @@ def _refuse_nonfinite(model: torch.nn.Module, out: Path) -> None:
         )
 
 
-def save_trained(model: Any, tokenizer: Any, out: Path, change: ChangeRecord) -> Path:
+def save_trained(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    change: ChangeRecord,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
     """Save the adapter (or the full model), its record and card; the directory appears whole.
 
     Everything is written into a hidden directory beside the destination, which then replaces
     `out/adapter` (`out/model` for full fine-tuning) by a rename, so a crash never leaves a
-    half-written directory under that name. `change` gets the saved config and weight files.
+    half-written directory under that name. `change` gets the saved config and weight files;
+    `extra_files` ({name: bytes}, e.g. a method report's figure) are written beside them.
     """
     final = out / (MODEL_DIR if change.full_model else ADAPTER_DIR)
     staging = out / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
         model.save_pretrained(staging)
+        for name, data in (extra_files or {}).items():
+            atomic_write_bytes(staging / name, data)
         if change.full_model:
             tokenizer.save_pretrained(staging)
             change.config = json.loads((staging / "config.json").read_text())

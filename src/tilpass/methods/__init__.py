@@ -8,6 +8,7 @@ file loader and the CLI look methods up here (`method_named`, `method_for_peft_t
 
 from __future__ import annotations
 
+from tilpass.methods.adalora import METHOD as ADALORA
 from tilpass.methods.bottleneck import METHOD as BOTTLENECK
 from tilpass.methods.ia3 import METHOD as IA3
 from tilpass.methods.lora import METHOD as LORA
@@ -16,6 +17,7 @@ from tilpass.methods.prompt import METHOD as PROMPT_TUNING
 from tilpass.methods.registry import (
     METHODS,
     Method,
+    MethodReport,
     UnknownMethodError,
     method_for_peft_type,
     method_named,
@@ -28,10 +30,12 @@ register(IA3)
 register(BOTTLENECK)
 register(PROMPT_TUNING)
 register(LORA_PROMPT)
+register(ADALORA)
 
 __all__ = [
     "METHODS",
     "Method",
+    "MethodReport",
     "UnknownMethodError",
     "method_for_peft_type",
     "method_named",

@@ -19,6 +19,22 @@ from tilpass.errors import TilpassError
 
 
 @dataclass(frozen=True)
+class MethodReport:
+    """What a method says about a trained adapter at the end of a run and in its model card.
+
+    Attributes:
+        title: the section's heading.
+        lines: Markdown lines (a small table, a summary line).
+        figure: a matplotlib figure saved beside the adapter as `figure_name`, or None.
+    """
+
+    title: str
+    lines: list[str]
+    figure: Any = None
+    figure_name: str = ""
+
+
+@dataclass(frozen=True)
 class Method:
     """One adaptation method as the core sees it.
 
@@ -49,6 +65,7 @@ class Method:
     owns_layer: Callable[[nn.Module], bool] | None = None
     prefix: str = ""
     add_weighted: Callable[..., None] | None = None
+    report: Callable[[nn.Module, str], MethodReport | None] | None = None
 
     @property
     def peft_type(self) -> str:

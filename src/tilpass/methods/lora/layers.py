@@ -263,7 +263,7 @@ class LoraLayer(AdapterLayer):
             a_t = torch.stack([p[0] for p in pairs])
             b_t = torch.stack([p[1] for p in pairs])
             stacks.append(RankStack(tuple(self.ids[n] for n in group), row_of_id, a_t, b_t))
-        params = [p for n in names for p in (self.lora_a[n], self.lora_b[n])]
+        params = [p for n in names for p in self.adapter_parameters(n)]
         if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             self._stack_cache = _StackCache(dtype, params, [p._version for p in params], stacks)
         return stacks
@@ -393,8 +393,15 @@ class LoraLinear(LoraLayer):
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return factor_tensors(self, name)
 
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter `name`'s (A, B) as the forward multiplies them; a method that keeps the
+        update in another form (AdaLoRA's SVD triplets) returns its equivalent pair here."""
+        # The dicts' own storage: ParameterDict's item lookup goes through Module.__getattr__,
+        # which costs more than the rest of this hot path's Python together.
+        return self.lora_A._parameters[name], self.lora_B._parameters[name]  # type: ignore[return-value]
+
     def delta_weight(self, name: str) -> torch.Tensor:
-        a, b = self.lora_A[name], self.lora_B[name]
+        a, b = self.factors(name)
         dtype = torch.promote_types(a.dtype, torch.float32)
         delta = (b.to(dtype) @ a.to(dtype)) * self.specs[name].scale  # (out, in)
         return delta.T if self.transposed else delta
@@ -418,9 +425,7 @@ class LoraLinear(LoraLayer):
 
     def apply_adapter(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         spec = self.specs[name]
-        # The dicts' own storage: ParameterDict's item lookup goes through Module.__getattr__,
-        # which costs more than the rest of this hot path's Python together.
-        a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
+        a, b = self.factors(name)
         dropping = spec.dropout and self.training
         plain = spec.variant is None and not spec.lora_bias
         if plain and not (torch.is_grad_enabled() or dropping) and result.is_contiguous():
@@ -457,7 +462,7 @@ class LoraLinear(LoraLayer):
         spec = self.specs[name]
         if spec.variant is not None or spec.lora_bias:
             return None
-        a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
+        a, b = self.factors(name)
         w, bias = self.base_layer.weight, self.base_bias()
         if not (x.dtype == a.dtype == w.dtype) or (bias is not None and bias.dtype != w.dtype):
             return None
@@ -505,7 +510,8 @@ class LoraLinear(LoraLayer):
 
     def stack_pair(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.specs[name]
-        return self.lora_A[name].T.to(dtype), (self.lora_B[name].T * spec.scale).to(dtype)
+        a, b = self.factors(name)
+        return a.T.to(dtype), (b.T * spec.scale).to(dtype)
 
     def mixed_forward(self, x: torch.Tensor, plan: Plan, *args: Any, **kw: Any) -> torch.Tensor:
         weight = self.base_layer.weight
