@@ -261,8 +261,26 @@ def test_export_refuses_other_methods(trained: dict[str, Any], capsys: Any) -> N
     assert main(["export", str(lora_dir), "--to", "lora", "--out", str(root / "x")]) == 2
     assert "exports ADALORA adapters" in capsys.readouterr().err
     assert main(["export", str(root / "peft"), "--to", "lora", "--out", str(lora_dir)]) == 2
-    assert "exists already" in capsys.readouterr().err
+    assert "already exists" in capsys.readouterr().err
     assert not (root / "x").exists()
+
+
+def test_export_check_fix_converts_adalora_for_vllm(trained: dict[str, Any], capsys: Any) -> None:
+    """`export --check vllm --fix`: AdaLoRA needs conversion, which --fix does (then pads the
+    per-module ranks to one): one plain LoRA file with PEFT's logits, nothing left over."""
+    from tilpass.cli import main
+
+    root, ids = trained["root"], trained["ids"]
+    out = root / "for-vllm"
+    code = main(["export", str(root / "peft"), "--check", "vllm", "--fix", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "needs conversion" in text and "loads in vllm as it is" in text
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and not config["rank_pattern"]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".for-vllm")] == []
+    lora = peft.PeftModel.from_pretrained(helpers.tiny_llama(), out)
+    torch.testing.assert_close(logits(lora, ids), logits(trained["peft"], ids), **TOL)
 
 
 def test_mixed_batch_takes_adalora_adapters(trained: dict[str, Any]) -> None:

@@ -193,8 +193,10 @@ def find_targets(model: nn.Module, config: TargetedConfig) -> list[str]:
 
 def warn_unmatched_patterns(config: TargetedConfig, names: list[str]) -> None:
     """Warn about `rank_pattern` / `alpha_pattern` keys that match no adapted module (PEFT's
-    rule: a key matches a module name as a dotted suffix or regex); such a key does nothing."""
-    for field in ("rank_pattern", "alpha_pattern"):
+    rule: a key matches a module name as a dotted suffix or regex); such a key does nothing.
+    A config whose pattern fields mean something else names the ones that hold module
+    patterns in `MODULE_PATTERN_FIELDS`."""
+    for field in getattr(config, "MODULE_PATTERN_FIELDS", ("rank_pattern", "alpha_pattern")):
         patterns = getattr(config, field, None) or {}
         unmatched = sorted(
             key for key in patterns if not any(re.match(rf"(.*\.)?({key})$", n) for n in names)

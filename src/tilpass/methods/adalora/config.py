@@ -47,6 +47,8 @@ class AdaLoraConfig(TargetedConfig):
     """
 
     PEFT_TYPE = "ADALORA"
+    # rank_pattern holds the allocator's masks under "<module>.lora_E" keys, not patterns
+    MODULE_PATTERN_FIELDS = ()
 
     init_r: int = opt(12, "Initial rank (triplets) of every module.")
     target_r: int = opt(8, "Target average rank per module after the budget schedule.")
