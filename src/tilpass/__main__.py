@@ -4,4 +4,5 @@ import sys
 
 from tilpass.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (as the import check does) runs nothing
+    sys.exit(main())

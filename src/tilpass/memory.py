@@ -6,7 +6,8 @@ and counts, per method, the bytes of:
 - base weights: every parameter in the model's dtype; for `qlora` the linear layers that
   `tilpass.quantize.quantize_model` would quantize are counted as bitsandbytes stores NF4
   with double quantization (a byte per two weights, an 8-bit scale per 64, a float32 scale
-  per 256 scales, and the code books), the rest (output head, embeddings, norms) as is;
+  per 256 scales, and one shared copy of the code books), the rest (output head, embeddings,
+  norms) as is;
 - adapter weights: LoRA's A (r x in) and B (out x r) on the targeted linear layers, in the
   base's dtype (float32 over a quantized base, as the LoRA layer creates them);
 - gradients: one per trainable value, in its dtype;
@@ -111,14 +112,20 @@ def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
 
 
 def nf4_bytes(numel: int, double_quant: bool = True) -> int:
-    """Bytes bitsandbytes stores for `numel` weights in NF4 (data, scales, code books)."""
+    """Bytes bitsandbytes stores for `numel` weights in NF4 (data and scales; the code books,
+    one copy shared by all layers, are `nf4_code_book_bytes`)."""
     blocks = math.ceil(numel / BLOCKSIZE)
     data = math.ceil(numel / 2)
-    code = 16 * 4
     if not double_quant:
-        return data + blocks * 4 + code
+        return data + blocks * 4
     nested = math.ceil(blocks / NESTED_BLOCKSIZE)
-    return data + blocks + code + nested * 4 + 256 * 4 + 4  # + offset (one float32)
+    return data + blocks + nested * 4 + 4  # + offset (one float32)
+
+
+def nf4_code_book_bytes(double_quant: bool = True) -> int:
+    """The code books a quantized model stores once (`quantize_model` shares them): the 16 NF4
+    values and, with double quantization, the 256 values of the scales' 8-bit code."""
+    return 16 * 4 + (256 * 4 if double_quant else 0)
 
 
 def _quantizable(model: nn.Module) -> dict[str, nn.Linear]:
@@ -150,7 +157,7 @@ def base_bytes(model: nn.Module, quantized: bool) -> int:
     total = sum(b.numel() * b.element_size() for b in model.buffers())
     for name, p in _unique_parameters(model):
         total += nf4_bytes(p.numel()) if name in quant else p.numel() * p.element_size()
-    return total
+    return total + (nf4_code_book_bytes() if quant else 0)
 
 
 def activation_bytes(config: Any, options: MemoryOptions, layers: int) -> int:
