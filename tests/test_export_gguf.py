@@ -4,6 +4,7 @@ the q / k row order shown to matter."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -100,6 +101,26 @@ def test_q8_0_untied_and_the_rope_row_order(
     write_gguf(model, tokenizer, tmp_path / "plain.gguf", "f16", "tiny")
     (scrambled,) = reload_logits(tmp_path / "plain.gguf", ids)
     assert _relative(scrambled, expected) > 0.2
+
+
+def test_an_adapter_for_another_base_is_refused_unless_allowed(
+    model_and_adapter: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir, adapter = model_and_adapter
+    other = tmp_path / "other-adapter"
+    other.mkdir()
+    for item in adapter.iterdir():
+        (other / item.name).write_bytes(item.read_bytes())
+    (other / "tilpass_record.json").unlink(missing_ok=True)
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "someone/another-model"
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "x.gguf"
+    args = ["export-gguf", "--model", str(model_dir), "--adapter", str(other), "--out", str(out)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "names base model someone/another-model" in err and "--allow-other-base" in err
+    assert list(tmp_path.glob("*.gguf")) == [] and list(tmp_path.glob(".x*")) == []
 
 
 def test_refuses_what_the_llama_layout_cannot_hold() -> None:

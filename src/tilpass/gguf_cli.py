@@ -33,6 +33,11 @@ def add_export_gguf_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="the new .gguf file")
     p.add_argument("--type", dest="kind", choices=GGUF_TYPES, default="f16", help="weight type")
     p.add_argument("--tolerance", type=float, help="relative logit difference the check accepts")
+    p.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="export even when the adapter records another base model than --model",
+    )
     p.set_defaults(func=cmd_export_gguf)
 
 
@@ -50,7 +55,9 @@ def cmd_export_gguf(args: argparse.Namespace, extra: list[str]) -> int:
     from tilpass.pretrained import DEFAULT_MODEL
 
     model = args.model or DEFAULT_MODEL
-    result = export_gguf(model, args.adapter, Path(args.out), args.kind, args.tolerance)
+    result = export_gguf(
+        model, args.adapter, Path(args.out), args.kind, args.tolerance, args.allow_other_base
+    )
     print(
         f"wrote {result.out} ({args.kind}) from {model}"
         + (f" + {args.adapter}" if args.adapter else "")
@@ -83,24 +90,37 @@ def check_request(adapter: str | None, out: Path) -> None:
 
 
 def export_gguf(
-    model_name: str, adapter: str | None, out: Path, kind: str, tolerance: float | None = None
+    model_name: str,
+    adapter: str | None,
+    out: Path,
+    kind: str,
+    tolerance: float | None = None,
+    allow_other_base: bool = False,
 ) -> GgufResult:
-    """Merge, write, reload and compare (see the module docstring)."""
+    """Merge, write, reload and compare (see the module docstring). An adapter whose record
+    (or config) names another base model is refused unless `allow_other_base`."""
     import torch
 
     from tilpass.card import base_model_warning
+    from tilpass.errors import TilpassError
     from tilpass.gguf_export import TOLERANCE, reload_logits, write_gguf
     from tilpass.merge_combine import PROMPTS
     from tilpass.model import AdaptedModel
     from tilpass.pretrained import DEFAULT_MODEL_ALIASES, load_model
 
     check_request(adapter, out)
+    if adapter is not None:
+        other = base_model_warning(adapter, model_name)
+        if other and not allow_other_base:
+            raise TilpassError(
+                other.removeprefix("warning: ") + "; nothing written (pass --allow-other-base "
+                "to export the merge anyway)"
+            )
+        if other:
+            print(other)
     model, tokenizer = load_model(model_name, dtype=torch.float32)
     prompts = [tokenizer(p, return_tensors="pt").input_ids for p in PROMPTS]
     if adapter is not None:
-        warning = base_model_warning(adapter, model_name)
-        if warning:
-            print(warning)
         model = AdaptedModel.from_pretrained(model, adapter)
     with torch.no_grad():
         reference = [model(ids).logits.float() for ids in prompts]
