@@ -34,6 +34,7 @@ from tilpass.card import ChangeRecord, hash_files, write_card, write_record
 from tilpass.config import CONFIG_NAME
 from tilpass.config_yaml import ConfigSources
 from tilpass.data import TokenizedDataset, build_dataset, collate, load_records
+from tilpass.data.packing import Batching, BatchPlan
 from tilpass.data.sources import peek_format
 from tilpass.evaluate import evaluate_model
 from tilpass.json_files import dumps_strict
@@ -67,7 +68,6 @@ from tilpass.run_dir import claim_output_dir
 from tilpass.train import (
     DivergenceError,
     TrainResult,
-    consumed_examples,
     seed_everything,
     train,
 )
@@ -233,6 +233,8 @@ def run(
     )
     if quantized is not None:
         log(model.base_storage().describe())
+    batching = batching_of(config.data)
+    log(batching.describe())
     started = time.perf_counter()
     # The loop evaluates on the held-out split every `eval_steps` and at the end; that final
     # evaluation is the "after" column.
@@ -248,6 +250,7 @@ def run(
         resume=resume,
         run_id=run_id,
         log=log,
+        batching=batching,
     )
     wall = time.perf_counter() - started
     after = _after_metrics(result, model, tokenizer, data, config)
@@ -260,6 +263,11 @@ def run(
     body = dumps_strict({"before": before, "after": after}, indent=2) + "\n"
     atomic_write_bytes(out / "result.json", body.encode())
     return RunResult(before, after, saved, result, examples)
+
+
+def batching_of(section: DataSection) -> Batching:
+    """The batching mode the `data:` section asks for."""
+    return Batching(section.packing, section.group_by_length, section.max_length)
 
 
 def _base_metrics(
@@ -283,7 +291,9 @@ def _change_record(
 ) -> ChangeRecord:
     """What the card and the record say about this run: (trainable, total) parameter counts,
     (before, after) metrics."""
-    consumed = consumed_examples(len(data.train), result.global_step, config.training)
+    t = config.training
+    order = BatchPlan(data.train, collate, t.batch_size, t.seed, batching_of(config.data))
+    consumed = order.consumed(result.global_step, t.gradient_accumulation_steps)
     return ChangeRecord(
         base_model=base_model_name(config.model),
         base_weights_sha256=weights_sha256(resolve_model_path(config.model)),

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tilpass.data.packing import Batching, BatchPlan, check_packing, token_counts
 from tilpass.losses import (
     Batch,
     causal_lm_loss,
@@ -47,7 +48,6 @@ from tilpass.losses import (
     model_device,
     selective_loss_matches,
     to_device,
-    trim_padding,
 )
 from tilpass.runtime import autocast_for, enable_gradient_checkpointing, peak_memory_mb
 from tilpass.train_checkpoints import (
@@ -149,6 +149,7 @@ class Trainer:
         answer_fn: Callable[[Any], str] | None = None,
         run_id: str | None = None,
         log: Callable[[str], None] = print,
+        batching: Batching | None = None,
     ) -> None:
         config.validate()
         self.run_id, self.say = run_id, log
@@ -176,6 +177,11 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.plan = StepPlan.of(n, config)
+        self.batches = BatchPlan(
+            train_dataset, collate_fn, config.batch_size, config.seed, batching
+        )
+        if self.batches.batching.packing:  # refuse a model that would attend across examples
+            check_packing(model, [train_dataset[i] for i in range(min(n, 3))])
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.state = LoopState(selective=None if config.selective_lm_head else False)
@@ -213,6 +219,7 @@ class Trainer:
             "num_examples": self.plan.num_examples,
             "batch_size": self.plan.batch_size,
             "gradient_accumulation_steps": self.plan.accumulation,
+            **self.batches.data_info(),
         }
 
     def _resume(self, resume: str | os.PathLike[str] | None) -> Path | None:
@@ -287,7 +294,7 @@ class Trainer:
         st, plan, accum = self.state, self.plan, self.plan.accumulation
         while st.step < plan.max_steps and not st.stop:
             epoch = st.step // plan.steps_per_epoch
-            batches = epoch_batches(plan.num_examples, plan.batch_size, self.config.seed, epoch)
+            batches = self.batches.epoch_batches(epoch)
             for first in range((st.step % plan.steps_per_epoch) * accum, len(batches), accum):
                 self._train_step(batches[first : first + accum], epoch)
                 if st.step >= plan.max_steps or st.stop:
@@ -318,18 +325,18 @@ class Trainer:
     # --------------------------------------------------------------------- step phases
 
     def _batch(self, index_groups: list[list[int]]) -> list[Batch]:
-        """Collate each micro-batch, trailing all-padding columns dropped."""
-        data, collate_fn = self.train_dataset, self.collate_fn
-        return [trim_padding(collate_fn([data[i] for i in idx])) for idx in index_groups]
+        """The step's micro-batches: padded or packed, as the batch plan says."""
+        return self.batches.micro_batches(index_groups)
 
     def _forward_backward(self, micro: list[Batch]) -> StepOutput:
         """Forward, loss (+ hooks' loss terms) and backward of every micro-batch of a step."""
         n_tok = sum(count_loss_tokens(b) for b in micro)
-        seen = sum(int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b in micro)
+        seen, positions = (sum(c) for c in zip(*map(token_counts, micro), strict=True))
         if self.state.selective is None:
             first = to_device(micro[0], self.device)
             self.state.selective = selective_loss_matches(self.model, first, self.autocast)
         out = StepOutput(torch.zeros((), dtype=torch.float64, device=self.device), n_tok, seen, {})
+        out.positions = positions
         for b in micro:
             with self.autocast or nullcontext():
                 loss, _ = causal_lm_loss(
@@ -415,13 +422,18 @@ class Trainer:
                 "lr": out.lr,
                 "grad_norm": grad_norm,
                 "tokens_per_s": tps,
+                "padding_fraction": window.padding_fraction(),
                 "loss_tokens": window.tokens,
                 "peak_mem_mb": mem,
                 "elapsed_s": now - self.started,
             }
         )
         self._pbar.set_postfix(
-            loss=f"{loss:.4f}", lr=f"{out.lr:.2e}", tok_s=f"{tps:.0f}", mem=f"{mem:.0f}MB"
+            loss=f"{loss:.4f}",
+            lr=f"{out.lr:.2e}",
+            tok_s=f"{tps:.0f}",
+            pad=f"{window.padding_fraction():.0%}",
+            mem=f"{mem:.0f}MB",
         )
         window.reset(now)
 
@@ -476,6 +488,7 @@ def train(
     answer_fn: Callable[[Any], str] | None = None,
     run_id: str | None = None,
     log: Callable[[str], None] = print,
+    batching: Batching | None = None,
 ) -> TrainResult:
     """Train every parameter with ``requires_grad=True``; evaluate, log and checkpoint.
 
@@ -500,6 +513,7 @@ def train(
         run_id: The run's id (`tilpass.run_dir`); None takes the output directory's run when
             resuming, else a new id. Checkpoints carry it; only the run's own are resumed.
         log: Receives the lines that say what a resume did (default: ``print``).
+        batching: Packing and length grouping (default: padded micro-batches, random order).
 
     Returns:
         A :class:`TrainResult` (final step, losses, last eval metrics, last checkpoint).
@@ -523,5 +537,6 @@ def train(
         answer_fn=answer_fn,
         run_id=run_id,
         log=log,
+        batching=batching,
     )
     return trainer.fit(resume)
