@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
+
+# `tilpass train` subprocesses keep the OpenMP runtime's default waiting: on a loaded test
+# machine they would otherwise re-run themselves for the passive policy (test_threads.py
+# covers that restart).
+os.environ.setdefault("TILPASS_WAIT_POLICY", "default")
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}"
