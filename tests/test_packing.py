@@ -213,3 +213,15 @@ def test_batching_describes_itself_for_the_banner() -> None:
         "packed rows of up to 512 tokens (length-grouped order"
         in Batching(True, True, 512).describe()
     )
+
+
+def test_the_data_section_sets_the_batching_mode() -> None:
+    from tilpass.cli import parse_overrides
+    from tilpass.run import batching_of, build_config
+
+    overrides = parse_overrides(["--data.packing", "true", "--data.max_length", "256"])
+    config = build_config(overrides, "command line")
+    assert batching_of(config.data) == Batching(packing=True, max_length=256)
+    assert batching_of(build_config({}).data) == Batching()
+    with pytest.raises(ValueError, match="group_by_length"):
+        build_config({"data": {"group_by_length": "sometimes"}}, "run.yaml")
