@@ -176,6 +176,7 @@ def trl_child(args: argparse.Namespace, examples: list[dict]) -> dict[str, Any]:
         packing=packed,
         max_length=args.max_length,
         completion_only_loss=True,
+        gradient_checkpointing=False,  # TRL's default is True; tilpass's (and this run's) False
         use_cpu=True,
         seed=0,
         dataloader_num_workers=0,
@@ -267,15 +268,17 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--ragged", type=int, default=400, help="examples in the ragged set")
     p.add_argument("--ragged-max", type=int, default=1000)
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, short rows")
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 steps, short rows")
     p.add_argument("--shared", action="store_true", help="also the shared-machine cases")
+    p.add_argument("--sets", default="shipped,ragged", help="datasets to run, comma-separated")
+    p.add_argument("--configs", default=",".join(TILPASS + TRL), help="configurations to run")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     if args.child:
         run_child(args)
         return
     if args.quick:
-        args.steps, args.batch, args.max_length, args.ragged, args.ragged_max = 4, 4, 256, 64, 250
+        args.steps, args.batch, args.max_length, args.ragged, args.ragged_max = 3, 4, 256, 64, 250
     args.model = args.model or default_model_dir()
     results = run_all(args)
     text = json.dumps(results, indent=2)
@@ -289,17 +292,19 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.model).vocab_size
-    sets = {
-        "shipped": shipped_examples(args.model, args.max_length),
-        "ragged": ragged_examples(args.ragged, 20, args.ragged_max, vocab),
-    }
+    wanted = args.sets.split(",")
+    sets = {}
+    if "shipped" in wanted:
+        sets["shipped"] = shipped_examples(args.model, args.max_length)
+    if "ragged" in wanted:
+        sets["ragged"] = ragged_examples(args.ragged, 20, args.ragged_max, vocab)
     results: dict[str, Any] = {"settings": vars(args).copy(), "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="throughput-bench-data-") as tmp:
         for name, examples in sets.items():
             path = Path(tmp) / f"{name}.json"
             path.write_text(json.dumps(examples))
             children = TILPASS + (TRL if args.trl_python else ())
-            for child in children:
+            for child in (c for c in children if c in args.configs.split(",")):
                 log(f"{name}: {child}")
                 results[f"{name}/{child}"] = spawn(args, child, path)
             if args.shared and name == "ragged":
