@@ -307,6 +307,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             for child in (c for c in children if c in args.configs.split(",")):
                 log(f"{name}: {child}")
                 results[f"{name}/{child}"] = spawn(args, child, path)
+                log(f"{name}: {child}: {json.dumps(results[f'{name}/{child}'])}")
             if args.shared and name == "ragged":
                 results["shared"] = shared_cases(args, path)
     return results
