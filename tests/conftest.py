@@ -12,6 +12,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # subprocesses the tests start, instead of every worker spinning a thread per core.
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
+# `tilpass train` subprocesses keep the OpenMP runtime's default waiting: on a loaded test
+# machine they would otherwise re-run themselves for the passive policy (test_threads.py
+# covers that restart).
+os.environ.setdefault("TILPASS_WAIT_POLICY", "default")
 
 CHATML_TEMPLATE = (
     "{% for m in messages %}"

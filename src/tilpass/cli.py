@@ -331,6 +331,16 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_thread_arguments(p: argparse.ArgumentParser) -> None:
+    """``--threads`` and ``--wait-policy`` (default: chosen from the machine's load)."""
+    p.add_argument("--threads", default=None, help="CPU threads: a number or 'auto' (default)")
+    p.add_argument(
+        "--wait-policy",
+        default=None,
+        help="OpenMP waiting: auto (passive on a busy machine) | default | passive | active",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tilpass", description=__doc__.splitlines()[0])
     from tilpass import __version__
@@ -344,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint path")
     p.add_argument("--overwrite", action="store_true", help=_OVERWRITE_HELP)
     add_quantize_argument(p)
+    add_thread_arguments(p)
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser(
@@ -358,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows")
     add_quantize_argument(p)
     add_distributed_arguments(p)
+    add_thread_arguments(p)
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (
@@ -403,6 +415,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command not in ("train", "quickstart", "eval"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command in ("train", "quickstart"):
+            from tilpass.threads import configure_threads
+
+            choice = configure_threads(args.threads, args.wait_policy, may_restart=argv is None)
+            print(choice.describe())
         return int(args.func(args, extra))
     except (TilpassError, ValueError, OSError, ImportError, NotImplementedError) as exc:
         print(f"tilpass {args.command}: error: {exc}", file=sys.stderr)

@@ -188,7 +188,8 @@ def causal_lm_loss(
 
     Args:
         model: A causal LM (transformers model, adapter wrapper, or any module returning logits).
-        batch: ``input_ids``, ``labels`` (-100 = ignored) and optionally ``attention_mask``.
+        batch: ``input_ids``, ``labels`` (-100 = ignored) and optionally ``attention_mask`` and
+            ``position_ids`` (packed rows).
         selective: Run the head only where loss is taken (needs a decoder/head split; falls back
             to the full forward otherwise).
 
@@ -197,14 +198,16 @@ def causal_lm_loss(
     """
     input_ids, labels = batch["input_ids"], batch["labels"]
     mask = batch.get("attention_mask")
+    # Packed rows carry position ids that restart per example (and no attention mask).
+    extra = _hf_kwargs(model)
+    if "position_ids" in batch:
+        extra["position_ids"] = batch["position_ids"]
     target = labels[:, 1:]  # (B, T-1)
     keep = target != IGNORE_INDEX  # (B, T-1)
     parts = decoder_and_head(model) if selective else None
     if parts is not None:
         decoder, head = parts
-        hidden = _hidden_of(
-            decoder(input_ids=input_ids, attention_mask=mask, **_hf_kwargs(model))
-        )  # (B, T, H)
+        hidden = _hidden_of(decoder(input_ids=input_ids, attention_mask=mask, **extra))  # (B, T, H)
         selected = hidden[:, :-1][keep]  # (N, H)
         # A frozen head (LoRA) goes blockwise: the (N, V) logits are never materialised. A
         # trained head stays on the plain path: blockwise, each block would update the whole
@@ -214,7 +217,7 @@ def causal_lm_loss(
             return loss, int(keep.sum())
         logits = head(selected)  # (N, V)
     else:
-        out = model(input_ids=input_ids, attention_mask=mask, **_hf_kwargs(model))
+        out = model(input_ids=input_ids, attention_mask=mask, **extra)
         # A wrapper may return logits for positions it prepended (virtual tokens) before the
         # T real ones; the loss is over the real ones.
         logits = _logits_of(out)[:, -input_ids.shape[1] :][:, :-1][keep]  # (N, V)

@@ -35,6 +35,7 @@ from tilpass.card import ChangeRecord, hash_files, write_card, write_record
 from tilpass.config import CONFIG_NAME
 from tilpass.config_yaml import ConfigSources
 from tilpass.data import TokenizedDataset, build_dataset, collate, load_records
+from tilpass.data.packing import Batching, BatchPlan
 from tilpass.data.sources import peek_format
 from tilpass.distributed import DataParallel
 from tilpass.evaluate import evaluate_model
@@ -71,7 +72,6 @@ from tilpass.run_report import card_lines, figure_files, method_reports
 from tilpass.train import (
     DivergenceError,
     TrainResult,
-    consumed_examples,
     seed_everything,
     train,
 )
@@ -245,6 +245,8 @@ def run(
     if quantized is not None:
         log(model.base_storage().describe())
     log(dp.banner(config.training))
+    batching = batching_of(config.data)
+    log(batching.describe())
     started = time.perf_counter()
     # The loop evaluates on the held-out split every `eval_steps` and at the end; that final
     # evaluation is the "after" column.
@@ -262,6 +264,7 @@ def run(
         log=log,
         callbacks=callbacks,
         distributed=dp,
+        batching=batching,
     )
     wall = time.perf_counter() - started
     dp.gather_parameters(model)  # FSDP2 shards made whole again, for saving
@@ -290,6 +293,11 @@ def _quiet(*_: Any) -> None:
     """The log of ranks other than 0."""
 
 
+def batching_of(section: DataSection) -> Batching:
+    """The batching mode the `data:` section asks for."""
+    return Batching(section.packing, section.group_by_length, section.max_length)
+
+
 def _base_metrics(
     model: Any, tokenizer: Any, data: RunData, config: RunConfig, log: Any
 ) -> dict[str, Any]:
@@ -312,8 +320,9 @@ def _change_record(
 ) -> ChangeRecord:
     """What the card and the record say about this run: (trainable, total) parameter counts,
     (before, after) metrics; `global_config` turns the per-rank batch into the global one."""
-    training = global_config(config.training) if global_config else config.training
-    consumed = consumed_examples(len(data.train), result.global_step, training)
+    t = global_config(config.training) if global_config else config.training
+    order = BatchPlan(data.train, collate, t.batch_size, t.seed, batching_of(config.data))
+    consumed = order.consumed(result.global_step, t.gradient_accumulation_steps)
     base_files = weights_file_hashes(resolve_model_path(config.model))
     return ChangeRecord(
         base_model=base_model_name(config.model),

@@ -58,6 +58,10 @@ class DataSection:
     max_length: int = opt(512, "Truncate examples to this many tokens (counted in the log).")
     train_on_prompt: bool = opt(False, "Put loss on prompt tokens too (default: answers only).")
     skip_bad_rows: bool = opt(False, "Skip and count malformed rows instead of stopping.")
+    packing: bool = opt(
+        False, "Pack each step's examples into rows of max_length tokens (same result, faster)."
+    )
+    group_by_length: bool = opt(False, "Batch examples of similar length together (seeded).")
 
     def validate(self) -> None:
         """Raise `FieldError` naming the first invalid field (paths are checked before a run)."""

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from tilpass.data.packing import Batching, BatchPlan, check_packing, token_counts
 from tilpass.distributed import DataParallel, SilentLog
 from tilpass.losses import (
     Batch,
@@ -51,7 +52,6 @@ from tilpass.losses import (
     model_device,
     selective_loss_matches,
     to_device,
-    trim_padding,
 )
 from tilpass.runtime import autocast_for, enable_gradient_checkpointing, peak_memory_mb
 from tilpass.train_checkpoints import (
@@ -154,6 +154,7 @@ class Trainer:
         run_id: str | None = None,
         log: Callable[[str], None] = print,
         distributed: DataParallel | None = None,
+        batching: Batching | None = None,
     ) -> None:
         config.validate()
         self.dist = distributed or DataParallel()  # a world of one unless launched by torchrun
@@ -183,6 +184,16 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.plan = StepPlan.of(n, self.dist.global_config(config))  # global micro-batches
+        self.batches = BatchPlan(
+            train_dataset, collate_fn, self.plan.batch_size, config.seed, batching
+        )
+        if self.batches.batching.packing:  # refuse a model that would attend across examples
+            if self.dist.size > 1:
+                raise ValueError(
+                    "data.packing is not supported with several ranks yet: set data.packing: "
+                    "false (data.group_by_length works) or train in one process"
+                )
+            check_packing(model, [train_dataset[i] for i in range(min(n, 3))])
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.state = LoopState(selective=None if config.selective_lm_head else False)
@@ -220,6 +231,7 @@ class Trainer:
             "num_examples": self.plan.num_examples,
             "batch_size": self.plan.batch_size,
             "gradient_accumulation_steps": self.plan.accumulation,
+            **self.batches.data_info(),
         }
 
     def _resume(self, resume: str | os.PathLike[str] | None) -> Path | None:
@@ -307,7 +319,7 @@ class Trainer:
         st, plan, accum = self.state, self.plan, self.plan.accumulation
         while st.step < plan.max_steps and not st.stop:
             epoch = st.step // plan.steps_per_epoch
-            batches = epoch_batches(plan.num_examples, plan.batch_size, self.config.seed, epoch)
+            batches = self.batches.epoch_batches(epoch)
             for first in range((st.step % plan.steps_per_epoch) * accum, len(batches), accum):
                 self._train_step(batches[first : first + accum], epoch)
                 if st.step >= plan.max_steps or st.stop:
@@ -338,22 +350,23 @@ class Trainer:
     # --------------------------------------------------------------------- step phases
 
     def _batch(self, index_groups: list[list[int]]) -> list[Batch]:
-        """Collate this rank's part of each micro-batch (all of it in one process)."""
-        return [self.dist.micro_batch(idx, self._collate) for idx in index_groups]
-
-    def _collate(self, indices: list[int]) -> Batch:
-        """One micro-batch of examples ``indices``, trailing all-padding columns dropped."""
-        return trim_padding(self.collate_fn([self.train_dataset[i] for i in indices]))
+        """The step's micro-batches: packed (one process), or this rank's part of each padded
+        micro-batch (all of it in one process)."""
+        if self.batches.batching.packing:
+            return self.batches.micro_batches(index_groups)
+        return [self.dist.micro_batch(idx, self.batches.padded) for idx in index_groups]
 
     def _forward_backward(self, micro: list[Batch]) -> StepOutput:
         """Forward, loss (+ hooks' loss terms) and backward of every micro-batch of a step."""
         n_tok = sum(count_loss_tokens(b) for b in micro)
-        seen = sum(int(b.get("attention_mask", b["input_ids"]).bool().sum()) for b in micro)
-        n_tok, seen = self.dist.sum_counts(n_tok, seen)  # the whole step's, over all ranks
+        seen, positions = (sum(c) for c in zip(*map(token_counts, micro), strict=True))
+        # the whole step's counts, over all ranks
+        n_tok, seen, positions = self.dist.sum_counts(n_tok, seen, positions)
         if self.state.selective is None:
             first = to_device(micro[0], self.device)
             self.state.selective = selective_loss_matches(self.model, first, self.autocast)
         out = StepOutput(torch.zeros((), dtype=torch.float64, device=self.device), n_tok, seen, {})
+        out.positions = positions
         for i, b in enumerate(micro):
             with self.dist.sync(last=i == len(micro) - 1), self.autocast or nullcontext():
                 loss, _ = self.loss_fn(to_device(b, self.device), self.state.selective)
@@ -439,13 +452,18 @@ class Trainer:
                 "lr": out.lr,
                 "grad_norm": grad_norm,
                 "tokens_per_s": tps,
+                "padding_fraction": window.padding_fraction(),
                 "loss_tokens": window.tokens,
                 "peak_mem_mb": mem,
                 "elapsed_s": now - self.started,
             }
         )
         self._pbar.set_postfix(
-            loss=f"{loss:.4f}", lr=f"{out.lr:.2e}", tok_s=f"{tps:.0f}", mem=f"{mem:.0f}MB"
+            loss=f"{loss:.4f}",
+            lr=f"{out.lr:.2e}",
+            tok_s=f"{tps:.0f}",
+            pad=f"{window.padding_fraction():.0%}",
+            mem=f"{mem:.0f}MB",
         )
         window.reset(now)
 
@@ -505,6 +523,7 @@ def train(
     run_id: str | None = None,
     log: Callable[[str], None] = print,
     distributed: DataParallel | None = None,
+    batching: Batching | None = None,
 ) -> TrainResult:
     """Train every parameter with ``requires_grad=True``; evaluate, log and checkpoint.
 
@@ -531,6 +550,7 @@ def train(
         log: Receives the lines that say what a resume did (default: ``print``).
         distributed: The ranks of a ``torchrun`` launch (`tilpass.distributed`); None: one
             process. Only rank 0 logs and writes; ``batch_size`` is per rank.
+        batching: Packing and length grouping (default: padded micro-batches, random order).
 
     Returns:
         A :class:`TrainResult` (final step, losses, last eval metrics, last checkpoint).
@@ -555,5 +575,6 @@ def train(
         run_id=run_id,
         log=log,
         distributed=distributed,
+        batching=batching,
     )
     return trainer.fit(resume)

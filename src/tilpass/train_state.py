@@ -94,6 +94,7 @@ class StepOutput:
     terms: dict[str, torch.Tensor]  # the hooks' loss terms of this step (float64)
     lr: float = 0.0
     grad_norm: torch.Tensor | None = None
+    positions: int = 0  # token positions computed, padding included (padding fraction)
 
 
 @dataclass
@@ -104,6 +105,7 @@ class LogWindow:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens: int = 0
     seen: int = 0
+    positions: int = 0
     steps: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -114,6 +116,7 @@ class LogWindow:
             self.terms[name] = self.terms[name] + value if name in self.terms else value
         self.tokens += out.loss_tokens
         self.seen += out.seen_tokens
+        self.positions += out.positions
         self.steps += 1
 
     def means(self, term_names: Sequence[str]) -> tuple[float, dict[str, float]]:
@@ -126,11 +129,15 @@ class LogWindow:
         }
         return float(self.loss) / max(self.tokens, 1) + sum(terms.values()), terms
 
+    def padding_fraction(self) -> float:
+        """Share of the computed token positions that were padding."""
+        return 1.0 - self.seen / self.positions if self.positions else 0.0
+
     def reset(self, now: float) -> None:
         """Start a new window at time ``now``."""
         self.loss.zero_()
         self.terms.clear()
-        self.tokens = self.seen = self.steps = 0
+        self.tokens = self.seen = self.positions = self.steps = 0
         self.started = now
 
 

@@ -18,7 +18,8 @@ Labels are -100 (``IGNORE_INDEX``) where there is no loss, aligned with ``input_
 model shifts them). How chat templates are rendered and masked: ``tilpass.data.templates``.
 
 Modules: ``sources`` (files to validated records), ``templates`` (records to masked token ids),
-``batching`` (datasets, collation, length-grouped batches).
+``batching`` (datasets, collation, length-grouped batches), ``packing`` (the trainer's batch
+plan: packed rows with per-example position ids, length-grouped order).
 
 API:
 
