@@ -110,10 +110,14 @@ def test_numbers_are_measurements(compared: Compared) -> None:
         saved = compared.out / "runs" / method / ("model" if method == "full" else "adapter")
         files = sorted(saved.glob("*.safetensors"))
         assert compared.number(method, "file_bytes") == sum(f.stat().st_size for f in files)
-        if method != "full":  # an adapter file holds exactly the trained tensors
+        if method != "full":  # an adapter file holds the trained tensors
             with safe_open(files[0], "pt") as f:
                 numel = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
-            assert compared.number(method, "trainable_params") == numel, method
+            trained = compared.number(method, "trainable_params")
+            if method == "adalora":  # trains init_r triplets, keeps (and saves) the pruned set
+                assert 0 < numel < trained, method
+            else:
+                assert trained == numel, method
 
 
 def test_full_fine_tuning_trains_and_stores_the_most(compared: Compared) -> None:
