@@ -173,7 +173,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     with world_session(args.backend) as world:
         dp = DataParallel(world, shard=args.shard)
         result = run(
-            config, resume=args.resume, overwrite=args.overwrite, sources=sources, distributed=dp
+            config,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            sources=sources,
+            distributed=dp,
+            banner=getattr(args, "banner", ()),
         )
     if world.is_main:
         _print_outcome(result, config)
@@ -203,7 +208,13 @@ def cmd_quickstart(args: argparse.Namespace, extra: list[str]) -> int:
     base = f"{config.model} ({config.quantize} base: QLoRA)" if config.quantize else config.model
     print(f"tilpass quickstart: LoRA on {base}, task: {QUICKSTART_TASK}")
     apply_process_settings(config.training)
-    result = run(config, resume=args.resume, overwrite=args.overwrite, sources=sources)
+    result = run(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        sources=sources,
+        banner=getattr(args, "banner", ()),
+    )
     _print_table(result.before, result.after, "with adapter")
     _print_examples(result.examples)
     _usage_hint(result.saved_dir, config.model)
@@ -419,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from tilpass.threads import configure_threads
 
             choice = configure_threads(args.threads, args.wait_policy, may_restart=argv is None)
-            print(choice.describe())
+            args.banner = [choice.describe()]  # printed once the settings are checked
         return int(args.func(args, extra))
     except (TilpassError, ValueError, OSError, ImportError, NotImplementedError) as exc:
         print(f"tilpass {args.command}: error: {exc}", file=sys.stderr)

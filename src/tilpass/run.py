@@ -203,6 +203,7 @@ def run(
     sources: ConfigSources | None = None,
     callbacks: Sequence[Any] = (),
     distributed: DataParallel | None = None,
+    banner: Sequence[str] = (),
 ) -> RunResult:
     """Execute one run end to end; see the module docstring for the steps.
 
@@ -214,12 +215,16 @@ def run(
         callbacks: training hooks passed to the loop (`tilpass.train_hooks.TrainingHook`).
         distributed: this process's ranks (`tilpass.distributed`); None: one process. Only
             rank 0 logs and writes files.
+        banner: lines the caller wants logged once the settings are checked (the CLI's
+            thread choice), before anything is loaded.
     """
     dp = distributed or DataParallel()
     log = log if dp.is_main else _quiet
     if not config.data.train:
         raise RunConfigError("data.train is not set: give a training file (--data.train PATH)")
     check_run(config, sources or ConfigSources.of("config"))
+    for line in banner:
+        log(line)
     out = Path(config.output_dir)
     run_id = claim_output_dir(out, overwrite=overwrite, resume=resume) if dp.is_main else None
     run_id = dp.share(run_id)  # rank 0 claims the directory, the others learn its run
