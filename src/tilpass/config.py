@@ -258,8 +258,9 @@ def read_config_dict(directory: str | Path) -> dict[str, Any]:
         raise AdapterFileError(f"{directory}: no such adapter directory")
     if not path.is_file():
         raise AdapterFileError(
-            f"{path}: missing. An adapter directory holds adapter_config.json and "
-            "adapter_model.safetensors (the PEFT layout); was it saved with save_pretrained?"
+            f"{path}: missing, so {directory} is not an adapter directory. An adapter "
+            "directory holds adapter_config.json and adapter_model.safetensors (the PEFT "
+            "layout), as `tilpass train` and save_pretrained (tilpass's or PEFT's) write it"
         )
     try:
         data = json.loads(path.read_text())

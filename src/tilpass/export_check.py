@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tilpass.adapter_files import WEIGHTS_NAME
-from tilpass.config import CONFIG_NAME
+from tilpass.config import read_config_dict
 
 SERVERS = ("vllm", "lorax", "peft")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -84,18 +84,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
 
 def read_adapter(path: Path) -> AdapterFacts:
     """Read an adapter directory's config and tensor header, with a clear error when it is none."""
-    config_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not config_file.is_file():
-        raise ExportInputError(
-            f"{path} is not an adapter directory: it has no {CONFIG_NAME}; give a directory "
-            "written by `tilpass train` or PEFT's save_pretrained"
-        )
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise ExportInputError(f"{config_file} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or "peft_type" not in config:
-        raise ExportInputError(f"{config_file} has no peft_type; it is no adapter config")
+    config, weights = read_config_dict(path), path / WEIGHTS_NAME
     if not weights.is_file():
         raise ExportInputError(f"{path} has no {WEIGHTS_NAME}; the adapter's tensors are missing")
     facts = AdapterFacts(path, config)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tilpass.adapter_files import WEIGHTS_NAME, atomic_write_bytes, file_sha256
-from tilpass.config import CONFIG_NAME
+from tilpass.config import CONFIG_NAME, read_config_dict
 
 COMBINATIONS = ("linear", "cat", "ties")
 PEFT_KIND = {"linear": "cat", "cat": "cat", "ties": "ties"}
@@ -130,18 +130,10 @@ def parse_weights(text: str | None, count: int) -> list[float]:
 
 def read_parent(path: Path, weight: float) -> Parent:
     """Read and check one adapter directory (a LoRA adapter in the PEFT layout)."""
-    config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not path.is_dir() or not config_file.is_file():
-        raise MergeInputError(
-            f"{path} is not an adapter directory: it has no {CONFIG_NAME}; give a directory "
-            "written by `tilpass train` or PEFT's save_pretrained"
-        )
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise MergeInputError(f"{config_file} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        kind = config.get("peft_type") if isinstance(config, dict) else None
+    config, weights_file = read_config_dict(path), path / WEIGHTS_NAME
+    config_file = path / CONFIG_NAME
+    if config["peft_type"] != "LORA":
+        kind = config["peft_type"]
         raise MergeInputError(
             f'{config_file}: peft_type is {kind!r}; only LoRA adapters (peft_type "LORA") can '
             "be combined"
