@@ -320,6 +320,20 @@ def test_print_trainable_parameters(capsys: pytest.CaptureFixture[str]) -> None:
     )
 
 
+def test_mixed_dora_rows_see_magnitudes_changed_in_place() -> None:
+    """The cached DoRA magnitude table of a mixed batch follows in-place weight changes."""
+    model = tilpass.get_peft_model(tiny_llama(), lora(use_dora=True), "dora")
+    model.add_adapter("plain", lora(r=8))
+    x, names = tokens(batch=2), ["dora", "plain"]
+    logits(model, x, adapter_names=names)  # builds the tables
+    q_proj = model.base_model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.lora_magnitude_vector["dora"].mul_(1.5)
+    mixed = logits(model, x, adapter_names=names)
+    model.set_adapter("dora")
+    torch.testing.assert_close(mixed[0], logits(model, x)[0], atol=1e-5, rtol=1e-5)
+
+
 def test_mixed_batch_sees_adapter_weights_changed_in_place() -> None:
     """The stacked-adapter cache must not serve stale weights after an optimizer step."""
     model = _mixed_model()

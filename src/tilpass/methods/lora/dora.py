@@ -94,16 +94,37 @@ class DoraVariant:
         return out.view(result.shape)
 
     def token_magnitudes(self, layer: LoraLinear, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
-        """(n, out) each token's m / ||W + s B A|| (ones for base tokens and plain LoRA)."""
+        """(n, out) each token's m / ||W + s B A|| (ones for base tokens, plain LoRA and
+        adapters this layer does not hold)."""
         assert plan.token_ids is not None
         ids = plan.token_ids  # (n,)
-        size = max(max(layer.ids.values()), int(ids.max())) + 2  # last row: base tokens
-        table = torch.ones(size, layer.out_features, dtype=dtype, device=ids.device)
-        for name, spec in layer.specs.items():  # per adapter, not per token
-            if spec.variant is not None:
-                norm = layer.row_norm(layer.delta_weight(name).detach()).detach()  # (out,)
+        table = self.magnitude_table(layer, dtype, ids.device)
+        base_row = table.shape[0] - 1
+        return table[torch.where((ids >= 0) & (ids < base_row), ids, base_row)]
+
+    def magnitude_table(
+        self, layer: LoraLinear, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """Rows by adapter id (last row: ones), kept on the layer until a weight it was
+        computed from changes, so decode steps do not recompute the weight norms."""
+        dora = [n for n, spec in layer.specs.items() if spec.variant is not None]
+        params = [
+            p
+            for n in dora
+            for p in (*layer.factors(n), layer.lora_magnitude_vector[n], layer.base_layer.weight)
+        ]
+        key = (dtype, device, [layer.ids[n] for n in dora], [(id(p), p._version) for p in params])
+        cached = layer.magnitude_table
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        size = max(layer.ids.values()) + 2  # last row: base tokens
+        table = torch.ones(size, layer.out_features, dtype=dtype, device=device)
+        with torch.no_grad():
+            for name in dora:  # per adapter, not per token
+                norm = layer.row_norm(layer.delta_weight(name))  # (out,)
                 table[layer.ids[name]] = (layer.lora_magnitude_vector[name] / norm).to(dtype)
-        return table[torch.where(ids >= 0, ids, size - 1)]
+        layer.magnitude_table = (key, table)
+        return table
 
     def merge(self, layer: LoraLinear, name: str, delta: torch.Tensor) -> torch.Tensor:
         """The merged weight m / ||W + dW|| * (W + dW); remembers the norm for unmerging."""

@@ -336,6 +336,8 @@ class LoraLinear(LoraLayer):
         self.lora_B = nn.ParameterDict()
         self.lora_B_bias = nn.ParameterDict()  # lora_bias=True: B's bias (file key lora_B.bias)
         self.lora_magnitude_vector = nn.ParameterDict()
+        # mixed batches with DoRA: (key, per-adapter m / ||W + s B A|| table); see dora.py
+        self.magnitude_table: tuple[Any, torch.Tensor] | None = None
         self._infer_cache: dict[str, tuple[Any, ...]] = {}  # no-grad operands, per adapter
 
     def invalidate(self) -> None:
