@@ -141,12 +141,17 @@ def test_recommendations_follow_the_numbers() -> None:
         numbers = {"exact_match": match, "eval_loss": 1.0, "train_peak_mb": peak}
         return {"method": method, "status": "ok", "file_mb": 1.0, **numbers, **extra}
 
-    rows = [row("lora", 0.5, 900, decode_b1_x=1.2), row("ia3", 0.4, 700), row("full", 0.9, 2000)]
+    rows = [row("lora", 0.5, 900, decode_b1_x=1.2), row("ia3", 0.46, 700), row("full", 0.9, 2000)]
+    rows.append(row("adalora", 0.0, 600))  # least memory, but did not learn: passed over
     one, many, tight = recommendations(rows)
     assert one.startswith("One task: full") and "90.0%" in one
     assert many.startswith("Many tasks on one server: lora adapters")
     assert tight.startswith("Tight memory: ia3") and "700 MB" in tight
+    assert "adalora took less memory but reached under 50% of the best quality" in tight
+    rows[1]["exact_match"] = 0.44  # under half the best: lora is the lightest usable row
+    assert recommendations(rows)[2].startswith("Tight memory: lora")
     rows[1]["exact_match"] = 0.95
+    rows.pop()
     assert recommendations(rows)[0].startswith("One task: ia3")
     rows.append(row("ia3 (merged)", 0.95, 700, merged=True, decode_b1_x=1.0))
     assert "ia3, merged into the base" in recommendations(rows)[0]

@@ -344,3 +344,19 @@ def test_mixed_batch_sees_adapter_weights_changed_in_place() -> None:
     mixed = logits(model, x, adapter_names=["medical", "legal"])
     model.set_adapter("medical")
     torch.testing.assert_close(mixed[0], logits(model, x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_dora_inference_follows_weights_changed_in_place() -> None:
+    """Inference (no grad) reads DoRA's cached magnitudes; they must follow in-place changes
+    and equal the directly computed forward (grad enabled) on the whole logits."""
+    model = tilpass.get_peft_model(tiny_llama(), lora(use_dora=True), "dora")
+    model.eval()
+    x = tokens(batch=2)
+    logits(model, x)  # builds the tables
+    q_proj = model.base_model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q_proj.lora_B["dora"].add_(0.3)
+        q_proj.lora_magnitude_vector["dora"].mul_(1.5)
+    cached = logits(model, x)
+    direct = model(input_ids=x).logits.detach()  # grad enabled: the norms computed afresh
+    torch.testing.assert_close(cached, direct, atol=1e-6, rtol=1e-6)

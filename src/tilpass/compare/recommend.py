@@ -5,8 +5,10 @@
 - Many tasks on one server: adapters served unmerged side by side on one base, so the best
   quality among the adapter rows (full fine-tuning and merged rows excluded), with its file
   size per task and its decode overhead at batch 8.
-- Tight memory: the lowest training peak memory, with the quality it gives up against the
-  best row.
+- Tight memory: the lowest training peak memory among the rows that reach at least half the
+  best row's quality (a method that barely learned within the budget is no answer, however
+  little memory it takes; the line names what it passed over), with the quality it gives up
+  against the best row.
 
 Quality is exact match on the held-out split when measured, the held-out loss breaking ties
 (or alone when there is no exact match).
@@ -83,22 +85,48 @@ def many_tasks(rows: list[dict[str, Any]]) -> str | None:
     )
 
 
+USABLE_SHARE = 0.5
+"""A tight-memory pick must reach this share of the best row's quality (exact match, or the
+best held-out loss divided by its own)."""
+
+
+def _usable(row: dict[str, Any], best: dict[str, Any]) -> bool:
+    """Whether `row` reaches `USABLE_SHARE` of `best`'s quality."""
+    match, top = row.get("exact_match"), best.get("exact_match")
+    if match is not None and top:
+        return match >= USABLE_SHARE * top
+    loss, low = row.get("eval_loss"), best.get("eval_loss")
+    if loss is None or low is None or not math.isfinite(loss):
+        return loss is None
+    return low >= USABLE_SHARE * loss
+
+
 def tight_memory(rows: list[dict[str, Any]]) -> str | None:
-    """The lowest training peak memory, and how its quality compares with the best row's."""
+    """The lowest training peak memory among usable rows, and how its quality compares with
+    the best row's; rows that use less memory but did not learn enough are named."""
     measured = [r for r in _trained(rows) if r.get("train_peak_mb") is not None]
     if not measured:
         return None
-    low = min(measured, key=lambda r: (r["train_peak_mb"], tuple(-q for q in _quality(r))))
     best = max(measured, key=_quality)
+    usable = [r for r in measured if _usable(r, best)]
+    low = min(usable, key=lambda r: (r["train_peak_mb"], tuple(-q for q in _quality(r))))
     against = (
         "also the best quality"
         if best is low
         else f"{best['method']}, the best, gives {_describe(best)} at "
         f"{best['train_peak_mb']:,.0f} MB"
     )
+    skipped = [r["method"] for r in measured if r not in usable
+               and r["train_peak_mb"] < low["train_peak_mb"]]  # fmt: skip
+    passed_over = (
+        f"; {', '.join(skipped)} took less memory but reached under "
+        f"{USABLE_SHARE:.0%} of the best quality"
+        if skipped
+        else ""
+    )
     return (
         f"Tight memory: {low['method']} (training peak {low['train_peak_mb']:,.0f} MB; "
-        f"{_describe(low)}; {against})."
+        f"{_describe(low)}; {against}{passed_over})."
     )
 
 

@@ -51,8 +51,11 @@ class DoraVariant:
         """The DoRA output from the base output `result` (x: input, xd: dropped input)."""
         spec = layer.specs[name]
         a, b = layer.lora_A[name], layer.lora_B[name]
-        norm = layer.row_norm(layer.delta_weight(name).detach()).detach()  # (out,)
-        mag = (layer.lora_magnitude_vector[name] / norm).to(result.dtype)  # (out,)
+        if torch.is_grad_enabled():  # the magnitude trains through m / ||W + dW||
+            norm = layer.row_norm(layer.delta_weight(name).detach()).detach()  # (out,)
+            mag = (layer.lora_magnitude_vector[name] / norm).to(result.dtype)  # (out,)
+        else:  # inference: the cached table, not a weight norm per call (per decode step)
+            mag = self.magnitude_table(layer, result.dtype, result.device)[layer.ids[name]]
         lora = F.linear(F.linear(xd.to(a.dtype), a), b).to(result.dtype) * spec.scale
         bias = layer.base_bias()
         if xd is x:
