@@ -307,11 +307,12 @@ class DataParallel:
         """This rank's packed micro-batches of one optimizer step (``data.packing``).
 
         The step's examples are split by rank first (contiguous, no overlap, as
-        :func:`rank_slice`), then each rank packs its own share into rows of at most
-        ``batch_size`` per micro-batch. The loss is normalised by the step's loss tokens over
-        all ranks, as in one process, so the update is the single-process packed one. Every
-        rank runs as many micro-batches as the rank with the most (DDP and FSDP2 need each
-        forward on every rank): the others add a one-example stand-in with its loss masked.
+        :func:`rank_slice`), then each rank packs its own share into rows of ``max_length``
+        tokens, at most its ``batch_size`` rows per micro-batch. The loss is normalised by
+        the step's loss tokens over all ranks, as in one process, so the update is the
+        single-process packed one. Every rank runs as many micro-batches as the rank with
+        the most (DDP and FSDP2 need each forward on every rank): the others add a
+        one-example stand-in with its loss masked.
         """
         if self.world.backend is None:
             return plan.micro_batches(index_groups)
