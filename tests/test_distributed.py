@@ -81,6 +81,27 @@ def launch(args: list[str], cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[str, str]:
+    """A launched run's (stdout, stderr) once it ends; past `timeout` its launcher and ranks
+    are stopped (no orphans left running) and the test fails with the run's output."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ranks = [rank_pid(proc.pid, r) for r in range(2)]
+        proc.terminate()  # the launcher stops its ranks
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for pid in filter(None, ranks):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(
+            f"the run did not end within {timeout:g} s:\n{stdout[-2000:]}\n{stderr[-3000:]}"
+        )
+
+
 def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
@@ -117,7 +138,7 @@ def test_two_ranks_equal_one_process_and_resume_on_one(
 ) -> None:
     out = tmp_path / "two"
     proc = launch([*train_args(setup, out, 2), "--nproc", "2"], tmp_path)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = finish(proc)
     assert proc.returncode == 0, stderr[-3000:]
     assert "world size 2 (gloo, DDP): effective batch size 4 (2 per rank x 2 ranks" in stdout
     assert stdout.count("adapter saved in") == 1  # rank 0 prints, logs and writes
@@ -154,13 +175,15 @@ def test_fsdp2_trains_as_one_process_and_a_killed_rank_ends_the_run_naming_it(
     proc = launch(args, tmp_path)
     deadline = time.monotonic() + 240
     while not (out / "checkpoint-2").is_dir():  # training is under way on both ranks
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _, stderr = finish(proc, 1)  # a run still going past the deadline is stopped
+            pytest.fail(f"the run ended before its second checkpoint:\n{stderr[-3000:]}")
         time.sleep(0.2)
     pid = rank_pid(proc.pid, 1)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = finish(proc, 120)
     assert time.monotonic() - killed < 90  # never a hang
     assert proc.returncode == 1, stderr[-3000:]
     assert f"tilpass train: error: rank 1 (pid {pid}) was killed by SIGKILL" in stderr, stderr
@@ -192,7 +215,7 @@ def test_a_one_process_checkpoint_resumes_on_two_sharded_ranks(
     out = copy_run(reference / "run", "checkpoint-4", tmp_path / "sharded")
     args = [*train_args(setup, out, 2), "--nproc", "2", "--shard", "--resume", "auto"]
     proc = launch(args, tmp_path)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = finish(proc)
     assert proc.returncode == 0, stderr[-3000:]
     assert "world size 2 (gloo, FSDP2)" in stdout
     assert f"resumed from {out / 'checkpoint-4'} (step 4 of {STEPS})" in stdout

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.test_cli import chat, save_tiny_model, write_data
-from tests.test_distributed import adapter, assert_same, in_process, launch, train_args
+from tests.test_distributed import adapter, assert_same, finish, in_process, launch, train_args
 from tilpass.data.packing import Batching, BatchPlan
 from tilpass.distributed import DataParallel, World
 
@@ -52,7 +52,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
 def two_ranks(args: list[str], cwd: Path) -> str:
     """`tilpass *args --nproc 2`; its standard output (the run must succeed)."""
     proc = launch([*args, "--nproc", "2"], cwd)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = finish(proc)
     assert proc.returncode == 0, stderr[-3000:]
     return stdout
 
