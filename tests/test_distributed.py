@@ -1,9 +1,10 @@
 """Data-parallel and sharded training: real 2-process gloo runs of the CLI on CPU.
 
 A 2-rank run with 2 examples per rank must train the same adapter, within float tolerance,
-as one process with 4 examples per step and the same seed; so must FSDP2 (``--shard``); a
-1-process run resumes the 2-rank run's checkpoint to the same adapter; a killed rank ends the
-run with a message naming it.
+as one process with 4 examples per step and the same seed; so must FSDP2 (``--shard``).
+Checkpoints move between layouts: one process resumes a 2-rank DDP or FSDP2 checkpoint, and
+2 FSDP2 ranks resume a 1-process one, to the adapter of the uninterrupted run. A killed rank
+ends the run with a message naming it.
 """
 
 from __future__ import annotations
@@ -80,6 +81,27 @@ def launch(args: list[str], cwd: Path) -> subprocess.Popen[str]:
     )
 
 
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[str, str]:
+    """A launched run's (stdout, stderr) once it ends; past `timeout` its launcher and ranks
+    are stopped (no orphans left running) and the test fails with the run's output."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        ranks = [rank_pid(proc.pid, r) for r in range(2)]
+        proc.terminate()  # the launcher stops its ranks
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            for pid in filter(None, ranks):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        pytest.fail(
+            f"the run did not end within {timeout:g} s:\n{stdout[-2000:]}\n{stderr[-3000:]}"
+        )
+
+
 def adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "adapter" / "adapter_model.safetensors")
 
@@ -116,7 +138,7 @@ def test_two_ranks_equal_one_process_and_resume_on_one(
 ) -> None:
     out = tmp_path / "two"
     proc = launch([*train_args(setup, out, 2), "--nproc", "2"], tmp_path)
-    stdout, stderr = proc.communicate(timeout=300)
+    stdout, stderr = finish(proc)
     assert proc.returncode == 0, stderr[-3000:]
     assert "world size 2 (gloo, DDP): effective batch size 4 (2 per rank x 2 ranks" in stdout
     assert stdout.count("adapter saved in") == 1  # rank 0 prints, logs and writes
@@ -126,10 +148,7 @@ def test_two_ranks_equal_one_process_and_resume_on_one(
     assert_same(adapter(out), want)
     assert any(bool(t.abs().max() > 0) for k, t in want.items() if "lora_B" in k)
     # Resume the 2-rank run's step-6 checkpoint with one process and 4 examples per step.
-    one = tmp_path / "resumed"
-    one.mkdir()
-    for name in ("checkpoint-6", "run.json", "config.yaml", "metrics.jsonl"):
-        subprocess.run(["cp", "-r", str(out / name), str(one / name)], check=True)
+    one = copy_run(out, "checkpoint-6", tmp_path / "resumed")
     in_process([*train_args(setup, one, 4), "--resume", "auto"])
     assert_same(adapter(one), want)
 
@@ -156,13 +175,15 @@ def test_fsdp2_trains_as_one_process_and_a_killed_rank_ends_the_run_naming_it(
     proc = launch(args, tmp_path)
     deadline = time.monotonic() + 240
     while not (out / "checkpoint-2").is_dir():  # training is under way on both ranks
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _, stderr = finish(proc, 1)  # a run still going past the deadline is stopped
+            pytest.fail(f"the run ended before its second checkpoint:\n{stderr[-3000:]}")
         time.sleep(0.2)
     pid = rank_pid(proc.pid, 1)
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
-    stdout, stderr = proc.communicate(timeout=120)
+    stdout, stderr = finish(proc, 120)
     assert time.monotonic() - killed < 90  # never a hang
     assert proc.returncode == 1, stderr[-3000:]
     assert f"tilpass train: error: rank 1 (pid {pid}) was killed by SIGKILL" in stderr, stderr
@@ -172,6 +193,33 @@ def test_fsdp2_trains_as_one_process_and_a_killed_rank_ends_the_run_naming_it(
     for name in ("trainable.safetensors", "optimizer.safetensors"):
         want = load_file(reference / "constant" / "checkpoint-2" / name)
         assert_same(load_file(out / "checkpoint-2" / name), want)
+    # The killed sharded run resumes on one process (4 examples per step) to the adapter of
+    # the uninterrupted one.
+    one = copy_run(out, "checkpoint-2", tmp_path / "resumed")
+    constant = ["--training.lr_scheduler", "constant", "--resume", "auto"]
+    in_process([*train_args(setup, one, 4), *constant])
+    assert_same(adapter(one), adapter(reference / "constant"))
+
+
+def copy_run(out: Path, checkpoint: str, to: Path) -> Path:
+    """A new output directory holding run `out`'s `checkpoint` (and its run files) only."""
+    to.mkdir()
+    for name in (checkpoint, "run.json", "config.yaml", "metrics.jsonl"):
+        subprocess.run(["cp", "-r", str(out / name), str(to / name)], check=True)
+    return to
+
+
+def test_a_one_process_checkpoint_resumes_on_two_sharded_ranks(
+    setup: tuple[Path, Path, Path], reference: Path, tmp_path: Path
+) -> None:
+    out = copy_run(reference / "run", "checkpoint-4", tmp_path / "sharded")
+    args = [*train_args(setup, out, 2), "--nproc", "2", "--shard", "--resume", "auto"]
+    proc = launch(args, tmp_path)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "world size 2 (gloo, FSDP2)" in stdout
+    assert f"resumed from {out / 'checkpoint-4'} (step 4 of {STEPS})" in stdout
+    assert_same(adapter(out), adapter(reference / "run"))
 
 
 def test_the_failure_message_names_the_cause_not_the_ranks_stopped_after_it() -> None:

@@ -162,6 +162,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         sources.overrides.add(("quantize",))
     config = build_config(merge(values, overrides), sources)
     apply_process_settings(config.training)  # process-wide: the CLI's choice, not train()'s
+    from tilpass.distributed import check_engine
+
+    check_engine(args.shard, config.quantize)  # before anything is launched or loaded
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
         from tilpass.distributed import choose_backend
         from tilpass.distributed_launch import launch

@@ -7,11 +7,14 @@ instead of hanging them. :class:`DataParallel` is what the training loop asks of
 
 - each rank takes its own contiguous slice of every global micro-batch (the global data order
   stays a pure function of ``(seed, epoch)``), so the ranks' slices together are exactly the
-  micro-batch a single process would train on;
+  micro-batch a single process would train on; with packing, its slice of the step's
+  examples, packed;
 - the loss is normalised by the loss tokens of the whole step across ranks (one all-reduce),
   so an N-process step is the same update as a 1-process step with the same global batch;
 - the model's loss runs inside DDP (or ``fully_shard`` with ``shard=True``), which reduces
-  only the gradients that exist: the adapter's; the frozen base has none.
+  only the gradients that exist: the adapter's; the frozen base has none;
+- checkpoints hold whole tensors whatever the layout (:mod:`tilpass.distributed_checkpoint`),
+  so a run resumes with any number of ranks, with or without ``--shard``.
 
 A single process gets the same object with a world of one, and everything here is then a
 no-op: the loop has one code path.
@@ -30,10 +33,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tilpass.distributed_checkpoint import full_tensor, gather_state, place_like, reshard
 from tilpass.errors import TilpassError
 from tilpass.losses import Batch, causal_lm_loss
+from tilpass.quantize import is_quantized_module
 
 if TYPE_CHECKING:
+    from tilpass.data.packing import BatchPlan
+    from tilpass.train_checkpoints import LoadedCheckpoint
     from tilpass.train_config import TrainConfig
 
 BACKENDS = ("auto", "gloo", "nccl")
@@ -95,6 +102,19 @@ def choose_backend(requested: str) -> str:
             "of PyTorch"
         )
     return requested
+
+
+SHARD_QUANTIZED = (
+    "--shard cannot shard a quantized base (--quantize): FSDP2 would split bitsandbytes' "
+    "packed 4-bit weights into plain tensors and drop the quantization state they need. "
+    "Train QLoRA without --shard (DDP): the 4-bit base is small enough to fit on every device"
+)
+
+
+def check_engine(shard: bool, quantize: str | None) -> None:
+    """Refuse, before anything is launched, an engine that cannot run the config."""
+    if shard and quantize is not None:
+        raise DistributedError(SHARD_QUANTIZED)
 
 
 def timeout_seconds() -> float:
@@ -195,8 +215,12 @@ def rank_slice(indices: list[int], rank: int, world_size: int) -> LocalSlice:
 
 
 def without_loss(batch: Batch) -> Batch:
-    """The batch with every label ignored: a forward and backward that change nothing."""
-    return {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    """The batch with every label ignored: a forward and backward that change nothing (a
+    packed batch's tokens no longer count as trained on either)."""
+    out = {**batch, "labels": torch.full_like(batch["labels"], -100)}
+    if "real_mask" in batch:
+        out["real_mask"] = torch.zeros_like(batch["real_mask"])
+    return out
 
 
 class SilentLog:
@@ -279,6 +303,32 @@ class DataParallel:
         batch = make(part.indices)
         return batch if part.counts else without_loss(batch)
 
+    def packed_step(self, index_groups: list[list[int]], plan: BatchPlan) -> list[Batch]:
+        """This rank's packed micro-batches of one optimizer step (``data.packing``).
+
+        The step's examples are split by rank first (contiguous, no overlap, as
+        :func:`rank_slice`), then each rank packs its own share into rows of ``max_length``
+        tokens, at most its ``batch_size`` rows per micro-batch. The loss is normalised by
+        the step's loss tokens over all ranks, as in one process, so the update is the
+        single-process packed one. Every rank runs as many micro-batches as the rank with
+        the most (DDP and FSDP2 need each forward on every rank): the others add a
+        one-example stand-in with its loss masked.
+        """
+        if self.world.backend is None:
+            return plan.micro_batches(index_groups)
+        step = [i for group in index_groups for i in group]
+        shares = [rank_slice(step, r, self.size) for r in range(self.size)]
+        rows = plan.batch_size // self.size  # the plan's batch size is the global one
+        count = max(plan.packed_count(share.indices, rows) for share in shares)
+        mine = shares[self.world.rank]
+        batches = plan.packed(mine.indices, rows)
+        if not mine.counts:
+            batches = [without_loss(b) for b in batches]
+        if len(batches) < count:
+            stand_in = without_loss(plan.packed(mine.indices[:1], 1)[0])
+            batches += [stand_in] * (count - len(batches))
+        return batches
+
     def sync(self, last: bool) -> AbstractContextManager[Any]:
         """DDP reduces gradients at the last micro-batch of a step only."""
         wrapped = self.wrapped
@@ -328,7 +378,17 @@ class DataParallel:
         """
         if not self.shard or self.world.backend is None:
             return named, optimizer
-        return [(n, full_tensor(p)) for n, p in named], GatheredOptimizer(optimizer)
+        return gather_state(named, optimizer)
+
+    def place_checkpoint(
+        self, loaded: LoadedCheckpoint, named: list[tuple[str, nn.Parameter]]
+    ) -> LoadedCheckpoint:
+        """A checkpoint's whole tensors cut into this rank's FSDP2 shards (under ``--shard``;
+        as read otherwise), ready to be copied into ``named`` and the optimizer."""
+        if not self.shard or self.world.backend is None or self.wrapped is None:
+            return loaded
+        reshard(self.wrapped)
+        return place_like(loaded, named)
 
     def gather_parameters(self, model: nn.Module) -> None:
         """Replace FSDP2-sharded parameters by whole ones (after training, before saving).
@@ -343,43 +403,10 @@ class DataParallel:
                 if whole is not p:
                     setattr(module, name, nn.Parameter(whole, requires_grad=p.requires_grad))
 
-    def check_resume(self, resume: object) -> None:
-        """Refuse to resume under ``--shard``: a checkpoint's whole tensors are not yet put
-        back into FSDP2 shards. Checkpoints do not depend on the engine: DDP resumes them."""
-        if self.shard and resume is not None:
-            raise DistributedError(
-                "--resume with --shard is not supported yet: resume this run without --shard "
-                "(DDP reads the same checkpoints; keep the global batch size the same)"
-            )
-
     def barrier(self) -> None:
         """Wait for every rank."""
         if self.world.backend is not None:
             dist.barrier()
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor gathered whole (a collective); any other tensor as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor().detach() if isinstance(t, DTensor) else t
-
-
-class GatheredOptimizer:
-    """An optimizer's state dict with its FSDP2-sharded states gathered whole (what the
-    checkpoint writer reads; the checkpoint is then the same as one of an unsharded run)."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        sd = optimizer.state_dict()
-        sd["state"] = {
-            i: {k: full_tensor(v) if torch.is_tensor(v) else v for k, v in st.items()}
-            for i, st in sd["state"].items()
-        }
-        self.gathered = sd
-
-    def state_dict(self) -> dict[str, Any]:
-        """The gathered state dict."""
-        return self.gathered
 
 
 def shard_model(loss: LossModule, model: nn.Module) -> nn.Module:
@@ -393,6 +420,8 @@ def shard_model(loss: LossModule, model: nn.Module) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     blocks = transformer_blocks(model)
+    if any(is_quantized_module(m) for block in blocks for m in block.modules()):
+        raise DistributedError(SHARD_QUANTIZED)
     inside = {id(p) for block in blocks for p in block.parameters()}
     outside = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside]
     if outside:

@@ -188,11 +188,6 @@ class Trainer:
             train_dataset, collate_fn, self.plan.batch_size, config.seed, batching
         )
         if self.batches.batching.packing:  # refuse a model that would attend across examples
-            if self.dist.size > 1:
-                raise ValueError(
-                    "data.packing is not supported with several ranks yet: set data.packing: "
-                    "false (data.group_by_length works) or train in one process"
-                )
             check_packing(model, [train_dataset[i] for i in range(min(n, 3))])
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
@@ -239,7 +234,6 @@ class Trainer:
         with several ranks, rank 0 chooses it and the others follow, one after the other."""
         if self.dist.size == 1:
             return resume_run(self, resume)
-        self.dist.check_resume(resume)
         chosen = resume_run(self, resume) if self.dist.is_main else None
         chosen, self.run_id = self.dist.share((chosen, self.run_id))
         if not self.dist.is_main:
@@ -350,10 +344,10 @@ class Trainer:
     # --------------------------------------------------------------------- step phases
 
     def _batch(self, index_groups: list[list[int]]) -> list[Batch]:
-        """The step's micro-batches: packed (one process), or this rank's part of each padded
-        micro-batch (all of it in one process)."""
+        """This rank's part of the step's micro-batches, packed or padded (all of them in one
+        process)."""
         if self.batches.batching.packing:
-            return self.batches.micro_batches(index_groups)
+            return self.dist.packed_step(index_groups, self.batches)
         return [self.dist.micro_batch(idx, self.batches.padded) for idx in index_groups]
 
     def _forward_backward(self, micro: list[Batch]) -> StepOutput:

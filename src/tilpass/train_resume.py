@@ -184,7 +184,8 @@ def resume_run(trainer: Trainer, resume: str | os.PathLike[str] | None) -> Path 
             "same dataset, batch_size, gradient_accumulation_steps and seed, or a new "
             "output_dir."
         )
-    apply_checkpoint(loaded, trainer.named, trainer.optimizer, trainer.scheduler)
+    placed = trainer.dist.place_checkpoint(loaded, trainer.named)  # FSDP2: this rank's shards
+    apply_checkpoint(placed, trainer.named, trainer.optimizer, trainer.scheduler)
     st = trainer.state
     st.step = st.saved_at = saved["global_step"]
     apply_settings(trainer.optimizer, trainer.scheduler, trainer.config, trainer.plan, st.step)

@@ -14,7 +14,9 @@ Two independent settings:
 Packing only re-lays out the examples a step already has (the same ones the padded run uses),
 and the trainer normalises by the step's loss tokens, so a packed run makes the same updates as
 a padded one up to float rounding: packing changes speed, never the result.
-:func:`check_packing` verifies this on the model at start-up.
+:func:`check_packing` verifies this on the model at start-up. With several ranks, each rank
+packs its own share of the step's examples (:meth:`BatchPlan.packed`; the split is
+``tilpass.distributed.DataParallel.packed_step``).
 """
 
 from __future__ import annotations
@@ -184,15 +186,27 @@ class BatchPlan:
         Packed: all the step's examples packed into rows of ``max_length`` tokens, at most
         ``batch_size`` rows per micro-batch (never more micro-batches than groups).
         """
-        data = self.dataset
         if not self.batching.packing:
             return [self.padded(idx) for idx in index_groups]
-        examples = [data[i] for idx in index_groups for i in idx]
-        lengths = [len(ex["input_ids"]) for ex in examples]
-        rows = pack_rows(lengths, self.batching.max_length)
-        size, pad = self.batch_size, self.pad_token_id
+        return self.packed([i for idx in index_groups for i in idx], self.batch_size)
+
+    def packed(self, indices: Sequence[int], rows_per_batch: int) -> list[Batch]:
+        """Examples ``indices`` packed into rows of ``max_length`` tokens (first-fit
+        decreasing), ``rows_per_batch`` rows per micro-batch (also one rank's share of a step,
+        in a data-parallel run)."""
+        examples = [self.dataset[i] for i in indices]
+        rows = pack_rows([len(ex["input_ids"]) for ex in examples], self.batching.max_length)
         laid_out = [[examples[i] for i in row] for row in rows]
-        return [collate_packed(laid_out[k : k + size], pad) for k in range(0, len(rows), size)]
+        pad = self.pad_token_id
+        return [
+            collate_packed(laid_out[k : k + rows_per_batch], pad)
+            for k in range(0, len(rows), rows_per_batch)
+        ]
+
+    def packed_count(self, indices: Sequence[int], rows_per_batch: int) -> int:
+        """How many micro-batches :meth:`packed` makes of ``indices`` (without collating)."""
+        lengths = [len(self.dataset[i]["input_ids"]) for i in indices]
+        return math.ceil(len(pack_rows(lengths, self.batching.max_length)) / rows_per_batch)
 
     def padded(self, indices: Sequence[int]) -> Batch:
         """One padded micro-batch of examples ``indices``, trailing all-padding columns dropped
