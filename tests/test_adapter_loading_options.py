@@ -83,3 +83,16 @@ def test_pickle_with_objects_other_than_tensors_is_refused(tmp_path: Path) -> No
     torch.save({"x": torch.zeros(1), "evil": print}, tmp_path / "adapter_model.bin")
     with pytest.raises(tilpass.AdapterFileError, match="weights-only loader"):
         tilpass.AdaptedModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_low_cpu_mem_usage_injection_is_on_meta_until_loaded() -> None:
+    source = tilpass.get_peft_model(tiny_llama(), lora()).eval()
+    perturb(source.adapter_parameters("default"), seed=4)
+    state = tilpass.get_peft_model_state_dict(source)
+    model = tilpass.inject_adapter_in_model(lora(), tiny_llama(), low_cpu_mem_usage=True)
+    assert "meta" in {p.device.type for p in model.parameters()}
+    result = tilpass.set_peft_model_state_dict(model, state)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens()).logits, logits(source), rtol=0, atol=0)

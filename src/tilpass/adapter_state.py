@@ -20,6 +20,7 @@ from tilpass.config import AdapterConfig
 from tilpass.errors import AdapterNameError
 from tilpass.inject import adapter_layers
 from tilpass.layers import AdapterLayer
+from tilpass.meta_adapters import materialize, to_meta
 from tilpass.trained_biases import all_biases
 
 if TYPE_CHECKING:
@@ -117,6 +118,7 @@ def set_peft_model_state_dict(
     adapted = _adapted(model)
     root = adapted.base_model if adapted is not None else model
     prefix = PREFIX if adapted is not None else ""
+    materialize([layer for _, layer in adapter_layers(root)])  # low_cpu_mem_usage injection
     expected = _layer_tensors(root, adapter_name, prefix)
     if not expected:
         raise AdapterNameError(
@@ -167,7 +169,9 @@ def inject_adapter_in_model(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Wrap the modules `peft_config` targets in `model` itself and return `model` (no
-    `AdaptedModel` around it): the base is frozen, the new adapter is active and trains."""
+    `AdaptedModel` around it): the base is frozen, the new adapter is active and trains.
+    With `low_cpu_mem_usage` its tensors are empty, on the meta device, as in PEFT: load them
+    with `set_peft_model_state_dict` before use."""
     from tilpass.model import AdaptedModel
 
     if state_dict is not None:
@@ -188,6 +192,8 @@ def inject_adapter_in_model(
     adapted.set_requires_grad(adapter_name, not peft_config.inference_mode)
     for p in training:  # adapters injected before keep training
         p.requires_grad_(True)
+    if low_cpu_mem_usage:  # PEFT's meaning here: empty tensors on the meta device
+        to_meta(adapted.adapter_layer_list(), adapter_name)
     return model
 
 
