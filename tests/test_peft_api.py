@@ -427,6 +427,10 @@ def test_load_result_merge_warning_and_hub_message(tmp_path: Path) -> None:
     model.merge_adapter()
     with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
         model.merge_adapter()
+    saving = tilpass.get_peft_model(tiny_llama(), lora(modules_to_save=["lm_head"]))
+    saving.merge_adapter()  # a modules_to_save copy folds nothing in: still "all merged"
+    with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+        saving.merge_adapter()
     with pytest.raises(NotImplementedError, match="upload_folder"):
         model.push_to_hub("someone/adapter")
     config = tilpass.LoraConfig.from_pretrained(tmp_path)
