@@ -339,7 +339,11 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; layers left without adapters become base modules."""
-        self.check_adapter_name(adapter_name)
+        if adapter_name not in self.peft_config:  # PEFT's message, and the names there are
+            known = ", ".join(self.peft_config) or "(none)"
+            raise AdapterNameError(
+                f"Adapter {adapter_name} does not exist; loaded adapters: {known}"
+            )
         if any(adapter_name in layer.merged for layer in self._layers()):
             raise ValueError(
                 f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
