@@ -104,6 +104,52 @@ def test_grouped_conv_uses_a_grouped_1x1_b_and_refuses_to_merge() -> None:
         layer.add_adapter("b", 1, AdapterSpec(r=3, alpha=8))
 
 
+@pytest.mark.parametrize("groups", [2, 4])
+def test_dora_on_a_grouped_conv_matches_peft_s_definition(groups: int) -> None:
+    torch.manual_seed(0)
+    base = nn.Conv1d(4, 8, 3, groups=groups, dtype=torch.float64)
+    layer = make_layer(base)
+    layer.add_adapter("a", 0, AdapterSpec(r=4, alpha=8, init=False, variant=DORA))
+    t = layer.adapter_tensors("a")
+    scale = layer.specs["a"].scale
+    norm = lora_ref.grouped_dora_norm(base.weight, t["lora_A.weight"], t["lora_B.weight"], scale)
+    torch.testing.assert_close(  # the magnitude starts as PEFT's norm, so DoRA starts at LoRA
+        t["lora_magnitude_vector"], norm.view(1, -1, 1), **TOL64
+    )
+    perturb(layer.adapter_parameters("a"), seed=4)
+    layer.active = ["a"]
+    x = sample(1)
+    args = (t["lora_A.weight"], t["lora_B.weight"], scale, t["lora_magnitude_vector"])
+    expected = lora_ref.dora_conv_grouped(x, base.weight, base.bias, *args, groups)
+    assert not torch.allclose(expected, base(x))
+    torch.testing.assert_close(layer(x), expected, **TOL64)
+    with pytest.raises(NotImplementedError, match="groups > 1"):
+        layer.merge()
+
+
+class GroupedConvNet(nn.Module):
+    """A grouped conv (groups 2) -> ReLU -> flatten -> linear, for the PEFT parity check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.lin = nn.Linear(8 * 5 * 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_dora_on_a_grouped_conv_peft_parity_both_ways(tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return GroupedConvNet().eval()
+
+    settings = {"r": 4, "target_modules": ["conv"], "use_dora": True, "init_lora_weights": False}
+    peft_both_ways(make, settings, conv_input(2), tmp_path)
+
+
 def test_dora_on_conv_matches_the_reference_and_merges() -> None:
     torch.manual_seed(0)
     base = nn.Conv2d(4, 6, 3, padding=1, dtype=torch.float64)

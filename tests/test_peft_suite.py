@@ -34,6 +34,11 @@ import suite  # noqa: E402
         ({"message": "AttributeError: 'AdaptedModel' object has no attribute 'unload'"},
          report.BEHAVIOUR),
         ({"message": "AttributeError: 'MLP' object has no attribute 'model'"}, report.INTERNALS),
+        ({"message": "AttributeError: 'DeepMLP' object has no attribute 'set_adapter'"},
+         report.INTERNALS),
+        ({"message": "AttributeError: 'LoraConfig' object has no attribute "
+                     "'_register_custom_module'"}, report.INTERNALS),
+        ({"message": "AttributeError: 'MLP' object has no attribute 'lin9'"}, report.BEHAVIOUR),
         ({"message": "OSError: We couldn't connect to 'https://huggingface.co'"}, report.HUB),
         ({"message": "TypeError: unexpected keyword", "research": True}, report.RESEARCH),
         ({"message": "AssertionError: assert False",

@@ -38,6 +38,8 @@ SHIMMED = (
     "inject_adapter_in_model",
     "get_layer_status",
     "get_model_status",
+    "get_base_model_state_dict",
+    "set_base_model_state_dict",
 )
 
 # LoRA fields and test-name fragments of research variants tilpass does not implement.

@@ -7,9 +7,10 @@ is put in one class by its first error:
 - research variant: a LoRA variant tilpass does not implement (BD-LoRA, VeLoRA, KaSA, ...);
 - needs a model hub: the test reached for a download (the runs are offline);
 - PEFT internals: the test read PEFT's object layout (`model.base_model.model`, a layer's
-  PEFT-only attributes, PEFT's own functions handed a tilpass object), not a user's API; an
-  attribute PEFT's model forwards to the base model (`peft_model.lin0`) is not counted here:
-  user code reads those;
+  PEFT-only attributes, the tuner object's methods through `model.base_model`, PEFT's own
+  functions handed a tilpass object, PEFT layer classes registered with
+  `_register_custom_module`), not a user's API; an attribute PEFT's model forwards to the base
+  model (`peft_model.lin0`) is not counted here: user code reads those;
 - tilpass behaviour: everything else, the part a user porting PEFT code would meet.
 """
 
@@ -33,6 +34,24 @@ HUB_PATTERNS = re.compile(
 TILPASS_TYPES = ("LoraLinear", "LoraEmbedding", "LoraLayer", "ModulesToSave", "IA3Linear")
 # `peft_model.model` is PEFT's tuner object's `model` (`model.base_model.model`): its layout.
 INTERNAL_ATTRIBUTES = frozenset({"model"})
+# PEFT's tuner object (`peft_model.base_model`, a `LoraModel`) has these; tilpass's
+# `base_model` is the user's model itself, so a test that calls them through
+# `model.base_model` meets a plain module without them. On the model PEFT returns (and on
+# tilpass's) they exist; on a plain module they do not exist in PEFT either.
+TUNER_ATTRIBUTES = frozenset(
+    {
+        "set_adapter",
+        "active_adapter",
+        "active_adapters",
+        "peft_config",
+        "delete_adapter",
+        "disable_adapter_layers",
+        "enable_adapter_layers",
+        "targeted_module_names",
+    }
+)
+# PEFT's custom-layer dispatch takes classes built on PEFT's layer base classes (its internals).
+PRIVATE_HOOKS = frozenset({"_register_custom_module"})
 MISSING_ATTRIBUTE = re.compile(r"'(\w+)' object has no attribute '(\w+)'")
 
 
@@ -50,6 +69,8 @@ def classify(record: dict) -> str:
             return INTERNALS if attribute in INTERNAL_ATTRIBUTES else BEHAVIOUR
         if owner in TILPASS_TYPES or attribute in INTERNAL_ATTRIBUTES | {"base_model"}:
             return INTERNALS  # a PEFT layer's attributes, or `model.base_model.model`
+        if attribute in TUNER_ATTRIBUTES | PRIVATE_HOOKS:
+            return INTERNALS  # PEFT's tuner object, or PEFT layer classes plugged in
         return BEHAVIOUR
     if _raised_in_peft(record):
         return INTERNALS

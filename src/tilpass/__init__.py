@@ -8,6 +8,7 @@ from tilpass.adapter_state import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
+from tilpass.base_state import get_base_model_state_dict, set_base_model_state_dict
 from tilpass.config import AdapterConfig, PeftType
 from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
 from tilpass.methods.adalora import AdaLoraConfig
@@ -35,11 +36,13 @@ __all__ = [
     "TilpassError",
     "TunerLayerStatus",
     "TunerModelStatus",
+    "get_base_model_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
     "load_model",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
 ]

@@ -1,8 +1,8 @@
 """Adapter files: safetensors only, written atomically, validated on load, hashed.
 
-An adapter directory is PEFT's: `adapter_config.json` + `adapter_model.safetensors`. Pickle
-files (`adapter_model.bin`) are refused unless the caller opts in, and even then they are read
-with `torch.load(weights_only=True)`.
+An adapter directory is PEFT's: `adapter_config.json` + `adapter_model.safetensors`. PEFT's
+pickle file (`adapter_model.bin`) is read only with `torch.load(weights_only=True)`, which
+runs no code from the file (a warning says so; `allow_pickle=False` refuses it).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,8 +76,17 @@ def save_tensors(
         raise
 
 
-def load_tensors(directory: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read the adapter weights of `directory`, with errors that name the file."""
+def load_tensors(
+    directory: str | Path, allow_pickle: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """Read the adapter weights of `directory`, with errors that name the file.
+
+    `adapter_model.safetensors` first. Without it, PEFT's `adapter_model.bin` (written by
+    `save_pretrained(safe_serialization=False)`) is read only through torch's weights-only
+    loader, which accepts tensors and plain containers and runs no code from the file; a file
+    holding anything else is refused. `allow_pickle=None` (the default) reads it with a
+    warning, True reads it silently, False refuses it.
+    """
     directory = Path(directory)
     path = directory / WEIGHTS_NAME
     if path.is_file():
@@ -89,24 +99,40 @@ def load_tensors(directory: str | Path, allow_pickle: bool = False) -> dict[str,
             ) from exc
     pickled = directory / PICKLE_NAME
     if pickled.is_file():
-        if not allow_pickle:
-            raise AdapterFileError(
-                f"{pickled}: pickle files are not loaded by default, since unpickling can run "
-                "arbitrary code. Convert it to adapter_model.safetensors, or pass "
-                "allow_pickle=True if you trust its source (it is then read with "
-                "torch.load(weights_only=True))."
-            )
-        try:
-            data = torch.load(pickled, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise AdapterFileError(f"{pickled}: cannot be read ({exc})") from exc
-        if not isinstance(data, dict):
-            raise AdapterFileError(f"{pickled}: expected a dict of tensors")
-        return data
+        return _load_pickle(pickled, allow_pickle)
     raise AdapterFileError(
         f"{directory}: no {WEIGHTS_NAME} found; an adapter directory holds adapter_config.json "
         f"and {WEIGHTS_NAME}"
     )
+
+
+def _load_pickle(pickled: Path, allow_pickle: bool | None) -> dict[str, torch.Tensor]:
+    """PEFT's pickle file, through `torch.load(weights_only=True)` only (see `load_tensors`)."""
+    if allow_pickle is False:
+        raise AdapterFileError(
+            f"{pickled}: pickle files are refused (allow_pickle=False). Convert it to "
+            f"{WEIGHTS_NAME}, or leave allow_pickle unset to read it with torch's weights-only "
+            "loader (tensors only, no code runs)."
+        )
+    try:
+        data = torch.load(pickled, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AdapterFileError(
+            f"{pickled}: cannot be read with torch's weights-only loader ({exc}); tilpass never "
+            f"unpickles other objects. Re-save the adapter as {WEIGHTS_NAME}."
+        ) from exc
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+    ):
+        raise AdapterFileError(f"{pickled}: expected a dict of tensors keyed by name")
+    if allow_pickle is None:
+        warnings.warn(
+            f"{pickled}: read with torch.load(weights_only=True) (tensors only, no code runs); "
+            f"{WEIGHTS_NAME} is the safer format: save with safe_serialization=True, or pass "
+            "allow_pickle=True to silence this (False refuses pickle files)",
+            stacklevel=3,
+        )
+    return data
 
 
 def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:

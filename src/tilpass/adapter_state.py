@@ -20,6 +20,8 @@ from tilpass.config import AdapterConfig
 from tilpass.errors import AdapterNameError
 from tilpass.inject import adapter_layers
 from tilpass.layers import AdapterLayer
+from tilpass.meta_adapters import materialize, to_meta
+from tilpass.trained_biases import all_biases
 
 if TYPE_CHECKING:
     from tilpass.model import AdaptedModel
@@ -29,10 +31,24 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 """PEFT's names for the layers whose base weights `save_embedding_layers="auto"` saves."""
 
 
+WRAPPERS = ("FullyShardedDataParallel", "DistributedDataParallel")
+"""torch's data-parallel wrappers: they hold the model as `.module` (names stay the model's
+with use_orig_params), so PEFT's functions look through them."""
+
+
 def _adapted(model: nn.Module) -> AdaptedModel | None:
     from tilpass.model import AdaptedModel
 
     return model if isinstance(model, AdaptedModel) else None
+
+
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The model inside torch's FSDP / DDP wrappers (the model itself otherwise)."""
+    while type(model).__name__ in WRAPPERS and isinstance(
+        getattr(model, "module", None), nn.Module
+    ):
+        model = model.module
+    return model
 
 
 def _layer_tensors(root: nn.Module, adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
@@ -59,6 +75,7 @@ def get_peft_model_state_dict(
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
+    model = unwrap_parallel(model)
     adapted = _adapted(model)
     root = adapted.base_model if adapted is not None else model
     prefix = PREFIX if adapted is not None else ""
@@ -68,6 +85,7 @@ def get_peft_model_state_dict(
     if adapted is not None:
         config = adapted.peft_config[adapter_name]
         out.update(embedding_tensors(adapted, config, save_embedding_layers, PREFIX))
+        out.update({PREFIX + k: v for k, v in adapted.trained_biases(adapter_name).items()})
     if state_dict is not None:
         out = {key: _value_from(state_dict, model, tensor) for key, tensor in out.items()}
     return {k: v.detach() for k, v in out.items()}
@@ -93,11 +111,14 @@ def set_peft_model_state_dict(
     Not strict (PEFT's contract): matching keys are loaded and the rest reported as
     `missing_keys` (adapter tensors the dict lacks) and `unexpected_keys` (keys the adapter
     does not have). A key whose shape differs raises, unless `ignore_mismatched_sizes` skips
-    it with a warning.
+    it with a warning. Base biases in the dict (an adapter trained with `bias="all"` or
+    `"lora_only"`) are copied into the model's biases, as PEFT does.
     """
+    model = unwrap_parallel(model)
     adapted = _adapted(model)
     root = adapted.base_model if adapted is not None else model
     prefix = PREFIX if adapted is not None else ""
+    materialize([layer for _, layer in adapter_layers(root)])  # low_cpu_mem_usage injection
     expected = _layer_tensors(root, adapter_name, prefix)
     if not expected:
         raise AdapterNameError(
@@ -106,23 +127,26 @@ def set_peft_model_state_dict(
         )
     given = {_with_prefix(k, prefix): v for k, v in peft_model_state_dict.items()}
     given = {k: v for k, v in given.items() if not k.endswith(".base_layer.weight")}
-    mismatched = [k for k in given if k in expected and given[k].shape != expected[k].shape]
+    # base biases an adapter trained (bias="all" / "lora_only") load too, as in PEFT
+    biases = {prefix + k: v for k, v in all_biases(root, dict(adapter_layers(root))).items()}
+    loadable = {**biases, **expected}
+    mismatched = [k for k in given if k in loadable and given[k].shape != loadable[k].shape]
     if mismatched and not ignore_mismatched_sizes:
         key = mismatched[0]
         raise ValueError(
             f"size mismatch for {key}: copying a tensor of shape {tuple(given[key].shape)}, the "
-            f"adapter has {tuple(expected[key].shape)} (pass ignore_mismatched_sizes=True to "
+            f"adapter has {tuple(loadable[key].shape)} (pass ignore_mismatched_sizes=True to "
             "skip such keys)"
         )
     if mismatched:
         warnings.warn(f"skipped tensors whose shapes differ: {mismatched}", stacklevel=2)
     with torch.no_grad():
-        for key in set(expected) & set(given) - set(mismatched):
-            expected[key].copy_(given[key])
+        for key in set(loadable) & set(given) - set(mismatched):
+            loadable[key].copy_(given[key])
     for _, layer in adapter_layers(root):
         layer.invalidate()
     missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
+    unexpected = sorted(set(given) - set(loadable))
     return _IncompatibleKeys(missing, unexpected)
 
 
@@ -145,7 +169,9 @@ def inject_adapter_in_model(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> nn.Module:
     """Wrap the modules `peft_config` targets in `model` itself and return `model` (no
-    `AdaptedModel` around it): the base is frozen, the new adapter is active and trains."""
+    `AdaptedModel` around it): the base is frozen, the new adapter is active and trains.
+    With `low_cpu_mem_usage` its tensors are empty, on the meta device, as in PEFT: load them
+    with `set_peft_model_state_dict` before use."""
     from tilpass.model import AdaptedModel
 
     if state_dict is not None:
@@ -166,6 +192,8 @@ def inject_adapter_in_model(
     adapted.set_requires_grad(adapter_name, not peft_config.inference_mode)
     for p in training:  # adapters injected before keep training
         p.requires_grad_(True)
+    if low_cpu_mem_usage:  # PEFT's meaning here: empty tensors on the meta device
+        to_meta(adapted.adapter_layer_list(), adapter_name)
     return model
 
 

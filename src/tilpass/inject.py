@@ -149,8 +149,9 @@ def find_targets(model: nn.Module, config: TargetedConfig) -> list[str]:
     spec = config.target_modules
     if spec is None:
         raise TargetModulesError(
-            f"target_modules is not set; say which modules to adapt, e.g. ['q_proj', 'v_proj'] "
-            f"or 'all-linear'. This model has: {describe_modules(model)}"
+            "target_modules is not set. Please specify `target_modules` in the config: the "
+            "modules to adapt, e.g. ['q_proj', 'v_proj'] or 'all-linear'. This model has: "
+            f"{describe_modules(model)}"
         )
     modules = [(n, m) for n, m in base_modules(model) if n]
     if spec == ALL_LINEAR:

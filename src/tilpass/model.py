@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from tilpass import inputs, model_files, status
+from tilpass import inputs, model_files, status, trained_biases
 from tilpass.config import AdapterConfig
 from tilpass.errors import AdapterNameError
 from tilpass.inject import adapter_layers, inject, replace_module
@@ -184,6 +185,7 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
             method = method_of(config)
         except UnknownMethodError as exc:
             raise TypeError(f"unsupported config type {type(config).__name__}: {exc}") from None
+        trained_biases.check_one_bias_adapter(self.peft_config, adapter_name, config)
         config = copy.deepcopy(config)  # the caller's config stays as it was
         if config.base_model_name_or_path is None:
             base_config = getattr(self.base_model, "config", None)
@@ -227,8 +229,15 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
                 p.requires_grad_(requires_grad)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
-        """The parameters of one adapter, in every layer (saved-module copies included)."""
-        return [p for layer in self._layers() for p in layer.adapter_parameters(adapter_name)]
+        """The parameters of one adapter, in every layer (saved-module copies included), and
+        the base biases it trains (`bias="all"` / `"lora_only"`)."""
+        params = [p for layer in self._layers() for p in layer.adapter_parameters(adapter_name)]
+        return params + list(self.trained_biases(adapter_name).values())
+
+    def trained_biases(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The base biases adapter `adapter_name` trains, by PEFT's key (`trained_biases.py`)."""
+        bias = trained_biases.bias_mode(self.peft_config.get(adapter_name))
+        return trained_biases.trained_biases(self.base_model, adapter_name, bias)
 
     def training_hooks(self) -> list[Any]:
         """Hooks the trainer calls for the active adapters' methods (loss terms and
@@ -330,7 +339,11 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; layers left without adapters become base modules."""
-        self.check_adapter_name(adapter_name)
+        if adapter_name not in self.peft_config:  # PEFT's message, and the names there are
+            known = ", ".join(self.peft_config) or "(none)"
+            raise AdapterNameError(
+                f"Adapter {adapter_name} does not exist; loaded adapters: {known}"
+            )
         if any(adapter_name in layer.merged for layer in self._layers()):
             raise ValueError(
                 f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge "
@@ -371,6 +384,10 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
     def disable_adapter_layers(self) -> None:
         """Turn every adapter layer off (merged adapters are unmerged) until
         `enable_adapter_layers`; the model then computes as the base model."""
+        for name in self._active:
+            bias = trained_biases.bias_mode(self.peft_config.get(name))
+            if bias != trained_biases.NONE:
+                warnings.warn(trained_biases.DISABLE_WARNING.format(bias=bias), stacklevel=2)
         self._disabled += 1
         for layer in self._layers():
             layer.unmerge()

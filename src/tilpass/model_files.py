@@ -28,6 +28,7 @@ from tilpass.adapter_files import (
 from tilpass.adapter_state import embedding_tensors
 from tilpass.card import CARD_NAME, adapter_card
 from tilpass.config import AdapterConfig, read_config_dict
+from tilpass.device_map import target_device
 from tilpass.errors import AdapterFileError
 from tilpass.inject import adapter_layers
 from tilpass.methods import UnknownMethodError, method_for_peft_type
@@ -84,7 +85,7 @@ def save_adapters(
 
 def _save_pickle(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """PEFT's `safe_serialization=False` file: a plain dict of tensors in torch's format (it
-    loads with `torch.load(weights_only=True)`; tilpass reads it only with allow_pickle)."""
+    loads with `torch.load(weights_only=True)`, the only way tilpass reads it)."""
     import io
 
     buffer = io.BytesIO()
@@ -248,6 +249,8 @@ class FilesMixin:
         for path, layer in adapter_layers(self.base_model):
             for key, tensor in layer.adapter_tensors(adapter_name).items():
                 out[key if layer.ROOT_KEYS else f"{PREFIX}{path}.{key}"] = tensor
+        for key, bias in self.trained_biases(adapter_name).items():  # bias="all" / "lora_only"
+            out[f"{PREFIX}{key}"] = bias
         return out
 
     def save_pretrained(
@@ -263,7 +266,7 @@ class FilesMixin:
         each with `adapter_config.json`, its tensors and a model card (`README.md`).
 
         `safe_serialization=False` writes PEFT's pickle file `adapter_model.bin` instead of
-        safetensors (tilpass reads it back only with `allow_pickle=True`);
+        safetensors (tilpass reads it back with torch's weights-only loader, with a warning);
         `save_embedding_layers` (True / False / "auto") adds the base embedding weights as PEFT
         does when embedding layers are adapted.
         """
@@ -289,14 +292,21 @@ class FilesMixin:
         *,
         low_cpu_mem_usage: bool = False,
         torch_device: str | torch.device | None = None,
-        allow_pickle: bool = False,
+        allow_pickle: bool | None = None,
         allow_partial: bool = False,
+        device_map: Any = None,
     ) -> AdaptedModel:
         """Wrap `model` and load the adapter saved in `model_id` (a local directory).
 
         As in PEFT, an adapter loaded with `is_trainable=False` is frozen and the model is put
         in eval mode (dropout off); `config` replaces the directory's `adapter_config.json`.
+        `device_map` naming one device moves the model there first ("auto" and the like keep
+        it where it is; see `tilpass.device_map`).
         """
+        device = target_device(device_map)
+        if device is not None:
+            model.to(device)
+            torch_device = torch_device if torch_device is not None else device
         adapted = cls(model)
         adapted.load_adapter(
             model_id,
@@ -334,7 +344,7 @@ class FilesMixin:
         autocast_adapter_dtype: bool = True,
         *,
         low_cpu_mem_usage: bool = False,
-        allow_pickle: bool = False,
+        allow_pickle: bool | None = None,
         allow_partial: bool = False,
         config: AdapterConfig | None = None,
     ) -> _IncompatibleKeys:

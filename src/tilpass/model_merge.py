@@ -13,6 +13,7 @@ from torch import nn
 
 from tilpass.inject import mark_shared_weights, unwrap_all
 from tilpass.merging import add_weighted, merge_layer
+from tilpass.saved_modules import ModulesToSave
 
 if TYPE_CHECKING:
     from tilpass.model import AdaptedModel
@@ -34,8 +35,10 @@ class MergeMixin:
         for name in names:
             self.check_adapter_name(name)
         self.check_mergeable(names)
-        holders = [
-            layer for layer in self.adapter_layer_list() if any(n in layer.specs for n in names)
+        holders = [  # a modules_to_save copy folds nothing in, so it is never "merged"
+            layer
+            for layer in self.adapter_layer_list()
+            if any(n in layer.specs for n in names) and not isinstance(layer, ModulesToSave)
         ]
         if holders and all(set(names) & set(h.specs) <= set(h.merged) for h in holders):
             warnings.warn("All adapters are already merged, nothing to do.", stacklevel=2)

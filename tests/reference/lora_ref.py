@@ -142,6 +142,36 @@ def dora_conv(
     return _plus_bias(y, b, w.dim() - 2)
 
 
+def grouped_dora_norm(
+    w: torch.Tensor, a: torch.Tensor, bm: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """PEFT's DoRA norm on a grouped convolution, per output channel (out,): of W + s * (B
+    viewed (out / groups, r) @ A viewed (r, in * k)) reshaped to W's shape. For groups > 1 the
+    product is no weight delta; PEFT defines the norm this way, and a file's magnitudes
+    assume it."""
+    w, a, bm = (t.double() for t in (w, a, bm))
+    r = a.shape[0]
+    term = (bm.reshape(-1, r) @ a.reshape(r, -1)).reshape(w.shape)
+    return (w + scale * term).flatten(1).norm(dim=1)
+
+
+def dora_conv_grouped(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    a: torch.Tensor,
+    bm: torch.Tensor,
+    scale: float,
+    magnitude: torch.Tensor,
+    groups: int,
+) -> torch.Tensor:
+    """DoRA on a grouped 1-d convolution (stride 1, no padding), as PEFT computes it:
+    y = m / n * (conv(x, W) + s * B(A(x))) + b, n = `grouped_dora_norm`."""
+    factor = (magnitude.double().flatten() / grouped_dora_norm(w, a, bm, scale)).view(1, -1, 1)
+    adapted = conv_grouped(x, w, None, a, bm, scale, groups)  # conv(x, W) + s * B(A(x))
+    return _plus_bias(factor * adapted, b, 1)
+
+
 def dora_embedding(
     ids: torch.Tensor,
     w: torch.Tensor,

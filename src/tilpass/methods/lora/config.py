@@ -18,6 +18,7 @@ from tilpass.methods.lora.trainable_tokens import TokenSpec, TrainableTokens, to
 from tilpass.methods.lora.unsupported import RESEARCH_FIELDS, check_supported
 
 LOW_RANK = 4
+BIAS_CHOICES = ("none", "all", "lora_only")
 
 
 @dataclasses.dataclass
@@ -35,6 +36,8 @@ class LoraConfig(TargetedConfig):
             "pissa" / "pissa_niter_K" / "olora" = A, B from the base weight's SVD / QR, with
             the base weight replaced by its residual (as PEFT does); "orthogonal" = A, B from
             orthogonal halves of one random rotation, so B A = 0 with both non-zero.
+        bias: base biases the adapter trains and saves (PEFT's): "none", "all" (every bias
+            of the model) or "lora_only" (the biases of the modules LoRA wraps).
         lora_bias: B gets a bias too (file key `lora_B.bias`); merging adds it to the base bias.
         target_parameters: parameter names (exact or dotted suffix) to adapt directly, for
             modules that use a weight without a linear layer (mixture-of-experts experts).
@@ -49,7 +52,9 @@ class LoraConfig(TargetedConfig):
     r: int = opt(8, "Rank of the update.")
     lora_alpha: float = opt(8, "Scale numerator: the update is scaled by lora_alpha / r.")
     lora_dropout: float = opt(0.0, "Dropout on the LoRA branch input, in [0, 1).")
-    bias: str = opt("none", "Which biases train: only 'none' is supported.")
+    bias: str = opt(
+        "none", "Base biases trained and saved with the adapter: none | all | lora_only."
+    )
     use_rslora: bool = opt(False, "Scale by lora_alpha / sqrt(r) (rank-stabilised LoRA).")
     use_dora: bool = opt(False, "Weight-decomposed LoRA (Linear and Conv1D layers).")
     init_lora_weights: bool | str = opt(
@@ -106,11 +111,12 @@ class LoraConfig(TargetedConfig):
                 f"{self.init_lora_weights!r}",
             )
             _check(not self.use_dora, "lora_bias=True does not work with use_dora=True")
-        if self.bias != "none":
-            raise NotImplementedError(
-                f"bias={self.bias!r} is not supported by tilpass yet; use bias='none' "
-                "(the base biases stay frozen)"
-            )
+        _check(
+            self.bias in BIAS_CHOICES,
+            f"bias must be one of {', '.join(map(repr, BIAS_CHOICES))}, got {self.bias!r}: "
+            "'none' keeps the base biases frozen, 'all' trains every bias of the model, "
+            "'lora_only' the biases of the adapted modules",
+        )
         for key, value in self.rank_pattern.items():
             _check(isinstance(value, int) and value > 0, f"rank_pattern[{key!r}] must be > 0")
         for key, value in self.alpha_pattern.items():

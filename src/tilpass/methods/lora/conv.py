@@ -65,8 +65,6 @@ class LoraConv(LoraLayer):
                 f"init_lora_weights={spec.init!r} is for Linear layers; {kind} layers take "
                 "True, False or 'gaussian' (as in PEFT)"
             )
-        if spec.variant is not None and self.groups > 1:
-            raise ValueError(f"DoRA on a {kind} with groups={self.groups} is not supported")
         kw: dict[str, Any] = {"device": base.weight.device, "dtype": base.weight.dtype}
         ones = (1,) * self.dims
         a = torch.empty(spec.r, self.in_features, *base.kernel_size, **kw)
@@ -141,12 +139,18 @@ class LoraConv(LoraLayer):
         super().check_mergeable(name)
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s * B A in W's layout (out, in, *k), in float32 at least (groups = 1)."""
+        """s * B A in W's layout (out, in / groups, *k), in float32 at least.
+
+        With groups = 1 this is the update the adapter makes to W. With groups > 1 it is
+        PEFT's product of B viewed as (out / groups, r) and A as (r, in * k...), reshaped to
+        W's shape: no weight delta (such layers do not merge), but the term PEFT's DoRA norms
+        ||W + s B A|| are taken of, so DoRA magnitudes match PEFT's.
+        """
         a, b = self.lora_A[name], self.lora_B[name]
         dtype = torch.promote_types(a.dtype, torch.float32)
-        b2d = b.to(dtype).reshape(self.out_features, -1)  # (out, r)
-        delta = (b2d @ a.to(dtype).reshape(a.shape[0], -1)).view(self.out_features, *a.shape[1:])
-        return delta * self.specs[name].scale
+        r = a.shape[0]
+        delta = b.to(dtype).reshape(-1, r) @ a.to(dtype).reshape(r, -1)  # (out / groups, in*k)
+        return delta.reshape(self.base_layer.weight.shape) * self.specs[name].scale
 
     def row_norm(self, delta: torch.Tensor) -> torch.Tensor:
         """||W + delta|| per output channel, shaped (1, out, 1, ...) as PEFT's DoRA stores it."""

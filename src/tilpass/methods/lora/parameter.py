@@ -123,7 +123,7 @@ class LoraParameters(AdapterLayer):
     def adapted_forward(self, x: Any, names: list[str], *args: Any, **kwargs: Any) -> Any:
         params = {}
         for i, t in enumerate(self.targets):
-            weight = self.base_layer.get_parameter(t.path)
+            weight = tensor_at(self.base_layer, t.path)
             delta = sum(self.delta(i, n) for n in names)
             params[t.path] = weight + delta.to(weight.dtype)
         return functional_call(self.base_layer, params, (x, *args), kwargs)
@@ -195,3 +195,13 @@ def parameter_owners(model: nn.Module, entries: list[str]) -> dict[str, list[str
     if missing:
         raise ValueError(f"target_parameters {missing} match no parameter of the model")
     return owners
+
+
+def tensor_at(module: nn.Module, path: str) -> torch.Tensor:
+    """The tensor at a dotted attribute path: a parameter, or the plain tensor a wrapper
+    such as FSDP (use_orig_params) puts in its place during a forward."""
+    owner, _, leaf = path.rpartition(".")
+    tensor = getattr(module.get_submodule(owner) if owner else module, leaf)
+    if not isinstance(tensor, torch.Tensor):
+        raise AttributeError(f"{path} of {type(module).__name__} is not a tensor")
+    return tensor

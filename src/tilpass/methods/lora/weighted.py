@@ -221,6 +221,12 @@ def _delta_wise(
 def _delta_as_ba(layer: LoraLayer, name: str) -> torch.Tensor:
     """s B A as a matrix shaped (B's rows, A's columns): the layer's delta in weight layout,
     flattened (convolutions) or transposed back (embeddings, fan-in-fan-out weights)."""
+    if getattr(layer, "groups", 1) > 1:  # its delta_weight is DoRA's norm term, no update
+        raise NotImplementedError(
+            f"combinations through the SVD need each adapter's weight update, which a "
+            f"convolution with groups={layer.groups} does not have; use combination_type "
+            "'linear' or 'cat', or leave this layer out"
+        )
     delta = layer.delta_weight(name)
     if delta.dim() > 2:
         return delta.flatten(start_dim=1)
