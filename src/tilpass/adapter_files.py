@@ -1,8 +1,8 @@
 """Adapter files: safetensors only, written atomically, validated on load, hashed.
 
 An adapter directory is PEFT's: `adapter_config.json` + `adapter_model.safetensors`. PEFT's
-pickle file (`adapter_model.bin`) is read only with `torch.load(weights_only=True)`, which
-runs no code from the file (a warning says so; `allow_pickle=False` refuses it).
+pickle file (`adapter_model.bin`) is refused unless the caller opts in with `allow_pickle=True`,
+and even then it is read only with `torch.load(weights_only=True)` and must hold tensors.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -76,16 +75,14 @@ def save_tensors(
         raise
 
 
-def load_tensors(
-    directory: str | Path, allow_pickle: bool | None = None
-) -> dict[str, torch.Tensor]:
+def load_tensors(directory: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read the adapter weights of `directory`, with errors that name the file.
 
     `adapter_model.safetensors` first. Without it, PEFT's `adapter_model.bin` (written by
     `save_pretrained(safe_serialization=False)`) is read only through torch's weights-only
     loader, which accepts tensors and plain containers and runs no code from the file; a file
-    holding anything else is refused. `allow_pickle=None` (the default) reads it with a
-    warning, True reads it silently, False refuses it.
+    holding anything else is refused. Pickle files are refused by default (`allow_pickle=False`):
+    reading one is the caller's explicit choice.
     """
     directory = Path(directory)
     path = directory / WEIGHTS_NAME
@@ -106,13 +103,14 @@ def load_tensors(
     )
 
 
-def _load_pickle(pickled: Path, allow_pickle: bool | None) -> dict[str, torch.Tensor]:
+def _load_pickle(pickled: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     """PEFT's pickle file, through `torch.load(weights_only=True)` only (see `load_tensors`)."""
-    if allow_pickle is False:
+    if not allow_pickle:
         raise AdapterFileError(
-            f"{pickled}: pickle files are refused (allow_pickle=False). Convert it to "
-            f"{WEIGHTS_NAME}, or leave allow_pickle unset to read it with torch's weights-only "
-            "loader (tensors only, no code runs)."
+            f"{pickled}: pickle files are not loaded by default, since unpickling can run "
+            f"code. Convert it to {WEIGHTS_NAME} (load it once with allow_pickle=True and "
+            "save_pretrained again), or pass allow_pickle=True if you trust its source (it is "
+            "then read with torch.load(weights_only=True): tensors only)."
         )
     try:
         data = torch.load(pickled, map_location="cpu", weights_only=True)
@@ -125,13 +123,6 @@ def _load_pickle(pickled: Path, allow_pickle: bool | None) -> dict[str, torch.Te
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
     ):
         raise AdapterFileError(f"{pickled}: expected a dict of tensors keyed by name")
-    if allow_pickle is None:
-        warnings.warn(
-            f"{pickled}: read with torch.load(weights_only=True) (tensors only, no code runs); "
-            f"{WEIGHTS_NAME} is the safer format: save with safe_serialization=True, or pass "
-            "allow_pickle=True to silence this (False refuses pickle files)",
-            stacklevel=3,
-        )
     return data
 
 

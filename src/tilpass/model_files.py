@@ -85,7 +85,8 @@ def save_adapters(
 
 def _save_pickle(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """PEFT's `safe_serialization=False` file: a plain dict of tensors in torch's format (it
-    loads with `torch.load(weights_only=True)`, the only way tilpass reads it)."""
+    loads with `torch.load(weights_only=True)`, the only way tilpass reads it, and only when
+    the caller passes `allow_pickle=True`)."""
     import io
 
     buffer = io.BytesIO()
@@ -292,7 +293,7 @@ class FilesMixin:
         *,
         low_cpu_mem_usage: bool = False,
         torch_device: str | torch.device | None = None,
-        allow_pickle: bool | None = None,
+        allow_pickle: bool = False,
         allow_partial: bool = False,
         device_map: Any = None,
     ) -> AdaptedModel:
@@ -344,7 +345,7 @@ class FilesMixin:
         autocast_adapter_dtype: bool = True,
         *,
         low_cpu_mem_usage: bool = False,
-        allow_pickle: bool | None = None,
+        allow_pickle: bool = False,
         allow_partial: bool = False,
         config: AdapterConfig | None = None,
     ) -> _IncompatibleKeys:
