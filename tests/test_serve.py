@@ -320,6 +320,25 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(served: Served) -> No
     assert complete(served, "lora_a", PROMPTS[1], 2).choices[0].finish_reason == "length"
 
 
+def test_client_that_disconnects_before_its_whole_answer_frees_its_slot(served: Served) -> None:
+    """A non-streaming client that gives up while tokens are still being generated: its
+    request is cancelled within a poll interval, not when its answer would be complete."""
+    before = metric(served, "tilpass_sequences_finished_total", {"reason": "cancelled"})
+    body = {"model": "lora_a", "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True}
+    with served.http() as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        cancelled = metric(served, "tilpass_sequences_finished_total", {"reason": "cancelled"})
+        if cancelled > before and metric(served, "tilpass_running_batch_size") == 0:
+            break
+        time.sleep(0.05)
+    assert cancelled == before + 1
+    generated = metric(served, "tilpass_generation_tokens_total")
+    assert complete(served, "lora_a", PROMPTS[1], 2).choices[0].finish_reason == "length"
+    assert metric(served, "tilpass_generation_tokens_total") == generated + 2
+
+
 def test_overload_answers_429_at_once(served: Served) -> None:
     async def flood() -> list[httpx.Response]:
         headers = {"Authorization": f"Bearer {KEY}"}

@@ -45,19 +45,23 @@ class Generation:
     created: int = field(default_factory=lambda: int(time.time()))
     completion_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
+    next_check: float = 0.0  # monotonic time of the next check for a disconnected client
 
     def cancel(self) -> None:
         self.request.cancelled.set()
 
     async def next(self, http: HttpRequest | None = None) -> Event:
-        """The next event; a non-streaming caller polls for a client that went away."""
+        """The next event; a non-streaming caller checks for a client that went away every
+        `DISCONNECT_POLL_S` seconds, also while tokens keep arriving."""
         while True:
+            if http is not None and time.monotonic() >= self.next_check:
+                self.next_check = time.monotonic() + DISCONNECT_POLL_S
+                if await http.is_disconnected():
+                    self.cancel()
+                    raise ClientGone()
             try:
                 event = await asyncio.wait_for(self.events.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if http is not None and await http.is_disconnected():
-                    self.cancel()
-                    raise ClientGone() from None
                 continue
             if event.kind == "token" and event.token is not None:
                 self.completion_tokens += 1
