@@ -83,7 +83,7 @@ class ServerProcess:
     startup: str = ""
     lines: list[str] = field(default_factory=list)
 
-    def start(self, timeout: float = 60.0) -> ServerProcess:
+    def start(self, timeout: float = 120.0) -> ServerProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         command = [sys.executable, "-m", "tilpass.cli", "serve", "--port", "0", *self.args]
         self.proc = subprocess.Popen(
