@@ -15,6 +15,7 @@ embedded by the model's input embedding, so every method serves in the same batc
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,6 +185,4 @@ class PackedBatch:
 
 
 def _parameters(module: Any) -> set[str]:
-    import inspect
-
     return set(inspect.signature(module.forward).parameters)

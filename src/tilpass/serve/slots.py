@@ -18,6 +18,7 @@ every layer.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -202,7 +203,5 @@ def supports_slots(model: torch.nn.Module) -> bool:
     layer_types = getattr(config, "layer_types", None) or []
     if any(kind != "full_attention" for kind in layer_types):
         return False
-    import inspect
-
     forward = inspect.signature(model.forward).parameters
     return "logits_to_keep" in forward and ("cache" in forward or "past_key_values" in forward)
