@@ -135,6 +135,13 @@ def test_concurrent_mixed_adapters_equal_generate(served: Served) -> None:
     """Two LoRA adapters and the base, plus DoRA, (IA)3, bottleneck and prompt tuning, all at
     once through a batch of 4 with 3 on-demand cache slots: each answer is its own adapter's
     `generate`, token for token."""
+    # Start from the pinned adapter only, whatever ran before on this server (under xdist
+    # other tests may have run first): an (IA)3 adapter on up_proj does not load while a
+    # bottleneck adapter wraps the MLP, so the load order must be this test's own.
+    with served.http() as http:
+        for model in served.client().models.list():
+            if model.id not in (BASE, "lora_a"):
+                http.post("/v1/unload_lora_adapter", json={"lora_name": model.id})
     jobs = [(a, p) for a in ("lora_a", "lora_b", BASE) for p in PROMPTS[:2]]
     jobs += [(a, PROMPTS[2]) for a in ADAPTERS if a not in ("lora_a", "lora_b")]
     with ThreadPoolExecutor(len(jobs)) as pool:
