@@ -56,16 +56,21 @@ def build_files(root: Path, tokenizer: Any) -> tuple[Path, Path, tilpass.Adapted
     base.config.max_position_embeddings = CONTEXT  # room for long streams (RoPE has no cap)
     base.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    configs = adapter_configs()
+    model = with_adapters(base)
+    model.save_pretrained(adapter_dir, selected_adapters=list(ADAPTERS))
+    return model_dir, adapter_dir, model
+
+
+def with_adapters(base: Any) -> tilpass.AdaptedModel:
+    """`base` with one adapter per method (`ADAPTERS`), in eval mode."""
     torch.manual_seed(1)
     model = tilpass.AdaptedModel(base)
-    for name, config in configs.items():
+    for name, config in adapter_configs().items():
         model.add_adapter(name, config)
         with torch.no_grad():  # large enough that every adapter changes the greedy output
             for p in model.adapter_parameters(name):
                 p.add_(0.5 * torch.randn_like(p))
-    model.save_pretrained(adapter_dir, selected_adapters=list(configs))
-    return model_dir, adapter_dir, model.eval()
+    return model.eval()
 
 
 @dataclass
@@ -78,7 +83,7 @@ class ServerProcess:
     startup: str = ""
     lines: list[str] = field(default_factory=list)
 
-    def start(self, timeout: float = 60.0) -> ServerProcess:
+    def start(self, timeout: float = 120.0) -> ServerProcess:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         command = [sys.executable, "-m", "tilpass.cli", "serve", "--port", "0", *self.args]
         self.proc = subprocess.Popen(

@@ -135,6 +135,13 @@ def test_concurrent_mixed_adapters_equal_generate(served: Served) -> None:
     """Two LoRA adapters and the base, plus DoRA, (IA)3, bottleneck and prompt tuning, all at
     once through a batch of 4 with 3 on-demand cache slots: each answer is its own adapter's
     `generate`, token for token."""
+    # Start from the pinned adapter only, whatever ran before on this server (under xdist
+    # other tests may have run first): an (IA)3 adapter on up_proj does not load while a
+    # bottleneck adapter wraps the MLP, so the load order must be this test's own.
+    with served.http() as http:
+        for model in served.client().models.list():
+            if model.id not in (BASE, "lora_a"):
+                http.post("/v1/unload_lora_adapter", json={"lora_name": model.id})
     jobs = [(a, p) for a in ("lora_a", "lora_b", BASE) for p in PROMPTS[:2]]
     jobs += [(a, PROMPTS[2]) for a in ADAPTERS if a not in ("lora_a", "lora_b")]
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -318,6 +325,25 @@ def test_client_that_disconnects_mid_stream_frees_its_slot(served: Served) -> No
         time.sleep(0.1)
     assert cancelled == before + 1
     assert complete(served, "lora_a", PROMPTS[1], 2).choices[0].finish_reason == "length"
+
+
+def test_client_that_disconnects_before_its_whole_answer_frees_its_slot(served: Served) -> None:
+    """A non-streaming client that gives up while tokens are still being generated: its
+    request is cancelled within a poll interval, not when its answer would be complete."""
+    before = metric(served, "tilpass_sequences_finished_total", {"reason": "cancelled"})
+    body = {"model": "lora_a", "prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True}
+    with served.http() as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        cancelled = metric(served, "tilpass_sequences_finished_total", {"reason": "cancelled"})
+        if cancelled > before and metric(served, "tilpass_running_batch_size") == 0:
+            break
+        time.sleep(0.05)
+    assert cancelled == before + 1
+    generated = metric(served, "tilpass_generation_tokens_total")
+    assert complete(served, "lora_a", PROMPTS[1], 2).choices[0].finish_reason == "length"
+    assert metric(served, "tilpass_generation_tokens_total") == generated + 2
 
 
 def test_overload_answers_429_at_once(served: Served) -> None:

@@ -304,12 +304,15 @@ async def generate(
     gen = bridge.start(server.engine, prompt, adapter, params, kind, body.model)
     server.metrics.prompt_tokens.inc(len(prompt))
     try:
+        async with bridge.watching(gen, request):
+            if body.stream:
+                first = await bridge.first_event(gen)
+            else:
+                text, finish = await bridge.collect(gen)
         if body.stream:
-            first = await bridge.first_event(gen, request)
             usage = bool(body.stream_options and body.stream_options.include_usage)
             events = bridge.stream(gen, first, usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        text, finish = await bridge.collect(gen, request)
     except bridge.ClientGone:
         return Response(status_code=499)
     except BaseException:

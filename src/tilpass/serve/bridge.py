@@ -5,6 +5,7 @@ into server-sent events. A client that goes away cancels its request, which free
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -17,8 +18,6 @@ from starlette.requests import Request as HttpRequest
 from tilpass.serve.engine import Engine, Event, Overloaded, Request
 from tilpass.serve.sampling import SamplingParams
 from tilpass.serve.schemas import ApiError
-
-DISCONNECT_POLL_S = 0.25
 
 
 class EventQueue:
@@ -49,20 +48,15 @@ class Generation:
     def cancel(self) -> None:
         self.request.cancelled.set()
 
-    async def next(self, http: HttpRequest | None = None) -> Event:
-        """The next event; a non-streaming caller polls for a client that went away."""
-        while True:
-            try:
-                event = await asyncio.wait_for(self.events.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if http is not None and await http.is_disconnected():
-                    self.cancel()
-                    raise ClientGone() from None
-                continue
-            if event.kind == "token" and event.token is not None:
-                self.completion_tokens += 1
-                self.token_ids.append(event.token)
-            return event
+    async def next(self) -> Event:
+        """The next event (`ClientGone` once `watch` saw the client disconnect)."""
+        event = await self.events.queue.get()
+        if event.kind == "gone":
+            raise ClientGone()
+        if event.kind == "token" and event.token is not None:
+            self.completion_tokens += 1
+            self.token_ids.append(event.token)
+        return event
 
     def usage(self) -> dict[str, int]:
         return {
@@ -74,6 +68,28 @@ class Generation:
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+async def watch(gen: Generation, http: HttpRequest) -> None:
+    """Wait for the client to disconnect; then cancel the request (its row is freed at the
+    next step) and wake whoever waits for its events."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    gen.cancel()
+    gen.events.queue.put_nowait(Event("gone"))
+
+
+@contextlib.asynccontextmanager
+async def watching(gen: Generation, http: HttpRequest) -> AsyncIterator[None]:
+    """`watch` the client while the block waits for events (a streamed response stops
+    watching before it starts: the response then notices a disconnect itself)."""
+    task = asyncio.create_task(watch(gen, http))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def start(
@@ -100,11 +116,11 @@ def raise_error(event: Event) -> None:
         raise ApiError(event.status, event.message)
 
 
-async def collect(gen: Generation, http: HttpRequest) -> tuple[str, str]:
+async def collect(gen: Generation) -> tuple[str, str]:
     """(text, finish_reason) once the request has finished."""
     parts: list[str] = []
     while True:
-        event = await gen.next(http)
+        event = await gen.next()
         raise_error(event)
         if event.kind == "finish":
             return "".join(parts), event.finish_reason or "stop"
@@ -160,9 +176,9 @@ def stream_entry(gen: Generation, text: str, finish: str | None, first: bool) ->
     return entry
 
 
-async def first_event(gen: Generation, http: HttpRequest) -> Event:
+async def first_event(gen: Generation) -> Event:
     """The first event, awaited before a stream starts so an early error gets its status."""
-    event = await gen.next(http)
+    event = await gen.next()
     raise_error(event)
     return event
 

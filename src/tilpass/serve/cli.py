@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,19 +97,24 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     )
     from tilpass.serve.api import create_app
 
+    # The engine answers what is still running after --shutdown-timeout with 503; uvicorn
+    # waits a little longer, so those answers go out before it closes the connections.
     config = uvicorn.Config(
         create_app(server),
         log_level="warning",
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        timeout_graceful_shutdown=args.shutdown_timeout + 2,
     )
-    graceful_server(config).run(sockets=[sock])
+    graceful_server(config, lambda: server.engine.begin_stop(args.shutdown_timeout)).run(
+        sockets=[sock]
+    )
     print("tilpass serve: stopped", flush=True)
     return 0
 
 
-def graceful_server(config: Any) -> Any:
+def graceful_server(config: Any, on_exit: Callable[[], None]) -> Any:
     """uvicorn's server, except that a SIGTERM or SIGINT it shut down on is not raised again
-    afterwards (uvicorn re-raises it), so the command ends with its own message and code 0."""
+    afterwards (uvicorn re-raises it), so the command ends with its own message and code 0;
+    `on_exit` runs as the signal arrives (the engine stops admitting and starts its clock)."""
     import contextlib
     import signal
     import threading
@@ -117,6 +123,10 @@ def graceful_server(config: Any) -> Any:
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            on_exit()
+            super().handle_exit(sig, frame)
+
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             if threading.current_thread() is not threading.main_thread():

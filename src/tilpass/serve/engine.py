@@ -1,19 +1,22 @@
 """The continuous-batching engine: one worker thread runs prefill and decode steps.
 
 Named state: `waiting` (requests not started, FIFO), `running` (one `Sequence` per row of the
-batch) and `batch` (their KV cache and mask, `kv.BatchCache`). Each step, in order:
+batch) and the batch's KV cache. Each step, in order:
 
 1. run queued commands (adapter load / unload) between steps, so the model never changes
    under a forward pass;
 2. drop cancelled sequences (a client that went away) and free their rows;
 3. admit waiting requests up to `max_batch` rows, loading their adapters on demand;
-4. prefill the admitted prompts in one forward pass (left-padded, each row routed to its own
-   adapter; adapters that extend the inputs, like prompt tuning, extend them here, once);
-   their rows join the batch;
-5. decode one token for every running row in one forward pass with per-row adapter ids.
+4. run the model, in one of two ways, chosen once per engine (`use_packed`):
+   - packed (`packed.PackedBatch`, for models whose attention goes through Hugging Face's
+     attention registry with SDPA): one forward pass over the new tokens of every sequence
+     laid end to end, decode tokens and prompt chunks together, each token routed to its
+     own adapter, keys and values in a fixed slot per sequence (`slots.SlotCache`);
+   - padded (any other model): the admitted prompts in one left-padded prefill pass whose
+     rows then join `batch` (`kv.BatchCache`), and one decode pass for every running row.
 
-A row's cache columns, positions and mask are what its own `generate` call would build, so
-greedy output equals that adapter's `generate` output token for token.
+Either way a row's positions and the keys it attends to are what its own `generate` call
+would use, so greedy output equals that adapter's `generate` output token for token.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from tilpass.inputs import extend_inputs
 from tilpass.routing import BASE_ID, Routing, routed
 from tilpass.serve.adapters import AdapterCache, AdapterError, CacheFull
 from tilpass.serve.kv import BatchCache
+from tilpass.serve.packed import MAX_STEP_TOKENS, PackedBatch
 from tilpass.serve.sampling import SamplingParams, TextTracker, next_tokens
+from tilpass.serve.slots import supports_slots
 
 
 @dataclass
@@ -104,6 +109,8 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 64,
         observer: Observer | None = None,
+        packed: bool | None = None,
+        max_step_tokens: int = MAX_STEP_TOKENS,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -118,6 +125,7 @@ class Engine:
         self.commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self.cond = threading.Condition()
         self.stopping = False
+        self.deadline: float | None = None  # when stopping: running requests end by then
         self.thread = threading.Thread(target=self.loop, name="tilpass-engine", daemon=True)
         self.device = next(model.parameters()).device  # inputs go there; sampling on CPU
         self.eos = eos_ids(model, tokenizer)
@@ -125,6 +133,15 @@ class Engine:
         self.cache_keyword = (
             "cache" if accepts(model.get_base_model(), "cache") else ("past_key_values")
         )
+        self.max_step_tokens = max_step_tokens
+        self.use_packed = supports_slots(model.get_base_model()) if packed is None else packed
+        self.packed = self.new_packed()
+
+    def new_packed(self) -> PackedBatch | None:
+        """An empty packed batch (None on the padded path)."""
+        if not self.use_packed:
+            return None
+        return PackedBatch(self.model, self.max_batch, self.max_step_tokens)
 
     # -- the API side (any thread) ----------------------------------------------------------
     def start(self) -> None:
@@ -161,20 +178,25 @@ class Engine:
         with self.cond:
             return len(self.waiting), len(self.running)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Refuse new work, let running sequences finish for up to `timeout` seconds, then
-        cancel what is left; waiting requests are answered 503."""
+    def begin_stop(self, grace: float) -> None:
+        """Refuse new work and answer waiting requests 503 now; running sequences may finish
+        within `grace` seconds, after which they are answered 503 too (a second call keeps
+        the first deadline)."""
         with self.cond:
+            if self.stopping:
+                return
             self.stopping = True
+            self.deadline = time.monotonic() + grace
             waiting, self.waiting = list(self.waiting), deque()
             self.cond.notify()
         for request in waiting:
             request.sink(Event("error", status=503, message="the server is shutting down"))
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            for seq in list(self.running):
-                seq.request.cancelled.set()
-            self.thread.join(timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """`begin_stop(timeout)`, then wait for the worker thread to finish."""
+        self.begin_stop(timeout)
+        if self.thread.ident is not None:
+            self.thread.join(timeout + 5.0)
 
     # -- the worker thread ------------------------------------------------------------------
     def loop(self) -> None:
@@ -186,6 +208,10 @@ class Engine:
                 if self.stopping and not self.running and not self.commands:
                     return
             self.run_commands()
+            if self.stopping and self.deadline is not None and time.monotonic() > self.deadline:
+                message = "the server shut down before this request finished (--shutdown-timeout)"
+                self.fail_all(message, status=503)
+                continue
             try:
                 self.step()
             except Exception as exc:  # a bug or out of memory: fail the batch, keep serving
@@ -209,10 +235,13 @@ class Engine:
         """One scheduling step: retire cancelled rows, admit and prefill, decode."""
         self.retire([i for i, s in enumerate(self.running) if s.request.cancelled.is_set()])
         admitted = self.admit()
-        if admitted:
-            self.prefill(admitted)
-        if self.running:
-            self.decode()
+        if self.packed is not None:
+            self.packed_step(admitted)
+        else:
+            if admitted:
+                self.prefill(admitted)
+            if self.running:
+                self.decode()
         waiting, running = self.counts()
         self.observer.on_step(waiting, running, len(self.adapters.listing()))
 
@@ -246,13 +275,29 @@ class Engine:
             admitted.append(Sequence(request, tracker, request.params.generator()))
         return admitted
 
+    def adapter_id(self, seq: Sequence) -> int:
+        """A row's adapter id (-1 = base), looked up now (ids are stable)."""
+        name = seq.request.adapter
+        return BASE_ID if name is None else int(self.model.adapter_id(name))
+
     def row_ids(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Each row's adapter id (-1 = base), looked up now (ids are stable)."""
-        ids = [
-            BASE_ID if s.request.adapter is None else self.model.adapter_id(s.request.adapter)
-            for s in seqs
-        ]
+        """Each row's adapter id (-1 = base)."""
+        ids = [self.adapter_id(s) for s in seqs]
         return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def packed_step(self, admitted: list[Sequence]) -> None:
+        """The admitted sequences take slots; one packed pass feeds every running sequence
+        its next token or prompt chunk, and the rows whose input ended get a token."""
+        assert self.packed is not None
+        self.running.extend(admitted)  # first: a failure below then answers them too
+        for seq in admitted:
+            self.packed.join(id(seq), self.adapter_id(seq), seq.request.prompt)
+        if not self.running:
+            return
+        keys, logits = self.packed.step([(id(s), s.last) for s in self.running])
+        by_key = {id(s): s for s in self.running}
+        if keys:
+            self.emit([by_key[k] for k in keys], logits)
 
     def prefill(self, seqs: list[Sequence]) -> None:
         """Run the admitted prompts (left-padded) and add their rows to the batch."""
@@ -327,16 +372,22 @@ class Engine:
                 self.observer.on_finish(seq, "cancelled")
         gone = set(rows)
         keep = [i for i in range(len(self.running)) if i not in gone]
+        if self.packed is not None:
+            for row in rows:
+                self.packed.leave(id(self.running[row]))
+        else:
+            self.batch.keep(keep)
         self.running = [self.running[i] for i in keep]
-        self.batch.keep(keep)
         self.decode_routing = None
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str, status: int = 500) -> None:
         """Answer every running request with an error and start an empty batch."""
         for seq in self.running:
-            seq.request.sink(Event("error", status=500, message=message))
+            seq.request.sink(Event("error", status=status, message=message))
+            self.observer.on_finish(seq, "cancelled" if status == 503 else "error")
         self.running = []
         self.batch = BatchCache()
+        self.packed = self.new_packed()
         self.decode_routing = None
 
 
