@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tilpass.data.packing import Batching, BatchPlan, check_packing, token_counts
+from tilpass.data.packing import Batching, BatchPlan, prepare_packing, token_counts
 from tilpass.distributed import DataParallel, SilentLog
 from tilpass.losses import (
     Batch,
@@ -53,6 +53,7 @@ from tilpass.losses import (
     selective_loss_matches,
     to_device,
 )
+from tilpass.packed_attention import PackedAttention
 from tilpass.runtime import autocast_for, enable_gradient_checkpointing, peak_memory_mb
 from tilpass.train_checkpoints import (
     MetricsLog,
@@ -184,16 +185,22 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.plan = StepPlan.of(n, self.dist.global_config(config))  # global micro-batches
-        self.batches = BatchPlan(
-            train_dataset, collate_fn, self.plan.batch_size, config.seed, batching
-        )
-        if self.batches.batching.packing:  # refuse a model that would attend across examples
+        self.attention = PackedAttention(model, enabled=False)
+        if batching is not None and batching.packing:  # refuse attention across examples
             if self.dist.size > 1:
                 raise ValueError(
                     "data.packing is not supported with several ranks yet: set data.packing: "
                     "false (data.group_by_length works) or train in one process"
                 )
-            check_packing(model, [train_dataset[i] for i in range(min(n, 3))])
+            self.attention = prepare_packing(model, [train_dataset[i] for i in range(min(n, 3))])
+        self.batches = BatchPlan(
+            train_dataset,
+            collate_fn,
+            self.plan.batch_size,
+            config.seed,
+            batching,
+            flat=self.attention.enabled,  # attention per example: one padding-free row each
+        )
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.state = LoopState(selective=None if config.selective_lm_head else False)
@@ -294,7 +301,8 @@ class Trainer:
         try:
             self.model.train()
             self._window.reset(time.perf_counter())
-            self._run_steps()
+            with self.attention.active():  # packed runs: attention per example
+                self._run_steps()
             runtime = finish_run(self)
         finally:
             self._pbar.close()
