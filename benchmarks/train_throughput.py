@@ -26,9 +26,17 @@ virtual environment). Each child reports real (non-padding) tokens/s over the st
 first (wall clock), the CPU seconds per step and real tokens per CPU second over the same
 steps (the measure that stays fair on a loaded machine when the children run with one
 thread), the padding fraction (share of computed positions that were padding), peak RSS and
-the per-step training losses. ``--shared`` adds the shared-machine case: ``tilpass_packed``
-beside one single-threaded busy process, with the OpenMP default wait policy and with
-``PASSIVE``, and alone with ``PASSIVE`` (alone with the default is the main run).
+the per-step training losses. ``--shared`` adds the shared-machine case on the shipped set:
+``tilpass_packed`` beside one single-threaded busy process, with the OpenMP default wait
+policy and with ``PASSIVE``, and alone with ``PASSIVE`` (alone with the default is the main
+run).
+
+The defaults are the full run, sized for about 12 minutes on an idle 2-core machine (estimated
+from CPU seconds per step measured with ``benchmarks/packed_step_profile.py``; see
+docs/benchmarks.md): shipped set, all five configurations, batch 8, 7 steps; ragged set, the
+three configurations the goals compare (tilpass padded and packed, TRL packed), batch 4, 7
+steps; the three shared-machine runs. ``--ragged-batch 8 --ragged-configs all`` is the
+complete ragged comparison (estimated at about 37 minutes in all)::
 
     python benchmarks/train_throughput.py --trl-python /path/to/trl-venv/bin/python \\
         --shared --json train_throughput.json                               # full run
@@ -366,18 +374,25 @@ def shared_cases(args: argparse.Namespace, examples: Path) -> dict[str, Any]:
     return out
 
 
+ALL = ",".join(TILPASS + TRL)
+GOAL_CONFIGS = "tilpass_padded,tilpass_packed,trl_packed"  # what the goals compare
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--examples", default=None, help=argparse.SUPPRESS)
     p.add_argument("--adapter", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)  # a child's
+    p.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)  # a child's
     p.add_argument("--model", default=None, help="local model directory (default model)")
     p.add_argument("--trl-python", default=None, help="python of a venv with trl and peft")
-    p.add_argument("--steps", type=int, default=7, help="ragged set: optimizer steps (1 untimed)")
-    p.add_argument("--shipped-steps", type=int, default=13, help="shipped set: optimizer steps")
-    p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-length", type=int, default=1024)
+    for name, steps, batch, configs in (("shipped", 7, 8, ALL), ("ragged", 7, 4, GOAL_CONFIGS)):
+        p.add_argument(f"--{name}-steps", type=int, default=steps, help="optimizer steps")
+        p.add_argument(f"--{name}-batch", type=int, default=batch, help="examples per step")
+        p.add_argument(f"--{name}-configs", default=configs, help="configurations, or 'all'")
     p.add_argument("--ragged", type=int, default=400, help="examples in the ragged set")
     p.add_argument("--ragged-max", type=int, default=1000)
     p.add_argument("--threads", type=int, default=0, help="threads per child (0: default)")
@@ -385,17 +400,15 @@ def main() -> None:
     p.add_argument("--shared", action="store_true", help="also the shared-machine cases")
     p.add_argument("--shared-set", default="shipped", help="dataset of the shared-machine cases")
     p.add_argument("--sets", default="shipped,ragged", help="datasets to run, comma-separated")
-    p.add_argument("--configs", default=",".join(TILPASS + TRL), help="configurations to run")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
     if args.child:
         run_child(args)
         return
     if args.quick:
-        args.steps, args.batch, args.max_length, args.ragged, args.ragged_max = 3, 4, 256, 64, 250
-        args.shipped_steps = 3
+        args.max_length, args.ragged, args.ragged_max = 256, 64, 250
+        args.shipped_steps = args.ragged_steps = 3
     args.model = args.model or default_model_dir()
-    args.ragged_steps = args.steps  # --steps is the ragged set's; children get their set's
     results = run_all(args)
     text = json.dumps(results, indent=2)
     if args.json:
@@ -404,7 +417,7 @@ def main() -> None:
 
 
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
-    """Every configuration on both datasets (and the shared-machine cases if asked)."""
+    """The chosen configurations on each dataset (and the shared-machine cases if asked)."""
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.model).vocab_size
@@ -420,11 +433,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         save_initial_adapter(args.model, Path(args.adapter))
         for name, examples in sets.items():
             path = Path(tmp) / f"{name}.json"
-            args.steps = args.ragged_steps if name == "ragged" else args.shipped_steps
+            args.steps, args.batch = getattr(args, f"{name}_steps"), getattr(args, f"{name}_batch")
             steps = step_groups(examples, args.batch, args.steps)
             path.write_text(json.dumps({"examples": examples, "steps": steps}))
+            configs = getattr(args, f"{name}_configs").replace("all", ALL).split(",")
             children = TILPASS + (TRL if args.trl_python else ())
-            for child in (c for c in children if c in args.configs.split(",")):
+            for child in (c for c in children if c in configs):
                 log(f"{name}: {child}")
                 results[f"{name}/{child}"] = spawn(args, child, path)
                 log(f"{name}: {child}: {json.dumps(results[f'{name}/{child}'])}")
