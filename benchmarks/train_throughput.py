@@ -275,6 +275,7 @@ def trl_child(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
         padding_free=packed,  # the collator TRL's packing uses: one flat row, positions restart
         max_length=None if packed else args.max_length,
         gradient_checkpointing=False,  # TRL's default is True; tilpass's (and this run's) False
+        bf16=False,  # TRL's default is True (autocast, slow on CPUs without bf16); fp32 as tilpass
         use_cpu=True,
         seed=0,
         dataloader_num_workers=0,
