@@ -111,24 +111,30 @@ def test_a_packed_batch_gives_each_example_its_unpacked_losses(attn: str) -> Non
     torch.testing.assert_close(packed_loss / packed_n, padded_loss / padded_n)
 
 
-def test_packed_and_padded_runs_make_the_same_updates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_and_padded_runs_make_the_same_updates(tmp_path: Path, attn: str) -> None:
     items = make_items()
     c = cfg(max_steps=4, gradient_accumulation_steps=2, batch_size=3)
     padded, packed = nonzero_b(tiny_lora()), nonzero_b(tiny_lora())
+    for model in (padded, packed):
+        model.get_base_model().config._attn_implementation = attn
     train(padded, items, None, collate, c, tmp_path / "padded")
     train(packed, items, None, collate, c, tmp_path / "packed", batching=PACKED)
+    assert packed.get_base_model().config._attn_implementation == attn  # left as it was
     torch.testing.assert_close(trainable(packed), trainable(padded), rtol=1e-4, atol=1e-6)
     pad_log = [e for e in events(tmp_path / "padded") if e["event"] == "train"]
     pack_log = [e for e in events(tmp_path / "packed") if e["event"] == "train"]
     for a, b in zip(pad_log, pack_log, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    # The logged padding fraction is the micro-batches' own; packing leaves less of it.
-    plan = BatchPlan(items, collate, 3, c.seed, PACKED)
+    # The logged padding fraction is the micro-batches' own. On sdpa each micro-batch is one
+    # padding-free row (attention per example); otherwise rows of max_length leave a little.
+    plan = BatchPlan(items, collate, 3, c.seed, PACKED, flat=attn == "sdpa")
     first = plan.micro_batches(plan.epoch_batches(0)[:2])
+    assert len(first) == 2 if attn == "sdpa" else len(first) == 1
     real, total = (sum(n) for n in zip(*map(token_counts, first), strict=True))
     assert pack_log[0]["padding_fraction"] == pytest.approx(1 - real / total)
     mean = [sum(e["padding_fraction"] for e in log) / 4 for log in (pad_log, pack_log)]
-    assert mean[0] > mean[1] > 0.0
+    assert mean[0] > mean[1] > 0.0 if attn == "eager" else mean[0] > mean[1] == 0.0
 
 
 def test_a_resumed_packed_grouped_run_ends_bit_for_bit_like_a_straight_one(
@@ -209,10 +215,10 @@ def test_a_model_that_ignores_example_boundaries_is_refused_at_start_up(tmp_path
 
 def test_batching_describes_itself_for_the_banner() -> None:
     assert Batching().describe() == "batching: padded micro-batches (random order)"
-    assert (
-        "packed rows of up to 512 tokens (length-grouped order"
-        in Batching(True, True, 512).describe()
-    )
+    line = Batching(True, True, 512).describe()
+    assert "packed (length-grouped order" in line
+    assert "one padding-free row per micro-batch on sdpa models" in line
+    assert "rows of up to 512 tokens" in line
 
 
 def test_the_data_section_sets_the_batching_mode() -> None:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from tilpass.data.packing import Batching, BatchPlan, check_packing, token_counts
+from tilpass.data.packing import Batching, BatchPlan, check_packing, prepare_packing, token_counts
 from tilpass.distributed import DataParallel, SilentLog
 from tilpass.losses import (
     Batch,
@@ -53,6 +53,7 @@ from tilpass.losses import (
     selective_loss_matches,
     to_device,
 )
+from tilpass.packed_attention import PackedAttention
 from tilpass.runtime import autocast_for, enable_gradient_checkpointing, peak_memory_mb
 from tilpass.train_checkpoints import (
     MetricsLog,
@@ -184,11 +185,21 @@ class Trainer:
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         self.plan = StepPlan.of(n, self.dist.global_config(config))  # global micro-batches
+        self.attention = PackedAttention(model, enabled=False)
+        if batching is not None and batching.packing:  # refuse attention across examples
+            probe = [train_dataset[i] for i in range(min(n, 3))]
+            if self.dist.size > 1:  # each rank packs its share into masked rows
+                check_packing(model, probe)
+            else:
+                self.attention = prepare_packing(model, probe)
         self.batches = BatchPlan(
-            train_dataset, collate_fn, self.plan.batch_size, config.seed, batching
+            train_dataset,
+            collate_fn,
+            self.plan.batch_size,
+            config.seed,
+            batching,
+            flat=self.attention.enabled,  # attention per example: one padding-free row each
         )
-        if self.batches.batching.packing:  # refuse a model that would attend across examples
-            check_packing(model, [train_dataset[i] for i in range(min(n, 3))])
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.state = LoopState(selective=None if config.selective_lm_head else False)
@@ -288,7 +299,8 @@ class Trainer:
         try:
             self.model.train()
             self._window.reset(time.perf_counter())
-            self._run_steps()
+            with self.attention.active():  # packed runs: attention per example
+                self._run_steps()
             runtime = finish_run(self)
         finally:
             self._pbar.close()

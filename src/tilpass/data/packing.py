@@ -5,11 +5,14 @@ Two independent settings:
 - ``group_by_length``: each epoch's micro-batches come from :class:`LengthGroupedBatchSampler`
   (examples of similar length together), seeded by ``(seed, epoch)`` like the random order, so
   a resumed run replays it exactly.
-- ``packing``: the examples of one optimizer step are concatenated into rows of at most
-  ``max_length`` tokens (first-fit decreasing), with position ids restarting at 0 for each
-  example and no ``attention_mask``. Transformers models then derive block-diagonal attention
-  from the position ids (``sdpa`` / ``eager`` build the mask, flash attention the
-  ``cu_seqlens``), so no token attends across an example boundary.
+- ``packing``: the examples are concatenated with position ids restarting at 0 for each
+  example and no ``attention_mask``, so no token attends across an example boundary. Two
+  layouts: on a transformers model whose attention is ``sdpa`` (the default), each
+  micro-batch is one padding-free row of its examples, and attention runs once per example
+  (:mod:`tilpass.packed_attention`: no mask, ``sum n_i^2`` work); on any other model, the
+  step's examples go into rows of at most ``max_length`` tokens (first-fit decreasing), from
+  whose position ids the model derives block-diagonal attention (``sdpa`` / ``eager`` build
+  the mask, flash attention the ``cu_seqlens``).
 
 Packing only re-lays out the examples a step already has (the same ones the padded run uses),
 and the trainer normalises by the step's loss tokens, so a packed run makes the same updates as
@@ -38,6 +41,7 @@ from tilpass.losses import (
     trim_padding,
     unwrap_base,
 )
+from tilpass.packed_attention import PackedAttention
 from tilpass.train_config import epoch_batches
 
 Example = Mapping[str, Sequence[int]]
@@ -60,8 +64,9 @@ class Batching:
         order = "length-grouped" if self.group_by_length else "random"
         if self.packing:
             return (
-                f"batching: packed rows of up to {self.max_length} tokens ({order} order; "
-                "position ids restart per example, attention stays within each example)"
+                f"batching: packed ({order} order; position ids restart per example, attention "
+                "stays within each example): one padding-free row per micro-batch on sdpa "
+                f"models, else rows of up to {self.max_length} tokens"
             )
         return f"batching: padded micro-batches ({order} order)"
 
@@ -150,10 +155,12 @@ class BatchPlan:
         batch_size: int,
         seed: int,
         batching: Batching | None = None,
+        flat: bool = False,
     ) -> None:
         self.dataset, self.collate_fn = dataset, collate_fn
         self.batch_size, self.seed = batch_size, seed
         self.batching = batching or Batching()
+        self.flat = flat  # packed: one padding-free row per micro-batch (attention per example)
         self.pad_token_id = int(getattr(dataset, "pad_token_id", 0))
         self._lengths: list[int] | None = None
 
@@ -183,11 +190,15 @@ class BatchPlan:
         """The tensors of one optimizer step over the examples of ``index_groups``.
 
         Padded: one collated micro-batch per group, trailing all-padding columns dropped.
+        Packed and ``flat``: one row per group, its examples back to back (no padding).
         Packed: all the step's examples packed into rows of ``max_length`` tokens, at most
         ``batch_size`` rows per micro-batch (never more micro-batches than groups).
         """
         if not self.batching.packing:
             return [self.padded(idx) for idx in index_groups]
+        if self.flat:
+            pad = self.pad_token_id
+            return [collate_packed([[self.dataset[i] for i in idx]], pad) for idx in index_groups]
         return self.packed([i for idx in index_groups for i in idx], self.batch_size)
 
     def packed(self, indices: Sequence[int], rows_per_batch: int) -> list[Batch]:
@@ -227,6 +238,25 @@ class BatchPlan:
     def data_info(self) -> dict[str, Any]:
         """What this plan adds to the settings that fix the data order (none when default)."""
         return {"group_by_length": True} if self.batching.group_by_length else {}
+
+
+def prepare_packing(model: nn.Module, examples: Sequence[Example]) -> PackedAttention:
+    """The attention a packed run uses, checked on the model: per example if it can, else
+    the model's own (block-diagonal mask from the position ids).
+
+    Raises:
+        PackingError: neither gives a packed row its examples' own logits.
+    """
+    attention = PackedAttention.for_model(model)
+    if attention.enabled:
+        try:
+            with attention.active():
+                check_packing(model, examples)
+        except PackingError:
+            attention.disable()
+    if not attention.enabled:
+        check_packing(model, examples)
+    return attention
 
 
 def check_packing(model: nn.Module, examples: Sequence[Example], pad_token_id: int = 0) -> None:
