@@ -19,6 +19,7 @@ HARNESS = REPO / "compat" / "peft_suite"
 sys.path.insert(0, str(HARNESS))
 
 import report  # noqa: E402
+import run  # noqa: E402
 import suite  # noqa: E402
 
 
@@ -63,6 +64,48 @@ def test_compare_counts_only_tests_that_pass_on_peft() -> None:
     assert (selection.on_peft, selection.on_tilpass, selection.counted) == (3, 1, 2)
     assert selection.rate == 50.0
     assert "| t | 3 | 1 | 2 | 50.0% | 1 | 1 | 0 | 0 |" in report.table([selection])
+
+
+def test_full_runs_one_selection_or_both(tmp_path: Path) -> None:
+    for name in (
+        "test_custom_models.py",
+        "test_config.py",
+        "test_other.py",
+        "test_gpu_examples.py",
+    ):
+        (tmp_path / name).touch()
+    others = ["test_config.py", "test_other.py"]
+    assert run.selected_groups(tmp_path, False, True) == {"others": others}
+    assert run.selected_groups(tmp_path, True, False) == {"custom": ["test_custom_models.py"]}
+    assert list(run.selected_groups(tmp_path, False, False)) == ["custom", "others"]
+    for command in ("full", "report"):  # both commands take the options, refused together
+        with pytest.raises(SystemExit, match="exclude each other"):
+            run.main([command, "--custom-only", "--others-only"])
+
+
+def test_write_docs_replaces_only_the_selection_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = tmp_path / "compatibility.md"
+    custom, others = run.MARKERS["custom"], run.MARKERS["others"]
+    doc.write_text(
+        f"intro\n{custom[0]}\ncustom figures\n{custom[1]}\n{others[0]}\nold\n{others[1]}\n"
+    )
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "others-tilpass.jsonl").write_text("")
+    (results / "others-tilpass.seconds").write_text("42\n")
+    (results / "others-tilpass.command").write_text("python compat/peft_suite/run.py full -x\n")
+    monkeypatch.setattr(run, "DOC", doc)
+    monkeypatch.setattr(run, "results_dir", lambda: results)
+    peft = [{"id": "a", "outcome": "passed"}, {"id": "b", "outcome": "passed"}]
+    ours = [{"id": "a", "outcome": "passed"}, {"id": "b", "outcome": "failed", "message": "E: x"}]
+    run.write_docs({"others": report.compare("other test files", peft, ours)})
+    text = doc.read_text()
+    assert "custom figures" in text and "old" not in text
+    assert "| other test files | 2 | 1 | 2 | 50.0% | 1 | 0 | 0 | 0 |" in text
+    assert "`python compat/peft_suite/run.py full -x`" in text and "tilpass 42." in text
+    assert text.index(others[0]) < text.index("| other test files") < text.index(others[1])
 
 
 @pytest.mark.slow
