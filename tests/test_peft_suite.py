@@ -41,6 +41,8 @@ import suite  # noqa: E402
           "path": "/venv/site-packages/peft/tuners/lora/model.py"}, report.INTERNALS),
         ({"message": "AssertionError: assert False", "path": "/x/tests/test_custom_models.py"},
          report.BEHAVIOUR),
+        ({"message": "AssertionError: assert '0.21.2' == '1'", "patches_peft": True},
+         report.INTERNALS),
     ],
 )  # fmt: skip
 def test_failures_are_classified(record: dict, expected: str) -> None:

@@ -29,6 +29,7 @@ import pytest
 
 # Names PEFT users import from `peft` that tilpass provides under the same name.
 SHIMMED = (
+    "PeftConfig",
     "LoraConfig",
     "get_peft_model",
     "PeftModel",
@@ -93,7 +94,50 @@ def _install_shim() -> list[str]:
     return rebound
 
 
+def _is_peft_object(target: object) -> bool:
+    """Whether `target` (a monkeypatch target) is part of PEFT itself: one of its modules (or
+    a dotted path into one), or a class or function defined in one."""
+    if isinstance(target, str):
+        name = target
+    elif isinstance(target, types.ModuleType):
+        name = target.__name__
+    else:
+        name = getattr(target, "__module__", None) or ""
+    return name == "peft" or name.startswith("peft.")
+
+
+class _PatchRecorder:
+    """Notes the tests that monkeypatch PEFT's own modules or classes: they test PEFT's
+    implementation (its version lookup, its helpers), not the API tilpass mirrors."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.patched: set[str] = set()
+        self.original = pytest.MonkeyPatch.setattr
+
+    def install(self) -> None:
+        original, recorder = self.original, self
+
+        def setattr_recorded(patch: pytest.MonkeyPatch, target: Any, *args: Any, **kw: Any) -> Any:
+            if recorder.current is not None and _is_peft_object(target):
+                recorder.patched.add(recorder.current)
+            return original(patch, target, *args, **kw)
+
+        pytest.MonkeyPatch.setattr = setattr_recorded  # type: ignore[method-assign]
+
+
+_PATCHES = _PatchRecorder()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    _PATCHES.current = item.nodeid
+    yield
+    _PATCHES.current = None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _PATCHES.install()
     _stub_missing_modules()
     backend = os.environ.get("PEFT_SUITE_BACKEND", "tilpass")
     if backend not in ("tilpass", "peft"):
@@ -239,6 +283,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         record.update(state.info.get(report.nodeid, {}))
         state.done[report.nodeid] = record
     record["seconds"] = round(record["seconds"] + report.duration, 4)
+    if report.nodeid in _PATCHES.patched:
+        record["patches_peft"] = True
     if record["outcome"] != "passed":
         return  # keep the first error only
     if report.skipped and not hasattr(report, "wasxfail"):

@@ -7,7 +7,8 @@ is put in one class by its first error:
 - research variant: a LoRA variant tilpass does not implement (BD-LoRA, VeLoRA, KaSA, ...);
 - needs a model hub: the test reached for a download (the runs are offline);
 - PEFT internals: the test read PEFT's object layout (`model.base_model.model`, a layer's
-  PEFT-only attributes, PEFT's own functions handed a tilpass object), not a user's API; an
+  PEFT-only attributes, PEFT's own functions handed a tilpass object) or monkeypatched PEFT's
+  own modules or classes (so it checks PEFT's implementation), not a user's API; an
   attribute PEFT's model forwards to the base model (`peft_model.lin0`) is not counted here:
   user code reads those;
 - tilpass behaviour: everything else, the part a user porting PEFT code would meet.
@@ -43,6 +44,8 @@ def classify(record: dict) -> str:
         return RESEARCH
     if HUB_PATTERNS.search(message):
         return HUB
+    if record.get("patches_peft"):
+        return INTERNALS  # the test replaced part of PEFT's own code
     found = MISSING_ATTRIBUTE.search(message)
     if found:
         owner, attribute = found.groups()

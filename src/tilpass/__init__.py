@@ -8,7 +8,7 @@ from tilpass.adapter_state import (
     inject_adapter_in_model,
     set_peft_model_state_dict,
 )
-from tilpass.config import AdapterConfig, PeftType
+from tilpass.config import AdapterConfig, PeftConfig, PeftType
 from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
 from tilpass.methods.adalora import AdaLoraConfig
 from tilpass.methods.lora import LoraConfig
@@ -28,6 +28,7 @@ __all__ = [
     "AdapterNameError",
     "LoraConfig",
     "LoraPromptConfig",
+    "PeftConfig",
     "PeftModel",
     "PeftType",
     "PromptTuningConfig",
