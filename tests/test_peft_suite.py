@@ -13,11 +13,13 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS = REPO / "compat" / "peft_suite"
 sys.path.insert(0, str(HARNESS))
 
+import peft_suite_plugin  # noqa: E402
 import report  # noqa: E402
 import run  # noqa: E402
 import suite  # noqa: E402
@@ -41,7 +43,7 @@ import suite  # noqa: E402
           "path": "/venv/site-packages/peft/tuners/lora/model.py"}, report.INTERNALS),
         ({"message": "AssertionError: assert False", "path": "/x/tests/test_custom_models.py"},
          report.BEHAVIOUR),
-        ({"message": "AssertionError: assert '0.21.2' == '1'", "patches_peft": True},
+        ({"message": "AssertionError: assert False", "peft_internals": "monkeypatches PEFT"},
          report.INTERNALS),
     ],
 )  # fmt: skip
@@ -66,6 +68,31 @@ def test_compare_counts_only_tests_that_pass_on_peft() -> None:
     assert (selection.on_peft, selection.on_tilpass, selection.counted) == (3, 1, 2)
     assert selection.rate == 50.0
     assert "| t | 3 | 1 | 2 | 50.0% | 1 | 1 | 0 | 0 |" in report.table([selection])
+
+
+def test_tests_of_peft_s_implementation_are_noted() -> None:
+    peft = pytest.importorskip("peft")
+    from peft.utils import ModulesToSaveWrapper
+
+    recorder = peft_suite_plugin._InternalsRecorder()
+    recorder.install()
+    try:
+        recorder.current = "patches"
+        patch = pytest.MonkeyPatch()
+        patch.setattr(peft.config, "__version__", "1")  # a PEFT module
+        patch.setattr(report, "RESEARCH", "x")  # not PEFT: not noted
+        patch.undo()
+    finally:
+        pytest.MonkeyPatch.setattr = recorder.original  # type: ignore[method-assign]
+    for checked in (ModulesToSaveWrapper, nn.Linear):
+        try:
+            assert isinstance(object(), checked)
+        except AssertionError:
+            recorder.check_failure(checked.__name__, pytest.ExceptionInfo.from_current())
+    assert recorder.reasons == {
+        "patches": "monkeypatches PEFT",
+        "ModulesToSaveWrapper": "isinstance of PEFT's ModulesToSaveWrapper",
+    }
 
 
 def test_full_runs_one_selection_or_both(tmp_path: Path) -> None:

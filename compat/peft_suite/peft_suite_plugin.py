@@ -106,13 +106,15 @@ def _is_peft_object(target: object) -> bool:
     return name == "peft" or name.startswith("peft.")
 
 
-class _PatchRecorder:
-    """Notes the tests that monkeypatch PEFT's own modules or classes: they test PEFT's
-    implementation (its version lookup, its helpers), not the API tilpass mirrors."""
+class _InternalsRecorder:
+    """Notes tests that check PEFT's implementation rather than the API tilpass mirrors: those
+    that monkeypatch PEFT's own modules or classes (its version lookup, its helpers), and those
+    whose failing assertion is an `isinstance` check against one of PEFT's own classes (tilpass's
+    layers are its own classes). Maps test id -> the reason."""
 
     def __init__(self) -> None:
         self.current: str | None = None
-        self.patched: set[str] = set()
+        self.reasons: dict[str, str] = {}
         self.original = pytest.MonkeyPatch.setattr
 
     def install(self) -> None:
@@ -120,24 +122,50 @@ class _PatchRecorder:
 
         def setattr_recorded(patch: pytest.MonkeyPatch, target: Any, *args: Any, **kw: Any) -> Any:
             if recorder.current is not None and _is_peft_object(target):
-                recorder.patched.add(recorder.current)
+                recorder.reasons.setdefault(recorder.current, "monkeypatches PEFT")
             return original(patch, target, *args, **kw)
 
         pytest.MonkeyPatch.setattr = setattr_recorded  # type: ignore[method-assign]
 
+    def check_failure(self, nodeid: str, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+        """Note a failed `assert isinstance(x, C)` where C is one of PEFT's classes."""
+        if not excinfo.errisinstance(AssertionError):
+            return
+        entry = excinfo.traceback[-1]
+        try:
+            statement = str(entry.statement)
+        except Exception:  # no source to read: nothing to note
+            return
+        for dotted in re.findall(r"isinstance\([^,]+,\s*([\w.]+)\s*\)", statement):
+            head, *rest = dotted.split(".")
+            names = {**entry.frame.f_globals, **entry.frame.f_locals}
+            found = names.get(head)
+            for part in rest:
+                found = getattr(found, part, None)
+            if isinstance(found, type) and _is_peft_object(found):
+                self.reasons.setdefault(nodeid, f"isinstance of PEFT's {found.__name__}")
+                return
 
-_PATCHES = _PatchRecorder()
+
+_INTERNALS = _InternalsRecorder()
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    _PATCHES.current = item.nodeid
+    _INTERNALS.current = item.nodeid
     yield
-    _PATCHES.current = None
+    _INTERNALS.current = None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    yield
+    if call.excinfo is not None and call.when == "call":
+        _INTERNALS.check_failure(item.nodeid, call.excinfo)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    _PATCHES.install()
+    _INTERNALS.install()
     _stub_missing_modules()
     backend = os.environ.get("PEFT_SUITE_BACKEND", "tilpass")
     if backend not in ("tilpass", "peft"):
@@ -283,8 +311,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         record.update(state.info.get(report.nodeid, {}))
         state.done[report.nodeid] = record
     record["seconds"] = round(record["seconds"] + report.duration, 4)
-    if report.nodeid in _PATCHES.patched:
-        record["patches_peft"] = True
+    if report.nodeid in _INTERNALS.reasons:
+        record["peft_internals"] = _INTERNALS.reasons[report.nodeid]
     if record["outcome"] != "passed":
         return  # keep the first error only
     if report.skipped and not hasattr(report, "wasxfail"):

@@ -7,8 +7,9 @@ is put in one class by its first error:
 - research variant: a LoRA variant tilpass does not implement (BD-LoRA, VeLoRA, KaSA, ...);
 - needs a model hub: the test reached for a download (the runs are offline);
 - PEFT internals: the test read PEFT's object layout (`model.base_model.model`, a layer's
-  PEFT-only attributes, PEFT's own functions handed a tilpass object) or monkeypatched PEFT's
-  own modules or classes (so it checks PEFT's implementation), not a user's API; an
+  PEFT-only attributes, PEFT's own functions handed a tilpass object), monkeypatched PEFT's
+  own modules or classes (so it checks PEFT's implementation), or failed asserting that an
+  object is an instance of one of PEFT's classes; not a user's API; an
   attribute PEFT's model forwards to the base model (`peft_model.lin0`) is not counted here:
   user code reads those;
 - tilpass behaviour: everything else, the part a user porting PEFT code would meet.
@@ -44,8 +45,8 @@ def classify(record: dict) -> str:
         return RESEARCH
     if HUB_PATTERNS.search(message):
         return HUB
-    if record.get("patches_peft"):
-        return INTERNALS  # the test replaced part of PEFT's own code
+    if record.get("peft_internals"):
+        return INTERNALS  # it patched PEFT's code or asserted an object is of a PEFT class
     found = MISSING_ATTRIBUTE.search(message)
     if found:
         owner, attribute = found.groups()

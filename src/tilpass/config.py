@@ -134,7 +134,7 @@ class AdapterConfig:
         if active:
             warnings.warn(
                 f"Unexpected keyword arguments {active} for class {cls.__name__}, these are "
-                f"ignored ({source}): tilpass does not know these fields; a file from a newer "
+                f"ignored. {source}: tilpass does not know these fields; a file from a newer "
                 "PEFT may use features tilpass lacks.",
                 stacklevel=2,
             )
