@@ -41,7 +41,7 @@ MISSING_ATTRIBUTE = re.compile(r"'(\w+)' object has no attribute '(\w+)'")
 def classify(record: dict) -> str:
     """The class of one failed tilpass record (see the module docstring)."""
     message = record.get("message", "")
-    if record.get("research") or "research variant" in message:
+    if record.get("research") or "research variant" in message or "UnsupportedVariant" in message:
         return RESEARCH
     if HUB_PATTERNS.search(message):
         return HUB

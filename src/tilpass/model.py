@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -400,6 +401,12 @@ def get_peft_model(
     if revision is not None:
         peft_config = copy.copy(peft_config)
         peft_config.revision = revision
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        warnings.warn(
+            "You are trying to modify a model with PEFT for a second time. If you want to reload "
+            "the model with a different config, make sure to call `.unload()` before.",
+            stacklevel=2,
+        )
     return AdaptedModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 
