@@ -77,6 +77,7 @@ def _stub_missing_modules() -> None:
     except ImportError:
         stub = types.ModuleType("diffusers")
         stub.StableDiffusionPipeline = type("StableDiffusionPipeline", (), {})  # type: ignore[attr-defined]
+        stub.__version__ = "0.0.0"  # type: ignore[attr-defined]  # some files compare it
         sys.modules["diffusers"] = stub
 
 
