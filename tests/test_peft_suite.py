@@ -11,6 +11,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from torch import nn
@@ -82,8 +83,14 @@ def test_tests_of_peft_s_implementation_are_noted() -> None:
         patch.setattr(peft.config, "__version__", "1")  # a PEFT module
         patch.setattr(report, "RESEARCH", "x")  # not PEFT: not noted
         patch.undo()
+        recorder.current = "mocks"
+        with mock.patch("peft.config._get_commit_hash", return_value=None):
+            pass
+        recorder.current = "mocks elsewhere"
+        with mock.patch.object(report, "RESEARCH", "x"):
+            pass
     finally:
-        pytest.MonkeyPatch.setattr = recorder.original  # type: ignore[method-assign]
+        recorder.uninstall()
     for checked in (ModulesToSaveWrapper, nn.Linear):
         try:
             assert isinstance(object(), checked)
@@ -91,6 +98,7 @@ def test_tests_of_peft_s_implementation_are_noted() -> None:
             recorder.check_failure(checked.__name__, pytest.ExceptionInfo.from_current())
     assert recorder.reasons == {
         "patches": "monkeypatches PEFT",
+        "mocks": "monkeypatches PEFT",
         "ModulesToSaveWrapper": "isinstance of PEFT's ModulesToSaveWrapper",
     }
 

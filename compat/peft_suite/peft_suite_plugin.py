@@ -24,6 +24,7 @@ import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -117,9 +118,10 @@ class _InternalsRecorder:
         self.current: str | None = None
         self.reasons: dict[str, str] = {}
         self.original = pytest.MonkeyPatch.setattr
+        self.entering = mock._patch.__enter__  # `mock.patch(...)`, `mock.patch.object(...)`
 
     def install(self) -> None:
-        original, recorder = self.original, self
+        original, entering, recorder = self.original, self.entering, self
 
         def setattr_recorded(patch: pytest.MonkeyPatch, target: Any, *args: Any, **kw: Any) -> Any:
             if recorder.current is not None and _is_peft_object(target):
@@ -127,6 +129,22 @@ class _InternalsRecorder:
             return original(patch, target, *args, **kw)
 
         pytest.MonkeyPatch.setattr = setattr_recorded  # type: ignore[method-assign]
+
+        def enter_recorded(patcher: Any) -> Any:
+            if recorder.current is not None:
+                try:
+                    target = patcher.getter()
+                except Exception:  # the patch itself will report a bad target
+                    target = None
+                if _is_peft_object(target):
+                    recorder.reasons.setdefault(recorder.current, "monkeypatches PEFT")
+            return entering(patcher)
+
+        mock._patch.__enter__ = enter_recorded  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        pytest.MonkeyPatch.setattr = self.original  # type: ignore[method-assign]
+        mock._patch.__enter__ = self.entering  # type: ignore[method-assign]
 
     def check_failure(self, nodeid: str, excinfo: pytest.ExceptionInfo[BaseException]) -> None:
         """Note a failed `assert isinstance(x, C)` where C is one of PEFT's classes."""
