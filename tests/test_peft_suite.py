@@ -7,6 +7,7 @@ by `python compat/peft_suite/run.py vendor`), so this runs offline.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from importlib import metadata
@@ -143,6 +144,19 @@ def test_write_docs_replaces_only_the_selection_measured(
     assert "| other test files | 2 | 1 | 2 | 50.0% | 1 | 0 | 0 | 0 |" in text
     assert "`python compat/peft_suite/run.py full -x`" in text and "tilpass 42." in text
     assert text.index(others[0]) < text.index("| other test files") < text.index(others[1])
+
+
+def test_report_of_a_passing_only_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    peft = [{"id": "a", "outcome": "passed"}] + [
+        {"id": f"h{i}", "outcome": "failed"} for i in range(4)
+    ]
+    (tmp_path / "others-peft.jsonl").write_text("\n".join(json.dumps(r) for r in peft))
+    (tmp_path / "others-tilpass.jsonl").write_text(json.dumps({"id": "a", "outcome": "passed"}))
+    monkeypatch.setattr(run, "results_dir", lambda: tmp_path)
+    args = run.argparse.Namespace(custom_only=False, others_only=True, top=5, write_docs=False)
+    selection = run.report_only(args)["others"]
+    assert selection.title.endswith("(tilpass run on the 1 cases that pass on PEFT)")
+    assert (selection.on_peft, selection.on_tilpass, selection.rate) == (1, 1, 100.0)
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ MARKERS = {
 }
 """Where in DOC each selection's measured figures go."""
 TITLES = {"others": "other test files"}
+PASSING_ONLY = " (tilpass run on the {} cases that pass on PEFT)"
 SAMPLE_SIZE = 300
 
 
@@ -92,11 +93,15 @@ def full(args: argparse.Namespace) -> dict[str, Selection]:
     for name, files in groups.items():
         peft = run_backend("peft", name, files, tests, args.reuse_peft)
         only = _subset(name, peft, args.subset) if args.subset else None
+        if args.passing_only:
+            only = _subset(name, peft, len(peft))  # every case that passes on PEFT
         ours = run_backend("tilpass", name, files, tests, False, args.src, only)
         title = (
             f"`{CUSTOM}`, all LoRA cases" if name == "custom" else f"{len(files)} {TITLES[name]}"
         )
-        if args.subset:
+        if args.passing_only:
+            title += PASSING_ONLY.format(len(only.read_text().split()))
+        elif args.subset:
             ran = {r["id"] for r in ours}
             peft = [r for r in peft if r["id"] in ran]
             title += f" (random sample of {len(ran)} PEFT-passing cases)"
@@ -132,7 +137,10 @@ def report_only(args: argparse.Namespace) -> dict[str, Selection]:
             theirs, mine = read_results(peft), read_results(ours)
             title = f"`{CUSTOM}`, all LoRA cases" if name == "custom" else TITLES[name]
             ran = {r["id"] for r in mine}
-            if len(ran) < 0.9 * len(theirs):  # a `--subset` run: judge the cases it ran
+            passing = {r["id"] for r in theirs if r["outcome"] == "passed"}
+            if passing and passing <= ran and len(ran) < 0.9 * len(theirs):
+                title += PASSING_ONLY.format(len(passing))  # a `--passing-only` run
+            elif len(ran) < 0.9 * len(theirs):  # a `--subset` run: judge the cases it ran
                 theirs = [r for r in theirs if r["id"] in ran]
                 title += f" (random sample of {len(ran)} PEFT-passing cases)"
             selections[name] = compare(title, theirs, mine)
@@ -254,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     run_full.add_argument(
         "--subset", type=int, default=0, help="run tilpass on a random N of PEFT's passes only"
+    )
+    run_full.add_argument(
+        "--passing-only",
+        action="store_true",
+        help="run tilpass only on the cases that pass on PEFT (the only ones counted)",
     )
     run_full.add_argument(
         "--src", type=Path, help="another tilpass src/ folder to measure (e.g. an older commit)"
