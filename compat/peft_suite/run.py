@@ -93,9 +93,12 @@ def full(args: argparse.Namespace) -> dict[str, Selection]:
     for name, files in groups.items():
         peft = run_backend("peft", name, files, tests, args.reuse_peft)
         only = _subset(name, peft, args.subset) if args.subset else None
+        ran_files = files
         if args.passing_only:
             only = _subset(name, peft, len(peft))  # every case that passes on PEFT
-        ours = run_backend("tilpass", name, files, tests, False, args.src, only)
+            wanted = {line.split("::")[0].rsplit("/", 1)[-1] for line in only.read_text().split()}
+            ran_files = [f for f in files if f in wanted]  # the others would collect nothing
+        ours = run_backend("tilpass", name, ran_files, tests, False, args.src, only)
         title = (
             f"`{CUSTOM}`, all LoRA cases" if name == "custom" else f"{len(files)} {TITLES[name]}"
         )
