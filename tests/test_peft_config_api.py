@@ -84,3 +84,13 @@ def test_layer_indexing_with_a_regex_names_the_field(field: str) -> None:
         ValueError, match=f"`{field}` cannot be used when `target_modules` is a str"
     ):
         tilpass.LoraConfig(target_modules=".*q_proj", **{field: value})
+
+
+def test_is_prompt_learning_and_ensure_weight_tying_are_peft_s() -> None:
+    assert tilpass.LoraConfig().is_prompt_learning is peft.LoraConfig().is_prompt_learning is False
+    prompt = tilpass.PromptTuningConfig(num_virtual_tokens=2)
+    assert prompt.is_prompt_learning is True
+    config = tilpass.LoraConfig(ensure_weight_tying=False)
+    assert config.to_dict()["ensure_weight_tying"] is False
+    with pytest.raises(NotImplementedError, match="ensure_weight_tying=True is not supported"):
+        tilpass.LoraConfig(ensure_weight_tying=True)

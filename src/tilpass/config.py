@@ -112,6 +112,11 @@ class AdapterConfig:
         except ValueError:  # a method PEFT does not have
             self.peft_type = self.PEFT_TYPE
 
+    @property
+    def is_prompt_learning(self) -> bool:
+        """PEFT's flag for methods that add virtual tokens to the inputs (prompt tuning)."""
+        return self.PEFT_TYPE == PeftType.PROMPT_TUNING
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict, with `peft_type` added as PEFT writes it."""
         out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
