@@ -127,7 +127,7 @@ def test_truncated_safetensors_names_the_file(tmp_path: Path) -> None:
         (None, "adapter_config.json: missing"),
         ("{not json", "not valid JSON"),
         ('["a"]', "expected a JSON object"),
-        ('{"r": 8}', "no 'peft_type'"),
+        ('{"r": 8}', "missing required keys: {'peft_type'}"),
         ('{"peft_type": "LOHA"}', "peft_type 'LOHA' is not supported"),
         ('{"peft_type": "LORA", "r": 0, "target_modules": ["q_proj"]}', "r must be a positive"),
     ],

@@ -77,8 +77,20 @@ def test_unsupported_module_and_empty_selection() -> None:
         tilpass.get_peft_model(tiny_llama(), lora(target_modules=["mlp"]))
     with pytest.raises(tilpass.TargetModulesError, match="leaves no module"):
         names(tiny_llama(), target_modules=["q_proj"], exclude_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"^No modules were targeted for adaptation\. This might"):
+        names(tiny_llama(), target_modules=["q_proj"], modules_to_save=["q_proj"])
     with pytest.raises(tilpass.TargetModulesError, match="target_modules is not set"):
         names(tiny_llama(), target_modules=None)
+
+
+@pytest.mark.parametrize("kind", [nn.ModuleList, nn.ModuleDict, nn.ParameterList])
+def test_a_container_in_modules_to_save_is_a_type_error(kind: type[nn.Module]) -> None:
+    model = tiny_llama()
+    model.model.extra = kind()
+    before = [name for name, _ in model.named_modules()]
+    with pytest.raises(TypeError, match="modules_to_save cannot be applied to modules of type"):
+        tilpass.get_peft_model(model, lora(modules_to_save=["extra"]))
+    assert [name for name, _ in model.named_modules()] == before
 
 
 def test_failed_injection_leaves_the_model_untouched() -> None:

@@ -147,7 +147,7 @@ def test_orthogonal_init_gives_a_zero_update_from_non_zero_factors() -> None:
     assert t["lora_A.weight"].abs().min() > 0 and t["lora_B.weight"].abs().min() > 0
     product = t["lora_B.weight"] @ t["lora_A.weight"]
     torch.testing.assert_close(product, torch.zeros_like(product), atol=1e-7, rtol=0)
-    with pytest.raises(ValueError, match="even rank"):
+    with pytest.raises(ValueError, match="LoRA rank to be even, got 3"):
         layer.add_adapter("b", 1, AdapterSpec(r=3, alpha=8, init="orthogonal"))
 
 

@@ -7,18 +7,23 @@ by `python compat/peft_suite/run.py vendor`), so this runs offline.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
 HARNESS = REPO / "compat" / "peft_suite"
 sys.path.insert(0, str(HARNESS))
 
+import peft_suite_plugin  # noqa: E402
 import report  # noqa: E402
+import run  # noqa: E402
 import suite  # noqa: E402
 
 
@@ -45,6 +50,8 @@ import suite  # noqa: E402
           "path": "/venv/site-packages/peft/tuners/lora/model.py"}, report.INTERNALS),
         ({"message": "AssertionError: assert False", "path": "/x/tests/test_custom_models.py"},
          report.BEHAVIOUR),
+        ({"message": "AssertionError: assert False", "peft_internals": "monkeypatches PEFT"},
+         report.INTERNALS),
     ],
 )  # fmt: skip
 def test_failures_are_classified(record: dict, expected: str) -> None:
@@ -68,6 +75,93 @@ def test_compare_counts_only_tests_that_pass_on_peft() -> None:
     assert (selection.on_peft, selection.on_tilpass, selection.counted) == (3, 1, 2)
     assert selection.rate == 50.0
     assert "| t | 3 | 1 | 2 | 50.0% | 1 | 1 | 0 | 0 |" in report.table([selection])
+
+
+def test_tests_of_peft_s_implementation_are_noted() -> None:
+    peft = pytest.importorskip("peft")
+    from peft.utils import ModulesToSaveWrapper
+
+    recorder = peft_suite_plugin._InternalsRecorder()
+    recorder.install()
+    try:
+        recorder.current = "patches"
+        patch = pytest.MonkeyPatch()
+        patch.setattr(peft.config, "__version__", "1")  # a PEFT module
+        patch.setattr(report, "RESEARCH", "x")  # not PEFT: not noted
+        patch.undo()
+        recorder.current = "mocks"
+        with mock.patch("peft.config._get_commit_hash", return_value=None):
+            pass
+        recorder.current = "mocks elsewhere"
+        with mock.patch.object(report, "RESEARCH", "x"):
+            pass
+    finally:
+        recorder.uninstall()
+    for checked in (ModulesToSaveWrapper, nn.Linear):
+        try:
+            assert isinstance(object(), checked)
+        except AssertionError:
+            recorder.check_failure(checked.__name__, pytest.ExceptionInfo.from_current())
+    assert recorder.reasons == {
+        "patches": "monkeypatches PEFT",
+        "mocks": "monkeypatches PEFT",
+        "ModulesToSaveWrapper": "isinstance of PEFT's ModulesToSaveWrapper",
+    }
+
+
+def test_full_runs_one_selection_or_both(tmp_path: Path) -> None:
+    for name in (
+        "test_custom_models.py",
+        "test_config.py",
+        "test_other.py",
+        "test_gpu_examples.py",
+    ):
+        (tmp_path / name).touch()
+    others = ["test_config.py", "test_other.py"]
+    assert run.selected_groups(tmp_path, False, True) == {"others": others}
+    assert run.selected_groups(tmp_path, True, False) == {"custom": ["test_custom_models.py"]}
+    assert list(run.selected_groups(tmp_path, False, False)) == ["custom", "others"]
+    for command in ("full", "report"):  # both commands take the options, refused together
+        with pytest.raises(SystemExit, match="exclude each other"):
+            run.main([command, "--custom-only", "--others-only"])
+
+
+def test_write_docs_replaces_only_the_selection_measured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doc = tmp_path / "compatibility.md"
+    custom, others = run.MARKERS["custom"], run.MARKERS["others"]
+    doc.write_text(
+        f"intro\n{custom[0]}\ncustom figures\n{custom[1]}\n{others[0]}\nold\n{others[1]}\n"
+    )
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "others-tilpass.jsonl").write_text("")
+    (results / "others-tilpass.seconds").write_text("42\n")
+    (results / "others-tilpass.command").write_text("python compat/peft_suite/run.py full -x\n")
+    monkeypatch.setattr(run, "DOC", doc)
+    monkeypatch.setattr(run, "results_dir", lambda: results)
+    peft = [{"id": "a", "outcome": "passed"}, {"id": "b", "outcome": "passed"}]
+    ours = [{"id": "a", "outcome": "passed"}, {"id": "b", "outcome": "failed", "message": "E: x"}]
+    run.write_docs({"others": report.compare("other test files", peft, ours)})
+    text = doc.read_text()
+    assert "custom figures" in text and "old" not in text
+    assert "| other test files | 2 | 1 | 2 | 50.0% | 1 | 0 | 0 | 0 |" in text
+    assert "`python compat/peft_suite/run.py full -x`" in text and "tilpass 42." in text
+    assert text.index(others[0]) < text.index("| other test files") < text.index(others[1])
+
+
+def test_report_of_a_passing_only_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    peft = [{"id": "a", "outcome": "passed"}] + [
+        {"id": f"h{i}", "outcome": "failed"} for i in range(4)
+    ]
+    (tmp_path / "others-peft.jsonl").write_text("\n".join(json.dumps(r) for r in peft))
+    (tmp_path / "others-tilpass.jsonl").write_text(json.dumps({"id": "a", "outcome": "passed"}))
+    monkeypatch.setattr(run, "results_dir", lambda: tmp_path)
+    args = run.argparse.Namespace(custom_only=False, others_only=True, top=5, write_docs=False)
+    selection = run.report_only(args)["others"]
+    assert selection.title.endswith("(tilpass run on the 1 cases that pass on PEFT)")
+    assert (selection.on_peft, selection.on_tilpass, selection.rate) == (1, 1, 100.0)
 
 
 @pytest.mark.slow

@@ -9,8 +9,10 @@ is put in one class by its first error:
 - PEFT internals: the test read PEFT's object layout (`model.base_model.model`, a layer's
   PEFT-only attributes, the tuner object's methods through `model.base_model`, PEFT's own
   functions handed a tilpass object, PEFT layer classes registered with
-  `_register_custom_module`), not a user's API; an attribute PEFT's model forwards to the base
-  model (`peft_model.lin0`) is not counted here: user code reads those;
+  `_register_custom_module`), monkeypatched PEFT's own modules or classes (so it checks PEFT's
+  implementation), or failed asserting that an object is an instance of one of PEFT's classes;
+  not a user's API; an attribute PEFT's model forwards to the base model (`peft_model.lin0`)
+  is not counted here: user code reads those;
 - tilpass behaviour: everything else, the part a user porting PEFT code would meet.
 """
 
@@ -58,10 +60,12 @@ MISSING_ATTRIBUTE = re.compile(r"'(\w+)' object has no attribute '(\w+)'")
 def classify(record: dict) -> str:
     """The class of one failed tilpass record (see the module docstring)."""
     message = record.get("message", "")
-    if record.get("research") or "research variant" in message:
+    if record.get("research") or "research variant" in message or "UnsupportedVariant" in message:
         return RESEARCH
     if HUB_PATTERNS.search(message):
         return HUB
+    if record.get("peft_internals"):
+        return INTERNALS  # it patched PEFT's code or asserted an object is of a PEFT class
     found = MISSING_ATTRIBUTE.search(message)
     if found:
         owner, attribute = found.groups()

@@ -40,7 +40,13 @@ from suite import (
 )
 
 DOC = REPO / "docs" / "compatibility.md"
-BEGIN, END = "<!-- peft-suite:begin -->", "<!-- peft-suite:end -->"
+MARKERS = {
+    "custom": ("<!-- peft-suite:begin -->", "<!-- peft-suite:end -->"),
+    "others": ("<!-- peft-suite-others:begin -->", "<!-- peft-suite-others:end -->"),
+}
+"""Where in DOC each selection's measured figures go."""
+TITLES = {"others": "other test files"}
+PASSING_ONLY = " (tilpass run on the {} cases that pass on PEFT)"
 SAMPLE_SIZE = 300
 
 
@@ -72,34 +78,48 @@ def run_backend(
     records, seconds, tail = run.execute()
     print(f"{name} / {label}: {len(records)} tests in {seconds / 60:.1f} min\n{tail}\n")
     (results_dir() / f"{name}-{label}.seconds").write_text(f"{seconds:.0f}\n")
+    command = " ".join(["python compat/peft_suite/run.py", *sys.argv[1:]])
+    (results_dir() / f"{name}-{label}.command").write_text(command + "\n")
     return records
 
 
-def full(args: argparse.Namespace) -> list[Selection]:
-    """Both backends over the custom-models file and the other CPU test files."""
+def full(args: argparse.Namespace) -> dict[str, Selection]:
+    """Both backends over the custom-models file and the other CPU test files (or one)."""
+    selection_names(args.custom_only, args.others_only)  # a bad choice fails before the fetch
     tests = suite()
     results_dir().mkdir(parents=True, exist_ok=True)
-    groups = {"custom": [CUSTOM]}
-    if not args.custom_only:
-        groups["others"] = other_files(tests)
-    titles = {
-        "custom": f"`{CUSTOM}`, all LoRA cases",
-        "others": f"{len(groups.get('others', []))} other test files",
-    }
-    selections = []
+    groups = selected_groups(tests, args.custom_only, args.others_only)
+    selections = {}
     for name, files in groups.items():
         peft = run_backend("peft", name, files, tests, args.reuse_peft)
         only = _subset(name, peft, args.subset) if args.subset else None
-        ours = run_backend("tilpass", name, files, tests, False, args.src, only)
-        if args.subset:
+        ran_files = files
+        if args.passing_only:
+            only = _subset(name, peft, len(peft))  # every case that passes on PEFT
+            ids = only.read_text().splitlines()
+            wanted = {line.split("::")[0].rsplit("/", 1)[-1] for line in ids}
+            ran_files = [f for f in files if f in wanted]  # the others would collect nothing
+        ours = run_backend("tilpass", name, ran_files, tests, False, args.src, only)
+        title = (
+            f"`{CUSTOM}`, all LoRA cases" if name == "custom" else f"{len(files)} {TITLES[name]}"
+        )
+        if args.passing_only:
+            title += PASSING_ONLY.format(len(only.read_text().splitlines()))
+        elif args.subset:
             ran = {r["id"] for r in ours}
             peft = [r for r in peft if r["id"] in ran]
-            titles[name] += f" (random sample of {len(ran)} PEFT-passing cases)"
-        selections.append(compare(titles[name], peft, ours))
-    print(table(selections))
+            title += f" (random sample of {len(ran)} PEFT-passing cases)"
+        selections[name] = compare(title, peft, ours)
+    print(table(list(selections.values())))
     if args.write_docs and args.src is None:
         write_docs(selections)
     return selections
+
+
+def selected_groups(tests: Path, custom_only: bool, others_only: bool) -> dict[str, list[str]]:
+    """The test files of each selection `full` runs, by name."""
+    names = selection_names(custom_only, others_only)
+    return {n: [CUSTOM] if n == "custom" else other_files(tests) for n in names}
 
 
 def _subset(name: str, peft: list[dict], size: int) -> Path:
@@ -112,58 +132,85 @@ def _subset(name: str, peft: list[dict], size: int) -> Path:
     return path
 
 
-def report_only(args: argparse.Namespace) -> list[Selection]:
+def report_only(args: argparse.Namespace) -> dict[str, Selection]:
     """The table from the records of the last runs (nothing is run)."""
-    selections = []
-    for name, title in (("custom", f"`{CUSTOM}`, all LoRA cases"), ("others", "other test files")):
+    selections = {}
+    for name in selection_names(args.custom_only, args.others_only):
         peft, ours = (results_dir() / f"{name}-{b}.jsonl" for b in ("peft", "tilpass"))
         if peft.is_file() and ours.is_file():
             theirs, mine = read_results(peft), read_results(ours)
+            title = f"`{CUSTOM}`, all LoRA cases" if name == "custom" else TITLES[name]
             ran = {r["id"] for r in mine}
-            if len(ran) < 0.9 * len(theirs):  # a `--subset` run: judge the cases it ran
+            passing = {r["id"] for r in theirs if r["outcome"] == "passed"}
+            if passing and len(passing & ran) >= 0.95 * len(passing) and len(ran) < len(theirs):
+                title += PASSING_ONLY.format(len(passing))  # a `--passing-only` run
+            elif len(ran) < 0.9 * len(theirs):  # a `--subset` run: judge the cases it ran
                 theirs = [r for r in theirs if r["id"] in ran]
                 title += f" (random sample of {len(ran)} PEFT-passing cases)"
-            selections.append(compare(title, theirs, mine))
-    print(table(selections))
-    for s in selections:
+            selections[name] = compare(title, theirs, mine)
+    print(table(list(selections.values())))
+    for s in selections.values():
         print(f"\n{s.title}:\n{top_errors(s, args.top)}")
     if args.write_docs:
         write_docs(selections)
     return selections
 
 
-def write_docs(selections: list[Selection]) -> None:
-    """Replace the measured part of docs/compatibility.md (between its markers)."""
+def selection_names(custom_only: bool, others_only: bool) -> list[str]:
+    """The selections a command covers: `custom`, `others`, or (by default) both."""
+    if custom_only and others_only:
+        raise SystemExit("--custom-only and --others-only exclude each other; give one or neither")
+    if custom_only:
+        return ["custom"]
+    return ["others"] if others_only else ["custom", "others"]
+
+
+def write_docs(selections: dict[str, Selection]) -> None:
+    """Replace each measured selection's part of docs/compatibility.md (between its own
+    markers), so re-measuring one selection leaves the other's figures as they are."""
+    text = DOC.read_text()
+    for name, selection in selections.items():
+        begin, end = MARKERS[name]
+        if begin not in text or end not in text:
+            raise SystemExit(f"{DOC}: no {begin} ... {end} markers to write {name!r} between")
+        start, stop = text.index(begin), text.index(end) + len(end)
+        text = text[:start] + "\n".join([begin, *docs_section(name, selection), end]) + text[stop:]
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+
+
+def docs_section(name: str, selection: Selection) -> list[str]:
+    """The Markdown of one selection's figures: when, where, the command, the table, the wall
+    time of each backend's run and the most frequent first errors."""
+    found = {b: results_dir() / f"{name}-{b}" for b in ("peft", "tilpass")}
     seconds = {
-        p.stem.rsplit("-", 1)[0] + " / " + p.stem.rsplit("-", 1)[1]: p.read_text().strip()
-        for p in sorted(results_dir().glob("*.seconds"))
-        if "@" not in p.stem
+        b: p.with_suffix(".seconds").read_text().strip()
+        for b, p in found.items()
+        if p.with_suffix(".seconds").is_file()
     }
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    records = found["tilpass"].with_suffix(".jsonl")
+    stamp = datetime.datetime.fromtimestamp(records.stat().st_mtime, datetime.timezone.utc)
+    when = stamp.strftime("%Y-%m-%d %H:%M UTC")
     versions = ", ".join(
         f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "peft", "tilpass")
     )
-    parts = [
-        BEGIN,
+    ran = found["tilpass"].with_suffix(".command")
+    command = ran.read_text().strip() if ran.is_file() else "python compat/peft_suite/run.py full"
+    return [
         f"Measured {when} on {platform.processor() or platform.machine()} "
-        f"({versions}; OMP_NUM_THREADS=1), command `python compat/peft_suite/run.py full "
-        "--write-docs`:",
+        f"({versions}; OMP_NUM_THREADS=1), command `{command}`:",
         "",
-        table(selections),
+        table([selection]),
         "",
         "\\* counted: tests that pass on PEFT, less those classed as research variants or PEFT "
         "internals; rate: tilpass passes over counted.",
         "",
-        "Wall time per run (seconds): " + ", ".join(f"{k} {v}" for k, v in seconds.items()) + ".",
+        "Wall time per run (seconds): " + ", ".join(f"{b} {v}" for b, v in seconds.items()) + ".",
+        "",
+        f"Most frequent first errors (tilpass behaviour), {selection.title}:",
+        "",
+        top_errors(selection),
     ]
-    for s in selections:
-        title = f"Most frequent first errors (tilpass behaviour), {s.title}:"
-        parts += ["", title, "", top_errors(s)]
-    parts.append(END)
-    text = DOC.read_text()
-    start, stop = text.index(BEGIN), text.index(END) + len(END)
-    DOC.write_text(text[:start] + "\n".join(parts) + text[stop:])
-    print(f"wrote {DOC}")
 
 
 def make_sample(args: argparse.Namespace) -> None:
@@ -213,9 +260,17 @@ def main(argv: list[str] | None = None) -> int:
     run_full = sub.add_parser("full", help="both backends, every LoRA case")
     run_full.add_argument("--write-docs", action="store_true")
     run_full.add_argument("--reuse-peft", action="store_true")
-    run_full.add_argument("--custom-only", action="store_true")
+    run_full.add_argument("--custom-only", action="store_true", help=f"only {CUSTOM}")
+    run_full.add_argument(
+        "--others-only", action="store_true", help="only the other hub-free CPU test files"
+    )
     run_full.add_argument(
         "--subset", type=int, default=0, help="run tilpass on a random N of PEFT's passes only"
+    )
+    run_full.add_argument(
+        "--passing-only",
+        action="store_true",
+        help="run tilpass only on the cases that pass on PEFT (the only ones counted)",
     )
     run_full.add_argument(
         "--src", type=Path, help="another tilpass src/ folder to measure (e.g. an older commit)"
@@ -223,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     only_report = sub.add_parser("report", help="the table from the last runs' records")
     only_report.add_argument("--write-docs", action="store_true")
     only_report.add_argument("--top", type=int, default=25)
+    only_report.add_argument("--custom-only", action="store_true", help=f"only {CUSTOM}")
+    only_report.add_argument("--others-only", action="store_true", help="only the other files")
     sub.add_parser("sample", help="the fixed CI sample (tilpass only)")
     pick = sub.add_parser("make-sample", help="choose the sample from a run's records")
     pick.add_argument("--records", default="custom-tilpass.jsonl")

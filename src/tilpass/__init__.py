@@ -9,7 +9,7 @@ from tilpass.adapter_state import (
     set_peft_model_state_dict,
 )
 from tilpass.base_state import get_base_model_state_dict, set_base_model_state_dict
-from tilpass.config import AdapterConfig, PeftType
+from tilpass.config import AdapterConfig, PeftConfig, PeftType
 from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
 from tilpass.methods.adalora import AdaLoraConfig
 from tilpass.methods.lora import LoraConfig
@@ -29,6 +29,7 @@ __all__ = [
     "AdapterNameError",
     "LoraConfig",
     "LoraPromptConfig",
+    "PeftConfig",
     "PeftModel",
     "PeftType",
     "PromptTuningConfig",

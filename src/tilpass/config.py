@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from tilpass.config_fields import opt
-from tilpass.errors import AdapterFileError
+from tilpass.errors import AdapterFileError, ConfigKeysError
 
 CONFIG_NAME = "adapter_config.json"
 # Bookkeeping PEFT writes into every file; it changes nothing about the adapter.
@@ -95,6 +95,9 @@ class AdapterConfig:
     revision: str | None = None
     inference_mode: bool = False
     peft_version: str | None = None
+    peft_type: PeftType | str | None = dataclasses.field(default=None, repr=False)
+    """The method's name as PEFT writes it (`PeftType.LORA`, equal to `"LORA"`); set from the
+    class, as PEFT does: a value passed in (PEFT's own files and tests pass one) is replaced."""
 
     def __post_init__(self) -> None:
         if self.task_type is not None and self.task_type not in TASK_TYPES:
@@ -104,14 +107,15 @@ class AdapterConfig:
             )
         if self.peft_version is None:
             self.peft_version = PEFT_FORMAT_VERSION
+        try:
+            self.peft_type = PeftType(self.PEFT_TYPE)
+        except ValueError:  # a method PEFT does not have
+            self.peft_type = self.PEFT_TYPE
 
     @property
-    def peft_type(self) -> PeftType | str:
-        """The method's name as PEFT writes it (`PeftType.LORA`, equal to `"LORA"`)."""
-        try:
-            return PeftType(self.PEFT_TYPE)
-        except ValueError:  # a method PEFT does not have
-            return self.PEFT_TYPE
+    def is_prompt_learning(self) -> bool:
+        """PEFT's flag for methods that add virtual tokens to the inputs (prompt tuning)."""
+        return self.PEFT_TYPE == PeftType.PROMPT_TUNING
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict, with `peft_type` added as PEFT writes it."""
@@ -124,7 +128,7 @@ class AdapterConfig:
         """Build from a dict; unknown keys warn and are dropped (PEFT's behaviour)."""
         names = {f.name for f in dataclasses.fields(cls)}
         known = {k: v for k, v in data.items() if k in names}
-        unknown = sorted(k for k in data if k not in names and k != "peft_type")
+        unknown = sorted(k for k in data if k not in names)
         # PEFT writes many fields for features tilpass lacks; they are only worth a warning when
         # set to something other than their "off" value.
         active = [
@@ -134,7 +138,9 @@ class AdapterConfig:
         ]
         if active:
             warnings.warn(
-                f"{source}: ignoring fields tilpass does not know: {', '.join(active)}",
+                f"Unexpected keyword arguments {active} for class {cls.__name__}, these are "
+                f"ignored. {source}: tilpass does not know these fields; a file from a newer "
+                "PEFT may use features tilpass lacks.",
                 stacklevel=2,
             )
         try:
@@ -174,6 +180,28 @@ class AdapterConfig:
         self.save(save_directory)
 
     @classmethod
+    def from_json_file(cls, path_json_file: str | Path, **kwargs: Any) -> dict[str, Any]:
+        """The plain dict in a config file (PEFT's classmethod); a `runtime_config` entry, which
+        PEFT never saves but which may have been written by hand, is dropped with a warning."""
+        path = Path(path_json_file)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise AdapterFileError(f"{path}: no such config file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterFileError(f"{path}: not valid JSON ({exc})") from exc
+        if not isinstance(data, dict):
+            raise AdapterFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        if "runtime_config" in data:
+            warnings.warn(
+                f"{path}: The configuration file contains a `runtime_config` key. This is "
+                "ignored. Runtime configurations are only valid at runtime.",
+                stacklevel=2,
+            )
+            del data["runtime_config"]
+        return data
+
+    @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None, **kwargs: Any
     ) -> AdapterConfig:
@@ -185,7 +213,7 @@ class AdapterConfig:
         directory = Path(pretrained_model_name_or_path)
         if subfolder:
             directory = directory / subfolder
-        data = read_config_dict(directory)
+        data = read_config_dict(directory, cls.__name__ if cls.PEFT_TYPE else "PeftConfig")
         source = str(directory / CONFIG_NAME)
         from tilpass.methods import UnknownMethodError, method_for_peft_type
 
@@ -199,6 +227,10 @@ class AdapterConfig:
                 f"with {found.__name__}.from_pretrained"
             )
         return found.from_dict({**data, **kwargs}, source=source)
+
+
+PeftConfig = AdapterConfig
+"""PEFT's name for the base config (`PeftConfig.from_pretrained` picks the method's class)."""
 
 
 @dataclasses.dataclass
@@ -229,11 +261,12 @@ class TargetedConfig(AdapterConfig):
         layers = getattr(self, "layers_to_transform", None)
         pattern = getattr(self, "layers_pattern", None)
         regex = isinstance(self.target_modules, str) and self.target_modules != "all-linear"
-        if regex and (layers is not None or pattern is not None):
-            raise ValueError(
-                "`layers_to_transform` / `layers_pattern` cannot be used when `target_modules` is "
-                "a str (a regex): write the layer indices into the regex, or list module names"
-            )
+        for name, value in (("layers_to_transform", layers), ("layers_pattern", pattern)):
+            if regex and value is not None:
+                raise ValueError(
+                    f"`{name}` cannot be used when `target_modules` is a str. A str is a regex: "
+                    "write the layer indices into it, or list the module names instead"
+                )
         if pattern and layers is None:
             raise ValueError(
                 "When `layers_pattern` is specified, `layers_to_transform` must also be "
@@ -251,8 +284,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def read_config_dict(directory: str | Path) -> dict[str, Any]:
-    """Read and minimally validate `adapter_config.json` in `directory`."""
+def read_config_dict(directory: str | Path, reader: str = "adapter") -> dict[str, Any]:
+    """Read and minimally validate `adapter_config.json` in `directory`; `reader` names the
+    config class asking, for the message about a file without `peft_type`."""
     path = Path(directory) / CONFIG_NAME
     if not Path(directory).is_dir():
         raise AdapterFileError(f"{directory}: no such adapter directory")
@@ -269,5 +303,9 @@ def read_config_dict(directory: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AdapterFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
     if "peft_type" not in data:
-        raise AdapterFileError(f'{path}: no \'peft_type\' key; expected e.g. "peft_type": "LORA"')
+        raise ConfigKeysError(
+            f"{path}: The {reader} config that is trying to be loaded is missing required keys: "
+            f'{{\'peft_type\'}}. An adapter config names its method, e.g. "peft_type": "LORA"; '
+            f"is {directory} an adapter directory?"
+        )
     return data

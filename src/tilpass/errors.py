@@ -11,6 +11,11 @@ class AdapterFileError(TilpassError, ValueError):
     """An adapter directory or file is missing, corrupt, or does not fit the model."""
 
 
+class ConfigKeysError(AdapterFileError, TypeError):
+    """An `adapter_config.json` lacks a key every adapter config has (`peft_type`); also a
+    `TypeError`, the type PEFT raises for it."""
+
+
 class TargetModulesError(TilpassError, ValueError):
     """A `target_modules` entry matches nothing, or matches a module tilpass cannot adapt."""
 

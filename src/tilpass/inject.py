@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # importing the registry here would import every method, whic
     from tilpass.methods.registry import Method
 
 ALL_LINEAR = "all-linear"
+CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+"""Modules that only hold others (PEFT refuses them in `modules_to_save`)."""
 
 
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -184,10 +186,11 @@ def find_targets(model: nn.Module, config: TargetedConfig) -> list[str]:
         found = [n for n in found if n not in saved]
     if not found:
         raise TargetModulesError(
-            f"target_modules={spec!r} with exclude_modules={config.exclude_modules!r}, "
+            "No modules were targeted for adaptation. This might be caused by a combination of "
+            f"target_modules={spec!r}, exclude_modules={config.exclude_modules!r}, "
             f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r} and "
-            f"modules_to_save={getattr(config, 'modules_to_save', None)!r} leaves no module to "
-            "adapt"
+            f"modules_to_save={getattr(config, 'modules_to_save', None)!r}, which leaves no "
+            "module to adapt (a module in modules_to_save is trained whole, not adapted)"
         )
     return found
 
@@ -235,6 +238,14 @@ def inject(
         The adapted module names.
     """
     select = method.select_targets or find_targets
+    saved = find_saved(model, getattr(config, "modules_to_save", None))
+    for name in saved:
+        if isinstance(model.get_submodule(name), CONTAINERS):
+            raise TypeError(
+                f"modules_to_save cannot be applied to modules of type "
+                f"{type(model.get_submodule(name))} ({name!r}): a container is never called "
+                "itself, so a trained copy would do nothing; name the modules in it instead"
+            )
     extras = config.extra_layers(model, initialize)
     only_extras = bool(extras) and not getattr(config, "target_modules", None)
     names = [] if only_extras else select(model, config)
@@ -245,7 +256,7 @@ def inject(
             layer.add_adapter(adapter_name, adapter_id, config.layer_spec(name, initialize))
         except NotImplementedError as exc:
             raise TargetModulesError(f"{name}: {exc}") from exc
-    for name in find_saved(model, getattr(config, "modules_to_save", None)):
+    for name in saved:
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module).train(module.training)

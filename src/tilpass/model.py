@@ -417,6 +417,12 @@ def get_peft_model(
     if revision is not None:
         peft_config = copy.copy(peft_config)
         peft_config.revision = revision
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        warnings.warn(
+            "You are trying to modify a model with PEFT for a second time. If you want to reload "
+            "the model with a different config, make sure to call `.unload()` before.",
+            stacklevel=2,
+        )
     return AdaptedModel(model, peft_config, adapter_name, autocast_adapter_dtype)
 
 

@@ -20,7 +20,8 @@ A convolution's adapter is two convolutions, A with the base's kernel and B 1 x 
 
 Files: `config.py` (LoraConfig), `layers.py` (the shared base and the Linear layer),
 `embedding.py`, `conv.py` and `parameter.py` (the other layer kinds),
-`trainable_tokens.py` (`trainable_token_indices`), `dora.py` (the DoRA variant per layer
+`trainable_tokens.py` (`trainable_token_indices`), `defaults.py` (the modules adapted when
+`target_modules` is unset, per model family), `dora.py` (the DoRA variant per layer
 kind), `init.py` (PiSSA, OLoRA and orthogonal initialisation), `unsupported.py` (PEFT's
 research variants, refused), `fused.py` (a Linear layer's adapter and frozen base as one
 autograd node), `weighted.py` (`add_weighted_adapter`: new adapters from
@@ -32,6 +33,7 @@ from torch import nn
 from tilpass.layers import is_linear_like
 from tilpass.methods.lora.config import LoraConfig
 from tilpass.methods.lora.conv import CONV_TYPES, LoraConv
+from tilpass.methods.lora.defaults import select_targets
 from tilpass.methods.lora.embedding import LoraEmbedding
 from tilpass.methods.lora.layers import AdapterSpec, LoraLayer, LoraLinear
 from tilpass.methods.lora.parameter import LoraParameters, for_attention
@@ -63,6 +65,7 @@ METHOD = Method(
     description="LoRA: trainable low-rank B A beside frozen weights (rsLoRA, DoRA variant)",
     prefix="lora_",
     add_weighted=add_weighted_adapter,
+    select_targets=select_targets,
 )
 
 __all__ = [

@@ -75,6 +75,9 @@ class LoraConfig(TargetedConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = opt(
         None, "Token ids whose embedding rows train in full: [ids] or {embedding name: [ids]}."
     )
+    ensure_weight_tying: bool = opt(
+        False, "Tie the adapters of tied layers (not supported yet: must stay False)."
+    )
     rank_pattern: dict[str, int] = opt({}, "Per-module rank overrides: {name or regex: r}.")
     alpha_pattern: dict[str, float] = opt({}, "Per-module alpha overrides: {name: alpha}.")
     # PEFT's research variants: accepted only when off, so their files load or are refused.
@@ -111,6 +114,11 @@ class LoraConfig(TargetedConfig):
                 f"{self.init_lora_weights!r}",
             )
             _check(not self.use_dora, "lora_bias=True does not work with use_dora=True")
+        if self.ensure_weight_tying:
+            raise NotImplementedError(
+                "ensure_weight_tying=True is not supported by tilpass yet; leave it False (an "
+                "adapter on a tied embedding or output layer then trains on that layer alone)"
+            )
         _check(
             self.bias in BIAS_CHOICES,
             f"bias must be one of {', '.join(map(repr, BIAS_CHOICES))}, got {self.bias!r}: "

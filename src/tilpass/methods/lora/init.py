@@ -81,7 +81,10 @@ def _pissa(value: str, w: torch.Tensor, r: int, scale: float) -> tuple[torch.Ten
 
 def _orthogonal(r: int, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
     if r % 2:
-        raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")
+        raise ValueError(
+            f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead "
+            "(init_lora_weights='orthogonal' splits one rotation into halves for A and B)"
+        )
     q, _ = torch.linalg.qr(torch.randn(r, r))
     a = torch.randn(in_features, r // 2).mm(q[0::2]).T / 10.0  # (r, in)
     b = torch.randn(r // 2, out_features).T.mm(q[1::2]) / 10.0  # (out, r)
