@@ -227,6 +227,14 @@ def causal_lm_loss(
     return loss, int(keep.sum())
 
 
+CHECK_ROWS = 2
+"""Rows of a batch :func:`selective_loss_matches` runs both ways."""
+
+
+def _per_row(value: Any, rows: int) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows
+
+
 def selective_loss_matches(
     model: nn.Module, batch: Batch, autocast: AbstractContextManager[Any] | None = None
 ) -> bool:
@@ -237,6 +245,9 @@ def selective_loss_matches(
     """
     if decoder_and_head(model) is None:
         return False
+    rows = batch["input_ids"].shape[0]
+    if rows > CHECK_ROWS:  # two rows show a difference as well as the whole batch, cheaper
+        batch = {k: v[:CHECK_ROWS] if _per_row(v, rows) else v for k, v in batch.items()}
     was_training = model.training
     model.eval()
     try:

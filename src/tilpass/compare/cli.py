@@ -16,7 +16,7 @@ from typing import Any
 
 from tilpass.compare.plan import DEFAULT_METHODS, DEFAULTS, Budget, CompareError, parse_methods
 
-DEFAULT_STEPS = 30
+DEFAULT_STEPS = 25
 """Optimizer steps per method by default: all default methods fit 20 minutes on 2 CPU cores
 (the estimate behind it is in docs/compare.md)."""
 

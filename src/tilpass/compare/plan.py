@@ -65,7 +65,7 @@ DEFAULTS: dict[str, MethodPlan] = {
             "adalora",
             "adalora",
             {"init_r": 12, "target_r": 8, "lora_alpha": 16, "target_modules": ATTENTION},
-            2e-3,
+            1e-2,
             needs_total_step=True,
         ),
         MethodPlan("houlsby", "bottleneck", {"placement": "houlsby", "bottleneck_size": 32}, 1e-3),
@@ -128,8 +128,10 @@ def run_values(plan: MethodPlan, steps: int) -> dict[str, Any]:
         values["quantize"] = plan.quantize
     if plan.method != FULL:
         settings = dict(plan.settings)
-        if plan.needs_total_step:
+        if plan.needs_total_step:  # AdaLoRA: warm up, prune, then fine-tune the final ranks
             settings["total_step"] = steps
+            settings.setdefault("tinit", steps // 5)
+            settings.setdefault("tfinal", steps // 5)
         values[plan.method] = settings
     values["training"] = {"learning_rate": plan.learning_rate}
     return values
