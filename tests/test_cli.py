@@ -383,7 +383,14 @@ def test_bad_data_and_bad_keys_are_clear_errors(
     assert "Traceback" not in proc.stderr
 
 
-BOOKKEEPING = {"task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version"}
+BOOKKEEPING = {
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "peft_version",
+    "peft_type",
+}
 
 
 def default_of(f: dataclasses.Field[Any]) -> Any:
