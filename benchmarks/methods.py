@@ -94,7 +94,10 @@ SETTINGS: dict[str, list[Variant]] = {
         Variant("parallel", "bottleneck", {"bottleneck_size": BOTTLENECK, "placement": "parallel"}),
     ],
 }
-PEFT_TYPE_SETTINGS = {"PROMPT_TUNING": {"num_virtual_tokens": 20}}
+PEFT_TYPE_SETTINGS = {
+    "PROMPT_TUNING": {"num_virtual_tokens": 20},
+    "LORA_PROMPT": {"target_modules": ["q_proj", "v_proj"], "num_virtual_tokens": 20},
+}
 
 
 def log(msg: str) -> None:
