@@ -201,3 +201,40 @@ def test_bad_settings_are_clear_errors(
 def test_parallel_is_refused_for_bert_with_a_way_out() -> None:
     with pytest.raises(TargetModulesError, match="no mlp modules for model type 'bert'"):
         tilpass.get_peft_model(tiny_bert(), config(placement="parallel"))
+
+
+def test_adapters_inside_a_wrapped_block_load_in_either_order(tmp_path: Path) -> None:
+    """An (IA)^3 adapter on up_proj and a bottleneck on the MLP around it: added in either
+    order, the outputs and the files are the same, and removing one leaves the other."""
+    from tilpass.methods.ia3 import IA3Config
+
+    ia3 = IA3Config(
+        target_modules=["up_proj"], feedforward_modules=["up_proj"], init_ia3_weights=False
+    )
+    torch.manual_seed(0)
+    first = tilpass.get_peft_model(tiny_llama(), ia3, adapter_name="ia3")
+    first.add_adapter("bn", config())
+    first.save_pretrained(tmp_path / "a")
+    # The bottleneck first this time, then the (IA)^3 adapter inside the MLP it wraps.
+    second = tilpass.AdaptedModel.from_pretrained(tiny_llama(), tmp_path / "a" / "bn", "bn")
+    second.load_adapter(tmp_path / "a" / "ia3", "ia3")
+    second.save_pretrained(tmp_path / "b")
+    for name in ("ia3", "bn"):
+        saved = [load_file(tmp_path / d / name / "adapter_model.safetensors") for d in "ab"]
+        assert saved[0].keys() == saved[1].keys()
+        for key in saved[0]:
+            assert torch.equal(saved[0][key], saved[1][key]), key
+    x = tokens()
+    with torch.no_grad():
+        for model in (first, second):
+            model.set_adapter(["ia3", "bn"])
+        torch.testing.assert_close(second(input_ids=x).logits, first(input_ids=x).logits)
+        base = tiny_llama()(input_ids=x).logits
+        assert not torch.allclose(first(input_ids=x).logits, base)
+        second.delete_adapter("bn")
+        first.set_adapter("ia3")
+        torch.testing.assert_close(second(input_ids=x).logits, first(input_ids=x).logits)
+        second.delete_adapter("ia3")
+        torch.testing.assert_close(second(input_ids=x).logits, base)
+    second.add_adapter("bn", config())  # re-wrapping after both were removed still works
+    assert wrapped(second) == wrapped(tilpass.get_peft_model(tiny_llama(), config()))

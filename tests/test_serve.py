@@ -136,8 +136,8 @@ def test_concurrent_mixed_adapters_equal_generate(served: Served) -> None:
     once through a batch of 4 with 3 on-demand cache slots: each answer is its own adapter's
     `generate`, token for token."""
     # Start from the pinned adapter only, whatever ran before on this server (under xdist
-    # other tests may have run first): an (IA)3 adapter on up_proj does not load while a
-    # bottleneck adapter wraps the MLP, so the load order must be this test's own.
+    # other tests may have run first), so every adapter here is loaded on demand, in the
+    # order the threads ask (the (IA)3 adapter inside the MLP a bottleneck wraps, or before).
     with served.http() as http:
         for model in served.client().models.list():
             if model.id not in (BASE, "lora_a"):

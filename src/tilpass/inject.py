@@ -36,12 +36,13 @@ CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
 
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """`named_modules` of the base model, not descending into tilpass's own wrappers."""
+    """`named_modules` of the base model, not descending into tilpass's own wrappers (except
+    those around a block whose modules stay targetable, such as a bottleneck's MLP)."""
     skip: tuple[str, ...] = ()
     for name, module in model.named_modules():
         if skip and name.startswith(skip):
             continue
-        if isinstance(module, AdapterLayer):
+        if isinstance(module, AdapterLayer) and not module.HOLDS_TARGETS:
             skip = (*skip, name + ".")
         yield name, module
 
@@ -218,7 +219,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where the module called `name` is."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    if isinstance(parent, AdapterLayer):
+        parent.replace_child(child, new)
+    else:
+        setattr(parent, child, new)
 
 
 def inject(

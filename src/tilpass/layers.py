@@ -117,6 +117,9 @@ class AdapterLayer(nn.Module):
     # True: `adapter_tensors` keys are whole file keys (PEFT's `prompt_embeddings`), not
     # suffixes of this layer's module path.
     ROOT_KEYS: ClassVar[bool] = False
+    # True: the wrapped module is a block (an MLP) whose own modules other adapters may still
+    # target; target search descends into it and `replace_child` swaps them in both places.
+    HOLDS_TARGETS: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, adopt: bool = True) -> None:
         super().__init__()
@@ -146,6 +149,13 @@ class AdapterLayer(nn.Module):
     def base_layer(self) -> nn.Module:
         """The wrapped module (called for the base result)."""
         return self._held[0]
+
+    def replace_child(self, name: str, module: nn.Module) -> None:
+        """Put `module` in place of child `name` on this layer and on the wrapped module, which
+        is the one that runs (an (IA)^3 layer on the up_proj of a bottleneck-wrapped MLP)."""
+        setattr(self, name, module)
+        if self.adopted:
+            setattr(self._held[0], name, module)
 
     def base_forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped module's own forward."""

@@ -179,6 +179,7 @@ class BottleneckLayer(AdapterLayer):
 
     STORES = ("bottleneck",)
     MERGEABLE = False
+    HOLDS_TARGETS = True
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)
