@@ -334,6 +334,30 @@ def test_mixed_batch_follows_in_place_updates(row: Row) -> None:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=str)
+def test_inference_mode_equals_no_grad(row: Row) -> None:
+    """Forwards under `torch.inference_mode` (twice, so derived caches are reused) equal
+    no-grad ones, with an adapter added inside inference mode too: its tensors then have no
+    version counter, which the caches must not need."""
+    model = adapted(row)
+    with torch.inference_mode():
+        torch.manual_seed(7)
+        model.add_adapter("other", row.config())
+    x = tokens(batch=2, length=5)
+    calls = [{}, {"adapter_names": ["default", "other"]}] if row.mixed_batches else [{}]
+    expected = [logits(model, x, **kw) for kw in calls]
+    for _ in range(2):
+        for kw, want in zip(calls, expected, strict=True):
+            with torch.inference_mode():
+                got = model(input_ids=x, **kw).logits[:, -x.shape[1] :]
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+    model.set_adapter("other")
+    with torch.inference_mode():
+        other = model(input_ids=x).logits[:, -x.shape[1] :]
+    torch.testing.assert_close(other, logits(model, x), atol=0, rtol=0)
+    assert not torch.allclose(other, expected[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=str)
 def test_merge_equals_unmerged_and_unmerge_restores_the_base(row: Row) -> None:
     x = tokens()
     model = adapted(row)

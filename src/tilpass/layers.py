@@ -64,6 +64,16 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return int(in_features), int(out_features)
 
 
+def tensor_version(tensor: torch.Tensor) -> object:
+    """The tensor's in-place version counter, which derived no-grad caches are checked against.
+
+    An inference tensor (made under `torch.inference_mode`, e.g. an adapter built there) has
+    no counter and may change in place unseen, so it gets a fresh token that equals nothing:
+    a cache keyed on it never hits and is rebuilt each time, which is always correct.
+    """
+    return object() if tensor.is_inference() else tensor._version
+
+
 def is_quantized(module: nn.Module) -> bool:
     """A module whose weight is stored in an integer format (a 4- or 8-bit quantized base)."""
     weight = getattr(module, "weight", None)

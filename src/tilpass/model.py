@@ -253,7 +253,9 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
         """Activate one adapter, or several whose updates then add up.
 
         As in PEFT, only active adapters train: theirs get `requires_grad=True` (unless
-        `inference_mode`), every other adapter's `requires_grad=False`.
+        `inference_mode`), every other adapter's `requires_grad=False`. An adapter made under
+        `torch.inference_mode` has inference tensors, which can never train; they are left as
+        they are.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
@@ -264,7 +266,7 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
         for name in self.peft_config:
             wanted = name in names and not inference_mode
             for p in self._params_of(name):
-                if p.requires_grad != wanted:
+                if p.requires_grad != wanted and not p.is_inference():
                     p.requires_grad_(wanted)
 
     def _params_of(self, name: str) -> list[nn.Parameter]:

@@ -31,7 +31,7 @@ from tilpass.config import AdapterConfig
 from tilpass.config_fields import opt
 from tilpass.errors import TargetModulesError
 from tilpass.inject import base_modules, describe_modules
-from tilpass.layers import AdapterLayer, is_linear_like, linear_features
+from tilpass.layers import AdapterLayer, is_linear_like, linear_features, tensor_version
 from tilpass.methods.registry import Method
 from tilpass.routing import Plan, scatter_add_rows
 
@@ -262,7 +262,7 @@ class BottleneckLayer(AdapterLayer):
         """
         names = sorted(self.specs, key=self.ids.__getitem__)
         params = [p for n in names for p in self.bottleneck[n].parameters()]
-        key = (dtype, tuple(id(p) for p in params), tuple(p._version for p in params))
+        key = (dtype, tuple(id(p) for p in params), tuple(tensor_version(p) for p in params))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1]
         groups: dict[tuple[bool, str], list[str]] = {}

@@ -24,7 +24,13 @@ from tilpass.config import TargetedConfig
 from tilpass.config_fields import opt
 from tilpass.errors import TargetModulesError
 from tilpass.inject import find_targets
-from tilpass.layers import AdapterLayer, is_linear_like, is_transposed, linear_features
+from tilpass.layers import (
+    AdapterLayer,
+    is_linear_like,
+    is_transposed,
+    linear_features,
+    tensor_version,
+)
 from tilpass.methods.registry import Method
 from tilpass.routing import Plan
 
@@ -157,7 +163,7 @@ class IA3Linear(AdapterLayer):
         """
         names = sorted(self.specs, key=self.ids.__getitem__)
         params = [self.ia3_l[name] for name in names]
-        key = (dtype, tuple(id(p) for p in params), tuple(p._version for p in params))
+        key = (dtype, tuple(id(p) for p in params), tuple(tensor_version(p) for p in params))
         if self._table_cache is not None and self._table_cache[0] == key:
             return self._table_cache[1], self._table_cache[2]
         weight = self.base_layer.weight

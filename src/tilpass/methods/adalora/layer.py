@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tilpass.layers import tensor_version
 from tilpass.methods.adalora.config import AdaLoraSpec
 from tilpass.methods.lora.layers import LoraLinear
 
@@ -66,10 +67,11 @@ class AdaLoraLinear(LoraLinear):
         assert p is not None and e is not None and q is not None
         if torch.is_grad_enabled():
             return e * p, q  # (r, in)
-        versions = (p._version, e._version)
+        versions = (tensor_version(p), tensor_version(e))
         hit = self._lambda_p.get(name)
         if hit is None or hit[0] != versions or hit[1].dtype != p.dtype:
-            hit = (versions, (e * p).detach())
+            with torch.inference_mode(False):  # a cache with a version counter
+                hit = (versions, (e * p).detach())
             self._lambda_p[name] = hit
         return hit[1], q
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tilpass.layers import tensor_version
+
 if TYPE_CHECKING:
     from tilpass.methods.lora.conv import LoraConv
     from tilpass.methods.lora.embedding import LoraEmbedding
@@ -116,7 +118,12 @@ class DoraVariant:
             for n in dora
             for p in (*layer.factors(n), layer.lora_magnitude_vector[n], layer.base_layer.weight)
         ]
-        key = (dtype, device, [layer.ids[n] for n in dora], [(id(p), p._version) for p in params])
+        key = (
+            dtype,
+            device,
+            [layer.ids[n] for n in dora],
+            [(id(p), tensor_version(p)) for p in params],
+        )
         cached = layer.magnitude_table
         if cached is not None and cached[0] == key:
             return cached[1]

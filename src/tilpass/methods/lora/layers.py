@@ -24,6 +24,7 @@ from tilpass.layers import (
     is_transposed,
     linear_features,
     requantized,
+    tensor_version,
 )
 from tilpass.methods.lora.dora import DORA, DoraVariant
 from tilpass.methods.lora.fused import LoraLinearFunction, lora_plus_bias
@@ -69,7 +70,7 @@ class _StackCache:
 
     dtype: torch.dtype
     params: list[nn.Parameter]
-    versions: list[int]
+    versions: list[object]
     stacks: list[RankStack]
 
 
@@ -242,7 +243,9 @@ class LoraLayer(AdapterLayer):
         if (
             cache is not None
             and cache.dtype == dtype
-            and all(p._version == v for p, v in zip(cache.params, cache.versions, strict=True))
+            and all(
+                tensor_version(p) == v for p, v in zip(cache.params, cache.versions, strict=True)
+            )
         ):
             return cache.stacks
         names = sorted(self.specs, key=self.ids.__getitem__)
@@ -265,7 +268,9 @@ class LoraLayer(AdapterLayer):
             stacks.append(RankStack(tuple(self.ids[n] for n in group), row_of_id, a_t, b_t))
         params = [p for n in names for p in self.adapter_parameters(n)]
         if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
-            self._stack_cache = _StackCache(dtype, params, [p._version for p in params], stacks)
+            self._stack_cache = _StackCache(
+                dtype, params, [tensor_version(p) for p in params], stacks
+            )
         return stacks
 
     def rank_groups(
@@ -502,12 +507,12 @@ class LoraLinear(LoraLayer):
             hit is not None
             and hit[0] is a
             and hit[1] is b
-            and hit[2] == (a._version, b._version, scale)
+            and hit[2] == (tensor_version(a), tensor_version(b), scale)
         ):
             return hit[3], hit[4]
         a_t = a.detach().T.contiguous()
         b_t = (b.detach().T * scale).contiguous()
-        self._infer_cache[name] = (a, b, (a._version, b._version, scale), a_t, b_t)
+        self._infer_cache[name] = (a, b, (tensor_version(a), tensor_version(b), scale), a_t, b_t)
         return a_t, b_t
 
     def stack_pair(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
