@@ -137,3 +137,17 @@ def test_an_adapter_that_changed_the_base_warns_beside_others(init: str, name: s
     other = tilpass.LoraConfig(target_modules=["lin1"], r=4)
     with pytest.warns(UserWarning, match=f"{name} changes the base weights of the model"):
         model.add_adapter("other", other)
+
+
+def test_a_server_refuses_an_adapter_that_changes_the_shared_base(tmp_path: Path) -> None:
+    from tilpass.serve.adapters import AdapterCache, AdapterError
+
+    trained("pissa", r=4).save_pretrained(tmp_path / "pissa")
+    trained(True, r=4).save_pretrained(tmp_path / "plain")
+    model = tilpass.AdaptedModel(Net()).eval()
+    cache = AdapterCache(model, tmp_path, max_count=4, max_bytes=1 << 20)
+    with pytest.raises(AdapterError, match="changes the base weights that every served adapter"):
+        cache.ensure("pissa", busy=set())
+    assert torch.equal(model.base_model.lin0.weight, Net().lin0.weight)
+    cache.ensure("plain", busy=set())
+    assert list(model.peft_config) == ["plain"]

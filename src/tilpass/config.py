@@ -159,6 +159,12 @@ class AdapterConfig:
     def describe_layers(self, layers: list[Any]) -> None:
         """Record what the injected layers found (e.g. GPT-2's transposed layout)."""
 
+    @property
+    def changes_base_weights(self) -> bool:
+        """Whether adding this adapter rewrites base weights (LoRA's PiSSA / OLoRA), which
+        every other adapter of the model shares; most methods leave them alone."""
+        return False
+
     def converted_for_initial_model(
         self, tensors: dict[str, Any], initial: Path
     ) -> tuple[AdapterConfig, dict[str, Any]]:

@@ -231,6 +231,11 @@ class LoraConfig(TargetedConfig):
             stacklevel=5,
         )
 
+    @property
+    def changes_base_weights(self) -> bool:
+        """PiSSA and OLoRA replace the base weight by a residual, on creation and on loading."""
+        return mutates_base(self.init_lora_weights)
+
     def converted_for_initial_model(
         self, tensors: dict[str, Any], initial: Path
     ) -> tuple[LoraConfig, dict[str, Any]]:
