@@ -61,7 +61,7 @@ def test_lora_bias_refuses_dora_other_inits_and_embeddings() -> None:
     with pytest.raises(ValueError, match="init_lora_weights"):
         tilpass.LoraConfig(target_modules=["q_proj"], lora_bias=True, init_lora_weights="gaussian")
     config = tilpass.LoraConfig(target_modules=["embed_tokens"], lora_bias=True)
-    with pytest.raises(ValueError, match=r"not supported for nn\.Embedding"):
+    with pytest.raises(ValueError, match="not supported for Embedding"):
         tilpass.get_peft_model(tiny_llama(), config)
 
 

@@ -8,6 +8,7 @@ by `python compat/peft_suite/run.py vendor`), so this runs offline.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -56,6 +57,32 @@ import suite  # noqa: E402
 )  # fmt: skip
 def test_failures_are_classified(record: dict, expected: str) -> None:
     assert report.classify(record) == expected
+
+
+def test_peft_s_per_adapter_modules_and_class_names_are_peft_internals() -> None:
+    """`lora_A["default"].weight` reads PEFT's per-adapter nn.Linear (tilpass keeps the
+    tensor); an expected message naming PEFT's classes asks for PEFT's implementation."""
+    pattern = re.escape("a <class 'peft.utils.other.ModulesToSaveWrapper'>")
+    with (
+        pytest.raises(AssertionError) as failed,
+        pytest.raises(ValueError, match=pattern),
+    ):
+        raise ValueError("modules_to_save entry 'foobar' matches no module")
+    expected = peft_suite_plugin.expected_pattern(str(failed.value))
+    assert expected is not None
+    assert "<class 'peft.utils.other.ModulesToSaveWrapper'>" in expected.replace("\\", "")
+    mismatch = "AssertionError: Regex pattern did not match."
+    cases = [
+        ({"message": "AttributeError: 'Parameter' object has no attribute 'weight'"}, True),
+        ({"message": "AttributeError: 'Tensor' object has no attribute 'bias'"}, True),
+        ({"message": "AttributeError: 'Parameter' object has no attribute 'lora_A'"}, False),
+        ({"message": mismatch, "expected": expected}, True),
+        ({"message": mismatch, "expected": "'lora_bias=True is not supported'"}, False),
+        ({"message": mismatch}, False),
+    ]
+    for record, internal in cases:
+        assert report.classify(record) == (report.INTERNALS if internal else report.BEHAVIOUR)
+    assert peft_suite_plugin.expected_pattern("AssertionError: assert 1 == 2") is None
 
 
 def test_compare_counts_only_tests_that_pass_on_peft() -> None:

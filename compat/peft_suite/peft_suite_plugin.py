@@ -42,6 +42,7 @@ SHIMMED = (
     "get_model_status",
     "get_base_model_state_dict",
     "set_base_model_state_dict",
+    "PeftWarning",
 )
 
 # LoRA fields and test-name fragments of research variants tilpass does not implement.
@@ -376,11 +377,23 @@ def _first_error(report: pytest.TestReport) -> dict[str, Any]:
     if chain:
         entries = chain[-1][0].reprentries
         frames = [str(getattr(e.reprfileloc, "path", "")) for e in entries if e.reprfileloc]
-    return {
+    first = {
         "message": message.strip().splitlines()[0][:400] if message else "",
         "path": path,
         "frames": frames[-8:],
     }
+    expected = expected_pattern(message or "")
+    if expected is not None:
+        first["expected"] = expected
+    return first
+
+
+def expected_pattern(message: str) -> str | None:
+    """The pattern a failed `pytest.raises(..., match=...)` / `pytest.warns(match=...)`
+    expected (pytest writes it on an `Expected regex:` line, `Regex:` in older versions, after
+    "Regex pattern did not match."), so the report can tell what wording the test asked for."""
+    found = re.search(r"^\s*(?:Expected regex|Regex): (.+)$", message, re.MULTILINE)
+    return found.group(1)[:400] if found else None
 
 
 @pytest.hookimpl(trylast=True)

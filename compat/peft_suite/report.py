@@ -12,7 +12,10 @@ is put in one class by its first error:
   `_register_custom_module`), monkeypatched PEFT's own modules or classes (so it checks PEFT's
   implementation), or failed asserting that an object is an instance of one of PEFT's classes;
   not a user's API; an attribute PEFT's model forwards to the base model (`peft_model.lin0`)
-  is not counted here: user code reads those;
+  is not counted here: user code reads those; a tensor treated as PEFT's per-adapter
+  module (`layer.lora_A["default"].weight`: PEFT keeps an `nn.Linear` per adapter, tilpass the
+  tensor itself); an expected error message (`pytest.raises(match=...)`) that names one of
+  PEFT's classes (`<class 'peft.tuners.lora.layer.Linear'>`);
 - tilpass behaviour: everything else, the part a user porting PEFT code would meet.
 """
 
@@ -55,6 +58,13 @@ TUNER_ATTRIBUTES = frozenset(
 # PEFT's custom-layer dispatch takes classes built on PEFT's layer base classes (its internals).
 PRIVATE_HOOKS = frozenset({"_register_custom_module"})
 MISSING_ATTRIBUTE = re.compile(r"'(\w+)' object has no attribute '(\w+)'")
+# PEFT keeps each adapter's factors as a module (`lora_A["default"]` is an `nn.Linear`);
+# tilpass keeps the tensor, so `.weight` / `.bias` on it reads PEFT's layout.
+TENSOR_TYPES = frozenset({"Parameter", "Tensor"})
+MODULE_ATTRIBUTES = frozenset({"weight", "bias"})
+# An expected message naming one of PEFT's classes asks for PEFT's implementation by name.
+# (Backslashes are dropped first: the pattern may be `re.escape`d and is recorded as a repr.)
+PEFT_CLASS_NAME = re.compile(r"<class 'peft\.")
 
 
 def classify(record: dict) -> str:
@@ -75,7 +85,11 @@ def classify(record: dict) -> str:
             return INTERNALS  # a PEFT layer's attributes, or `model.base_model.model`
         if attribute in TUNER_ATTRIBUTES | PRIVATE_HOOKS:
             return INTERNALS  # PEFT's tuner object, or PEFT layer classes plugged in
+        if owner in TENSOR_TYPES and attribute in MODULE_ATTRIBUTES:
+            return INTERNALS  # `lora_A[name].weight`: PEFT's per-adapter module
         return BEHAVIOUR
+    if PEFT_CLASS_NAME.search(record.get("expected", "").replace("\\", "")):
+        return INTERNALS  # the test asks for an error message that names PEFT's classes
     if _raised_in_peft(record):
         return INTERNALS
     return BEHAVIOUR

@@ -10,7 +10,13 @@ from tilpass.adapter_state import (
 )
 from tilpass.base_state import get_base_model_state_dict, set_base_model_state_dict
 from tilpass.config import AdapterConfig, PeftConfig, PeftType
-from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
+from tilpass.errors import (
+    AdapterFileError,
+    AdapterNameError,
+    PeftWarning,
+    TargetModulesError,
+    TilpassError,
+)
 from tilpass.methods.adalora import AdaLoraConfig
 from tilpass.methods.lora import LoraConfig
 from tilpass.methods.lora_prompt import LoraPromptConfig
@@ -32,6 +38,7 @@ __all__ = [
     "PeftConfig",
     "PeftModel",
     "PeftType",
+    "PeftWarning",
     "PromptTuningConfig",
     "TargetModulesError",
     "TilpassError",

@@ -159,6 +159,28 @@ class AdapterConfig:
     def describe_layers(self, layers: list[Any]) -> None:
         """Record what the injected layers found (e.g. GPT-2's transposed layout)."""
 
+    @property
+    def changes_base_weights(self) -> bool:
+        """Whether adding this adapter rewrites base weights (LoRA's PiSSA / OLoRA), which
+        every other adapter of the model shares; most methods leave them alone."""
+        return False
+
+    def converted_for_initial_model(
+        self, tensors: dict[str, Any], initial: Path
+    ) -> tuple[AdapterConfig, dict[str, Any]]:
+        """This adapter as one for the base model before its initialisation changed the base
+        weights (PEFT's `path_initial_model_for_weight_conversion`); only methods whose
+        initialisation changes the base weights (LoRA's PiSSA / OLoRA) can convert."""
+        raise ValueError(
+            "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not "
+            f"supported for {type(self).__name__}: it converts LoRA adapters initialised with "
+            "PiSSA or OLoRA. Save without it."
+        )
+
+    def check_new_adapter(self, existing: dict[str, Any]) -> None:
+        """Raise if this config cannot join a model that holds the `existing` adapters (name ->
+        config), before anything is injected; most methods have no such rule."""
+
     def extra_layers(self, model: Any, initialize: bool) -> list[tuple[str, Any, Any]]:
         """Modules this adapter wraps besides its targets, as (name as written, layer factory,
         the layer's settings); e.g. LoRA's `trainable_token_indices`. Most methods have none."""

@@ -26,3 +26,8 @@ class AdapterNameError(TilpassError, ValueError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
         return str(self.args[0]) if self.args else ""
+
+
+class PeftWarning(UserWarning):
+    """A warning about an adapter setting that works but may not do what was meant (PEFT's
+    `PeftWarning`, under the same name so PEFT code that filters it keeps working)."""

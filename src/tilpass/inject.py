@@ -102,6 +102,14 @@ def _matches(name: str, spec: list[str] | str | None) -> bool:
     return any(_name_matches(name, entry) for entry in spec)
 
 
+def matches_target(name: str, module: nn.Module, spec: list[str] | str | None) -> bool:
+    """Whether `target_modules` (`spec`) names module `name` (by name, regex or, for
+    "all-linear", by being linear-like); the output head counts too."""
+    if spec == ALL_LINEAR:
+        return _is_linear(module)
+    return _matches(name, spec)
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -208,11 +216,31 @@ def warn_unmatched_patterns(config: TargetedConfig, names: list[str]) -> None:
         )
         if unmatched:
             warnings.warn(
-                f"The following {field} keys did not match any targeted module and were "
-                f"ignored: {unmatched}. Targeted modules: {', '.join(names)}",
+                f"The following {field} keys did not match any targeted module (targeted: "
+                f"{', '.join(names)}) and were ignored: {unmatched}. A key matches a module "
+                "name as a dotted suffix or a regex; check it for typos",
                 RuntimeWarning,
                 stacklevel=4,
             )
+
+
+def _no_module_matched(model: nn.Module, config: TargetedConfig) -> bool:
+    """PEFT's rule for a config with `target_parameters` that matched: `target_modules` that
+    match no module at all are warned about (only the parameters are adapted), not refused."""
+    spec = config.target_modules
+    if not getattr(config, "target_parameters", None) or spec == ALL_LINEAR:
+        return False
+    if any(_matches(n, spec) for n, _ in base_modules(model) if n):
+        return False
+    shown = spec if isinstance(spec, str) else "{" + ", ".join(map(repr, spec or [])) + "}"
+    warnings.warn(
+        f"target_modules={shown} were set but no module was matched. Only the "
+        "target_parameters are adapted; check target_modules for typos (module names are "
+        f"matched as dotted suffixes). Modules by kind: {describe_modules(model)}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return True
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -252,7 +280,10 @@ def inject(
             )
     extras = config.extra_layers(model, initialize)
     only_extras = bool(extras) and not getattr(config, "target_modules", None)
-    names = [] if only_extras else select(model, config)
+    if only_extras or (extras and _no_module_matched(model, config)):
+        names = []
+    else:
+        names = select(model, config)
     warn_unmatched_patterns(config, names)
     for name in names:
         layer = _layer_for(model, name, method)

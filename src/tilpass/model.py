@@ -159,7 +159,7 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
     def add_adapter(
         self,
         adapter_name: str,
-        config: AdapterConfig,
+        peft_config: AdapterConfig,
         low_cpu_mem_usage: bool = False,
         autocast_adapter_dtype: bool = True,
     ) -> None:
@@ -182,11 +182,14 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
                 f"other than {BASE!r}"
             )
         try:
-            method = method_of(config)
+            method = method_of(peft_config)
         except UnknownMethodError as exc:
-            raise TypeError(f"unsupported config type {type(config).__name__}: {exc}") from None
-        trained_biases.check_one_bias_adapter(self.peft_config, adapter_name, config)
-        config = copy.deepcopy(config)  # the caller's config stays as it was
+            raise TypeError(
+                f"unsupported config type {type(peft_config).__name__}: {exc}"
+            ) from None
+        trained_biases.check_one_bias_adapter(self.peft_config, adapter_name, peft_config)
+        peft_config.check_new_adapter(self.peft_config)
+        config = copy.deepcopy(peft_config)  # the caller's config stays as it was
         if config.base_model_name_or_path is None:
             base_config = getattr(self.base_model, "config", None)
             config.base_model_name_or_path = getattr(base_config, "name_or_path", None) or None

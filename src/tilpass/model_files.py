@@ -48,9 +48,12 @@ def save_adapters(
     selected_adapters: list[str] | None = None,
     save_embedding_layers: bool | str = "auto",
     is_main_process: bool = True,
+    path_initial_model_for_weight_conversion: str | Path | None = None,
     **kwargs: Any,
 ) -> None:
-    """Write the adapters of `model` (all, or `selected_adapters`) under `save_directory`."""
+    """Write the adapters of `model` (all, or `selected_adapters`) under `save_directory`;
+    with `path_initial_model_for_weight_conversion`, each converted as its config's
+    `converted_for_initial_model` says (a PiSSA / OLoRA adapter as plain LoRA)."""
     unknown = sorted(k for k, v in kwargs.items() if v is not None)
     if unknown:
         raise TypeError(f"save_pretrained() got arguments tilpass does not support: {unknown}")
@@ -70,6 +73,9 @@ def save_adapters(
         tensors.update(embedding_tensors(model, config, save_embedding_layers, PREFIX))
         if not is_main_process:
             continue
+        if path_initial_model_for_weight_conversion is not None:
+            initial = Path(path_initial_model_for_weight_conversion)
+            config, tensors = config.converted_for_initial_model(tensors, initial)
         _warn_if_large(model, name, tensors)
         if safe_serialization:
             save_tensors(target / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
@@ -261,6 +267,7 @@ class FilesMixin:
         selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | Path | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter as PEFT does: `default` in the directory, others in `dir/<name>/`,
@@ -269,7 +276,10 @@ class FilesMixin:
         `safe_serialization=False` writes PEFT's pickle file `adapter_model.bin` instead of
         safetensors (tilpass reads it back with torch's weights-only loader, with a warning);
         `save_embedding_layers` (True / False / "auto") adds the base embedding weights as PEFT
-        does when embedding layers are adapted.
+        does when embedding layers are adapted. `path_initial_model_for_weight_conversion`
+        (PEFT's) saves a PiSSA / OLoRA adapter as the plain LoRA adapter (rank 2r) that gives
+        the same outputs on the original base model, from the adapter saved in that directory
+        right after `get_peft_model` (`methods/lora/conversion.py`).
         """
         save_adapters(
             self,
@@ -278,6 +288,7 @@ class FilesMixin:
             selected_adapters,
             save_embedding_layers,
             is_main_process,
+            path_initial_model_for_weight_conversion,
             **kwargs,
         )
 

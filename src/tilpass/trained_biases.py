@@ -90,6 +90,7 @@ def check_one_bias_adapter(configs: dict[str, object], new_name: str, new_config
         with_bias.append(new_name)
     if len(with_bias) > 1:
         raise ValueError(
-            f"only one adapter may train base biases (bias != 'none'), but {with_bias} do; "
-            "the biases are shared by every adapter: set bias='none' on all adapters but one"
+            "tilpass supports only 1 adapter with bias. When using multiple adapters, set bias "
+            f"to 'none' for all adapters but one: {with_bias} have bias != 'none', and the "
+            "base biases they train are shared by every adapter"
         )

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tilpass.errors import TilpassError
+from tilpass.model_files import read_adapter_config
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 CONFIG_FILE = "adapter_config.json"
@@ -168,6 +169,7 @@ class AdapterCache:
                     f"an adapter named {name!r} is already loaded; unload it first", status=400
                 )
         try:
+            refuse_base_changing(path)
             self.model.load_adapter(path, name)
         except (TilpassError, ValueError, OSError, KeyError, TypeError) as exc:
             message = f"adapter {name!r} could not be loaded from {path.name}: {exc}"
@@ -200,6 +202,23 @@ class AdapterCache:
                 f"adapter {name!r} is in use by running requests; retry when they finish", 409
             )
         self.remove(name)
+
+
+def refuse_base_changing(path: Path) -> None:
+    """Refuse an adapter whose loading rewrites base weights (PiSSA / OLoRA): every adapter of
+    the server shares them, and unloading would not restore them. A config that cannot be
+    read is left to the load, whose error names what is wrong with it."""
+    try:
+        config = read_adapter_config(path, is_trainable=False)
+    except (TilpassError, ValueError, OSError, KeyError, TypeError):
+        return
+    if config.changes_base_weights:
+        raise AdapterError(
+            "it changes the base weights that every served adapter shares "
+            f"(init_lora_weights={getattr(config, 'init_lora_weights', None)!r}); save it as a "
+            "plain LoRA adapter with save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=<the adapter saved before training>)"
+        )
 
 
 def size_of(path: Path) -> int:

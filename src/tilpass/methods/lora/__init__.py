@@ -19,10 +19,12 @@ A convolution's adapter is two convolutions, A with the base's kernel and B 1 x 
 (`conv.py`); `lora_bias=True` gives B a bias, scaled with B and merged into the base bias.
 
 Files: `config.py` (LoraConfig), `layers.py` (the shared base and the Linear layer),
-`embedding.py`, `conv.py` and `parameter.py` (the other layer kinds),
+`embedding.py`, `conv.py`, `parameter.py` and `attention.py` (the other layer kinds),
 `trainable_tokens.py` (`trainable_token_indices`), `defaults.py` (the modules adapted when
 `target_modules` is unset, per model family), `dora.py` (the DoRA variant per layer
-kind), `init.py` (PiSSA, OLoRA and orthogonal initialisation), `unsupported.py` (PEFT's
+kind), `init.py` (PiSSA, OLoRA and orthogonal initialisation), `conversion.py` (a PiSSA /
+OLoRA adapter saved as plain LoRA), `layer_checks.py` (PEFT's checks of a layer's settings
+against its module), `unsupported.py` (PEFT's
 research variants, refused), `fused.py` (a Linear layer's adapter and frozen base as one
 autograd node), `weighted.py` (`add_weighted_adapter`: new adapters from
 weighted combinations of others).
@@ -31,12 +33,13 @@ weighted combinations of others).
 from torch import nn
 
 from tilpass.layers import is_linear_like
+from tilpass.methods.lora.attention import LoraAttention, for_attention
 from tilpass.methods.lora.config import LoraConfig
 from tilpass.methods.lora.conv import CONV_TYPES, LoraConv
 from tilpass.methods.lora.defaults import select_targets
 from tilpass.methods.lora.embedding import LoraEmbedding
 from tilpass.methods.lora.layers import AdapterSpec, LoraLayer, LoraLinear
-from tilpass.methods.lora.parameter import LoraParameters, for_attention
+from tilpass.methods.lora.parameter import LoraParameters
 from tilpass.methods.lora.weighted import add_weighted_adapter
 from tilpass.methods.registry import Method
 
@@ -71,6 +74,7 @@ METHOD = Method(
 __all__ = [
     "METHOD",
     "AdapterSpec",
+    "LoraAttention",
     "LoraConfig",
     "LoraConv",
     "LoraEmbedding",

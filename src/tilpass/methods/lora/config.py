@@ -6,14 +6,20 @@ import dataclasses
 import re
 import warnings
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from tilpass.config import TargetedConfig
 from tilpass.config_fields import opt
+from tilpass.errors import TargetModulesError
 from tilpass.methods.lora.dora import DORA
-from tilpass.methods.lora.init import check_init
+from tilpass.methods.lora.init import canonical_init, check_init, mutates_base
 from tilpass.methods.lora.layers import AdapterSpec
-from tilpass.methods.lora.parameter import for_parameters, parameter_owners
+from tilpass.methods.lora.parameter import (
+    check_parameter_owner,
+    for_parameters,
+    parameter_owners,
+)
 from tilpass.methods.lora.trainable_tokens import TokenSpec, TrainableTokens, token_targets
 from tilpass.methods.lora.unsupported import RESEARCH_FIELDS, check_supported
 
@@ -105,15 +111,27 @@ class LoraConfig(TargetedConfig):
         _check(
             0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}"
         )
+        _check(
+            not (self.use_dora and self.megatron_config),
+            "DoRA does not support megatron_core, please set `use_dora=False`.",
+        )
         check_supported({f: getattr(self, f) for f in RESEARCH_FIELDS}, self.init_lora_weights)
         check_init(self.init_lora_weights)
+        if isinstance(self.target_parameters, str):
+            raise TypeError(
+                "`target_parameters` must be a list of strings or None. Unlike target_modules, "
+                f"a string is not taken as a regex: write [{self.target_parameters!r}]"
+            )
         if self.lora_bias:
             _check(
                 self.init_lora_weights in (True, False),
-                "lora_bias=True needs init_lora_weights=True or False, got "
-                f"{self.init_lora_weights!r}",
+                "The argument lora_bias=True is only supported with init_lora_weights=True or "
+                f"False, got init_lora_weights={self.init_lora_weights!r} instead.",
             )
-            _check(not self.use_dora, "lora_bias=True does not work with use_dora=True")
+            _check(
+                not self.use_dora,
+                "The argument lora_bias=True is not supported for DoRA, please pass use_dora=False",
+            )
         if self.ensure_weight_tying:
             raise NotImplementedError(
                 "ensure_weight_tying=True is not supported by tilpass yet; leave it False (an "
@@ -130,6 +148,21 @@ class LoraConfig(TargetedConfig):
         for key, value in self.alpha_pattern.items():
             _check(value > 0, f"alpha_pattern[{key!r}] must be > 0")
         self._warn_low_rank()
+        self._warn_no_conversion()
+
+    def _warn_no_conversion(self) -> None:
+        """PEFT's warning: PiSSA / OLoRA adapters with rsLoRA and rank or alpha patterns cannot
+        be converted to plain LoRA on saving (the per-layer scale is not in the file)."""
+        patterns = bool(self.rank_pattern or self.alpha_pattern)
+        if self.use_rslora and patterns and mutates_base(self.init_lora_weights):
+            warnings.warn(
+                "Using Rank-Stabilized LoRA with rank_pattern/alpha_pattern and post-training "
+                "conversion of modified base weights PiSSA/OLoRA means that you won't be able "
+                "to pass `path_initial_model_for_weight_conversion` to `save_pretrained` to "
+                "restore the initial values of the base weights; if you intend to do this, "
+                "please ensure not to use rslora or rank_pattern/alpha_pattern.",
+                stacklevel=4,
+            )
 
     def _warn_low_rank(self) -> None:
         low = [f"r={self.r}"] if self.r < LOW_RANK else []
@@ -149,9 +182,16 @@ class LoraConfig(TargetedConfig):
             dropout=self.lora_dropout,
             use_rslora=self.use_rslora,
             variant=DORA if self.use_dora else None,
-            init=self.init_lora_weights if initialize else None,
+            init=self._layer_init(initialize),
             lora_bias=self.lora_bias,
         )
+
+    def _layer_init(self, initialize: bool) -> bool | str | None:
+        """The layers' `init`: None when only allocating for a load, except for PiSSA / OLoRA,
+        whose residual base weight is recomputed on loading as PEFT does (the file holds only
+        A and B; the trained model is residual + s B A)."""
+        init = canonical_init(self.init_lora_weights)
+        return init if initialize or mutates_base(init) else None
 
     def extra_layers(self, model: Any, initialize: bool) -> list[tuple[str, Any, Any]]:
         """The owners of `target_parameters` and the embeddings `trainable_token_indices`
@@ -161,11 +201,67 @@ class LoraConfig(TargetedConfig):
     def _parameter_layers(self, model: Any, initialize: bool) -> list[tuple[str, Any, Any]]:
         if not self.target_parameters:
             return []
-        owners = parameter_owners(model, self.target_parameters)
+        owners = parameter_owners(model, self.target_parameters, strict=False)
+        if not owners:
+            self._no_parameter_matched(model)
+            return []
+        for name in owners:
+            check_parameter_owner(model, name, self.target_modules)
         return [
             (name, partial(for_parameters, names=params), self.layer_spec(name, initialize))
             for name, params in owners.items()
         ]
+
+    def _no_parameter_matched(self, model: Any) -> None:
+        """PEFT's rule when no `target_parameters` entry names a parameter: an error if
+        `target_modules` is empty too (nothing would be adapted), else a warning."""
+        if not self.target_modules:
+            some = [n for n, _ in model.named_parameters()][:4]
+            raise TargetModulesError(
+                "No `target_modules` passed but also no `target_parameters` found. Please check "
+                f"the values for these arguments. target_parameters={self.target_parameters} "
+                f"name no parameter of {type(model).__name__}; an entry is a parameter's full "
+                f"name or a dotted suffix of it, such as {some}"
+            )
+        warnings.warn(
+            f"target_parameters={self.target_parameters} were set but no parameter was matched. "
+            "Only target_modules are adapted; an entry is a parameter's full name or a dotted "
+            "suffix of it (e.g. 'experts.gate_up_proj')",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+    @property
+    def changes_base_weights(self) -> bool:
+        """PiSSA and OLoRA replace the base weight by a residual, on creation and on loading."""
+        return mutates_base(self.init_lora_weights)
+
+    def converted_for_initial_model(
+        self, tensors: dict[str, Any], initial: Path
+    ) -> tuple[LoraConfig, dict[str, Any]]:
+        """A PiSSA / OLoRA adapter as a plain LoRA adapter of rank 2r for the base model before
+        its initialisation (`conversion.py`), with (B0, A0) from the directory `initial`."""
+        from tilpass.methods.lora.conversion import convert_to_lora
+
+        return convert_to_lora(self, tensors, initial)
+
+    def check_new_adapter(self, existing: dict[str, Any]) -> None:
+        """PEFT's rule: every adapter of a model that uses `target_parameters` targets the same
+        parameters (a layer adapts a fixed set of them, and files do not say which); and its
+        warning when a PiSSA / OLoRA adapter, which changes the base weights, meets others."""
+        _warn_base_changed([self, *existing.values()])
+        if not self.target_parameters:
+            return
+        wanted = set(self.target_parameters)
+        for name, other in existing.items():
+            theirs = getattr(other, "target_parameters", None)
+            if theirs and set(theirs) != wanted:
+                raise ValueError(
+                    "When using multiple adapters with `target_parameters`, all adapters must "
+                    f"target the same set of parameters, but got {sorted(wanted)} for the new "
+                    f"adapter and {sorted(theirs)} for adapter {name!r}. Use a separate copy of "
+                    "the model for adapters on other parameters."
+                )
 
     def _token_layers(self, model: Any, initialize: bool) -> list[tuple[str, Any, Any]]:
         if not self.trainable_token_indices:
@@ -181,6 +277,25 @@ class LoraConfig(TargetedConfig):
         return [
             (name, TrainableTokens, TokenSpec(tuple(ids), init)) for name, ids in targets.items()
         ]
+
+
+def _warn_base_changed(configs: list[Any]) -> None:
+    """PEFT's warning: a PiSSA / OLoRA adapter changed the base weights, so other adapters on
+    the same model no longer run on the weights they were trained on."""
+    if len(configs) < 2:
+        return
+    for config in configs:
+        init = canonical_init(getattr(config, "init_lora_weights", None))
+        if mutates_base(init):
+            name = "OLoRA" if init == "olora" else "PiSSA"
+            warnings.warn(
+                f"{name} changes the base weights of the model and should thus not be used with "
+                f"other adapters. Consider converting the {name} adapter into a normal LoRA "
+                "adapter: save_pretrained(..., path_initial_model_for_weight_conversion=<the "
+                "adapter saved before training>).",
+                stacklevel=5,
+            )
+            return
 
 
 def pattern_value(patterns: dict, name: str, default: float) -> float:

@@ -27,6 +27,7 @@ from torch import nn
 
 from tilpass.methods.lora.dora import CONV_DORA
 from tilpass.methods.lora.init import reads_weight
+from tilpass.methods.lora.layer_checks import warn_if_no_base_bias
 from tilpass.methods.lora.layers import AdapterSpec, LoraLayer, factor_tensors, init_factors
 from tilpass.routing import Plan
 
@@ -57,9 +58,12 @@ class LoraConv(LoraLayer):
         kind = type(base).__name__
         if spec.r % self.groups:
             raise ValueError(
-                f"LoRA on a {kind} with groups={self.groups} needs a rank divisible by groups, "
-                f"got r={spec.r}; choose another r (rank_pattern) or leave this layer out"
+                f"Targeting a {kind} with groups={self.groups} and rank {spec.r}. Currently, "
+                "support is limited to conv layers where the rank is divisible by groups. Either "
+                "choose a different rank or do not target this specific layer (rank_pattern "
+                "sets a rank for one layer)."
             )
+        warn_if_no_base_bias(base, spec)
         if reads_weight(spec.init):
             raise ValueError(
                 f"init_lora_weights={spec.init!r} is for Linear layers; {kind} layers take "

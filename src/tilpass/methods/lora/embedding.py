@@ -77,7 +77,7 @@ class LoraEmbedding(LoraLayer):
         `init_lora_weights` names, as in PEFT), or both random for `False`."""
         if spec.lora_bias:
             raise ValueError(
-                "lora_bias=True is not supported for nn.Embedding (as in PEFT); leave the "
+                "lora_bias=True is not supported for Embedding layers (as in PEFT); leave the "
                 "embedding out of target_modules or set lora_bias=False"
             )
         weight = self.base_layer.weight

@@ -25,8 +25,25 @@ WEIGHT_INITS = ("pissa", "olora", "orthogonal")
 NITER = re.compile(r"pissa_niter_(\d+)")
 
 
+def canonical_init(value: Any) -> Any:
+    """`init_lora_weights` as the layers read it: PEFT compares "olora" and "gaussian" without
+    regard to case ("OLoRA" works), so those are lower-cased; anything else is unchanged."""
+    if isinstance(value, str) and value.lower() in ("olora", "gaussian"):
+        return value.lower()
+    return value
+
+
+def mutates_base(value: Any) -> bool:
+    """True for the initialisations that replace the base weight by a residual (PiSSA, OLoRA):
+    loading such an adapter recomputes that residual, as PEFT does, or its output would be
+    the unmodified base plus the trained update."""
+    value = canonical_init(value)
+    return isinstance(value, str) and (value == "olora" or value.startswith("pissa"))
+
+
 def check_init(value: Any) -> None:
     """Raise ValueError unless `value` is an `init_lora_weights` tilpass implements."""
+    value = canonical_init(value)
     if value in PLAIN_INITS or value in WEIGHT_INITS:
         return
     if isinstance(value, str) and NITER.fullmatch(value):

@@ -29,6 +29,7 @@ from tilpass.layers import (
 from tilpass.methods.lora.dora import DORA, DoraVariant
 from tilpass.methods.lora.fused import LoraLinearFunction, lora_plus_bias
 from tilpass.methods.lora.init import reads_weight, weight_init
+from tilpass.methods.lora.layer_checks import check_residual_fits, warn_if_no_base_bias
 from tilpass.routing import Plan, grouped_lora
 
 
@@ -364,6 +365,7 @@ class LoraLinear(LoraLayer):
 
     def create(self, name: str, spec: AdapterSpec) -> None:
         """Fresh A, B (and the variant's tensors) on the wrapped weight's device."""
+        warn_if_no_base_bias(self.base_layer, spec)
         kw = self.tensor_options()
         a = torch.empty(spec.r, self.in_features, **kw)
         b = torch.empty(self.out_features, spec.r, **kw)
@@ -388,6 +390,7 @@ class LoraLinear(LoraLayer):
         """A, B for PiSSA / OLoRA / orthogonal (`init.py`); the first two also leave the
         residual in the wrapped weight, as PEFT does."""
         assert isinstance(spec.init, str)
+        check_residual_fits(self.base_layer, spec.init)
         a, b, residual = weight_init(spec.init, self.weight_out_in(), spec.r, spec.scale)
         if residual is not None:
             weight = self.base_layer.weight

@@ -1,5 +1,6 @@
 """LoRA on bare parameters: `target_parameters` (mixture-of-experts weights) and
-`nn.MultiheadAttention` (its `in_proj_weight` and `out_proj.weight`), with PEFT's semantics.
+`nn.MultiheadAttention` (its `in_proj_weight` and `out_proj.weight`; `attention.py`), with
+PEFT's semantics.
 
 Such modules use their weights directly (`x @ W` in a batched expert matmul, or inside
 `F.multi_head_attention_forward`), so there is no linear layer to hook. The layer runs the
@@ -25,6 +26,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from tilpass.errors import TargetModulesError
+from tilpass.inject import matches_target
 from tilpass.layers import AdapterLayer
 from tilpass.methods.lora.layers import AdapterSpec, init_factors
 
@@ -75,9 +78,13 @@ class LoraParameters(AdapterLayer):
     def create(self, name: str, spec: AdapterSpec) -> None:
         """Fresh A, B for every target, initialised as a Linear layer's LoRA."""
         kind = type(self.base_layer).__name__
+        if spec.variant is not None:
+            raise ValueError(
+                f"{kind} does not support DoRA (yet), please set use_dora to False (LoRA on "
+                "its bare parameters has no DoRA form, as in PEFT)"
+            )
         refused = {
             "lora_dropout": spec.dropout and not self.dropout_ok,
-            "use_dora": spec.variant,
             "lora_bias": spec.lora_bias,
             "PiSSA / OLoRA / orthogonal init": isinstance(spec.init, str)
             and spec.init != "gaussian",
@@ -149,20 +156,6 @@ class LoraParameters(AdapterLayer):
                 weight.data -= self.delta(i, name).to(weight.dtype)
 
 
-def for_attention(module: nn.MultiheadAttention) -> LoraParameters:
-    """LoRA on a MultiheadAttention's packed q/k/v projection and its output projection."""
-    if not module.kdim == module.vdim == module.embed_dim:
-        raise TypeError(
-            "LoRA on nn.MultiheadAttention needs query, key and value of the same size "
-            "(kdim = vdim = embed_dim), as in PEFT"
-        )
-    targets = [
-        target_for(module, "in_proj_weight", ""),
-        target_for(module, "out_proj.weight", "base_layer.out_proj."),
-    ]
-    return LoraParameters(module, targets, dropout_ok=True)
-
-
 def for_parameters(module: nn.Module, names: list[str]) -> LoraParameters:
     """LoRA on the parameters `names` of `module`, keyed as PEFT's nested wrappers key them."""
     order = [n for n, _ in module.named_parameters(recurse=False) if n in names]
@@ -172,9 +165,13 @@ def for_parameters(module: nn.Module, names: list[str]) -> LoraParameters:
     return LoraParameters(module, targets, dropout_ok=False)
 
 
-def parameter_owners(model: nn.Module, entries: list[str]) -> dict[str, list[str]]:
+def parameter_owners(
+    model: nn.Module, entries: list[str], strict: bool = True
+) -> dict[str, list[str]]:
     """Module name -> its parameters that `entries` name (PEFT's rule: the full parameter name
-    or a dotted suffix of it); raises if an entry names no parameter."""
+    or a dotted suffix of it); raises if an entry names no parameter, unless `strict` is False
+    and no entry matches at all (the caller then decides, as PEFT does, between an error and
+    a warning)."""
     if isinstance(entries, str):
         raise TypeError("target_parameters must be a list of parameter names, not a string")
     owners: dict[str, list[str]] = {}
@@ -192,9 +189,26 @@ def parameter_owners(model: nn.Module, entries: list[str]) -> dict[str, list[str
                 owners.setdefault(module_name, []).append(param_name)
                 found.update(hits)
     missing = [e for e in entries if e not in found]
-    if missing:
+    if missing and (strict or found):
         raise ValueError(f"target_parameters {missing} match no parameter of the model")
     return owners
+
+
+def check_parameter_owner(
+    model: nn.Module, name: str, target_modules: list[str] | str | None
+) -> None:
+    """Raise if module `name`, whose parameters `target_parameters` names, is also a module
+    target (of this adapter, or already wrapped by another adapter's layer): its parameters
+    cannot be adapted twice (PEFT's rule and message)."""
+    module = model.get_submodule(name)
+    wrapped = isinstance(module, AdapterLayer) and not isinstance(module, LoraParameters)
+    base = module.base_layer if isinstance(module, AdapterLayer) else module
+    if wrapped or matches_target(name, base, target_modules):
+        raise TargetModulesError(
+            f"Trying to wrap an `nn.Parameter` of layer '{name}' of type {type(base).__name__}, "
+            "which is not a valid target. Make sure that this layer is not also targeted with "
+            "`target_modules`: adapt the module there or its parameters here, not both."
+        )
 
 
 def tensor_at(module: nn.Module, path: str) -> torch.Tensor:
