@@ -10,7 +10,14 @@ from tilpass.adapter_state import (
 )
 from tilpass.base_state import get_base_model_state_dict, set_base_model_state_dict
 from tilpass.config import AdapterConfig, PeftConfig, PeftType
-from tilpass.errors import AdapterFileError, AdapterNameError, TargetModulesError, TilpassError
+from tilpass.errors import (
+    AdapterFileError,
+    AdapterNameError,
+    NoMatchingPeftModuleError,
+    PeftError,
+    TargetModulesError,
+    TilpassError,
+)
 from tilpass.methods.adalora import AdaLoraConfig
 from tilpass.methods.lora import LoraConfig
 from tilpass.methods.lora_prompt import LoraPromptConfig
@@ -29,7 +36,9 @@ __all__ = [
     "AdapterNameError",
     "LoraConfig",
     "LoraPromptConfig",
+    "NoMatchingPeftModuleError",
     "PeftConfig",
+    "PeftError",
     "PeftModel",
     "PeftType",
     "PromptTuningConfig",
