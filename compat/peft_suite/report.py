@@ -7,10 +7,14 @@ is put in one class by its first error:
 - research variant: a LoRA variant tilpass does not implement (BD-LoRA, VeLoRA, KaSA, ...);
 - needs a model hub: the test reached for a download (the runs are offline);
 - PEFT internals: the test read PEFT's object layout (`model.base_model.model`, a layer's
-  PEFT-only attributes, the tuner object's methods through `model.base_model`, PEFT's own
-  functions handed a tilpass object, PEFT layer classes registered with
-  `_register_custom_module`), monkeypatched PEFT's own modules or classes (so it checks PEFT's
-  implementation), or failed asserting that an object is an instance of one of PEFT's classes;
+  PEFT-only attributes (an attribute missing on any tilpass layer class), the tuner object's
+  methods through `model.base_model`, PEFT's own functions handed a tilpass object, PEFT layer
+  classes registered with `_register_custom_module`), monkeypatched PEFT's own modules or
+  classes (so it checks PEFT's implementation), failed asserting that an object is an instance
+  of one of PEFT's classes, or was noted by a probe of `internals_probes.py` (PEFT's private
+  functions handed a tilpass object, PEFT's classes looked for among tilpass's layers, private
+  layer attributes read), or looked for a private attribute (`_custom_modules`) on a tilpass
+  object (PEFT's code handed a tilpass config, say);
   not a user's API; an attribute PEFT's model forwards to the base model (`peft_model.lin0`)
   is not counted here: user code reads those;
 - tilpass behaviour: everything else, the part a user porting PEFT code would meet.
@@ -34,6 +38,28 @@ HUB_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 TILPASS_TYPES = ("LoraLinear", "LoraEmbedding", "LoraLayer", "ModulesToSave", "IA3Linear")
+"""tilpass's adapter-layer classes (all of them, from tilpass itself, in `layer_classes`): an
+attribute missing on one is an attribute of PEFT's layer classes."""
+
+
+def layer_classes() -> frozenset[str]:
+    """The names of every adapter-layer class tilpass defines (subclasses of `AdapterLayer`,
+    every method registered), or the fixed list where tilpass cannot be imported."""
+    try:
+        import tilpass  # noqa: F401  (registers every method and its layers)
+        from tilpass.layers import AdapterLayer
+    except ImportError:
+        return frozenset(TILPASS_TYPES)
+    names: set[str] = set()
+    todo: list[type] = [AdapterLayer]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return frozenset(names)
+
+
+LAYER_CLASSES = layer_classes()
 # `peft_model.model` is PEFT's tuner object's `model` (`model.base_model.model`): its layout.
 INTERNAL_ATTRIBUTES = frozenset({"model"})
 # PEFT's tuner object (`peft_model.base_model`, a `LoraModel`) has these; tilpass's
@@ -69,9 +95,11 @@ def classify(record: dict) -> str:
     found = MISSING_ATTRIBUTE.search(message)
     if found:
         owner, attribute = found.groups()
+        if attribute.startswith("_") and not attribute.startswith("__"):
+            return INTERNALS  # a private attribute is PEFT's implementation, never user API
         if owner == "AdaptedModel":  # PEFT's API or an attribute PEFT forwards, but `.model`
             return INTERNALS if attribute in INTERNAL_ATTRIBUTES else BEHAVIOUR
-        if owner in TILPASS_TYPES or attribute in INTERNAL_ATTRIBUTES | {"base_model"}:
+        if owner in LAYER_CLASSES or attribute in INTERNAL_ATTRIBUTES | {"base_model"}:
             return INTERNALS  # a PEFT layer's attributes, or `model.base_model.model`
         if attribute in TUNER_ATTRIBUTES | PRIVATE_HOOKS:
             return INTERNALS  # PEFT's tuner object, or PEFT layer classes plugged in
