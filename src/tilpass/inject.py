@@ -178,10 +178,7 @@ def find_targets(model: nn.Module, config: TargetedConfig) -> list[str]:
         raise _nothing_targeted(model, config, [n for n, _ in modules])
     missing = [] if spec == ALL_LINEAR else _missing_entries(spec, [n for n, _ in modules])
     if missing:
-        raise NoMatchingPeftModuleError(
-            f"Target modules {missing} not found in the base model: "
-            f"{_unmatched_detail(model, missing)}"
-        )
+        raise NoMatchingPeftModuleError(_not_found(model, missing))
     if config.exclude_modules and not any(_matches(n, config.exclude_modules) for n in matched):
         warnings.warn(
             f"You have passed exclude_modules={config.exclude_modules!r} but no modules were "
@@ -198,11 +195,12 @@ def _missing_entries(spec: list[str] | str, names: list[str]) -> list[str]:
     return [e for e in spec if not any(_name_matches(n, e) for n in names)]
 
 
-def _unmatched_detail(model: nn.Module, entries: list[str]) -> str:
-    """tilpass's explanation of entries that match nothing: the modules that do exist."""
+def _not_found(model: nn.Module, entries: list[str]) -> str:
+    """PEFT's words for entries that match nothing, and the modules that do exist."""
     return (
-        f"target_modules entry {', '.join(map(repr, entries))} matches no module of "
-        f"{type(model).__name__}. Modules by kind: {describe_modules(model)}"
+        f"Target modules {entries} not found in the base model: target_modules entry "
+        f"{', '.join(map(repr, entries))} matches no module of {type(model).__name__}. "
+        f"Modules by kind: {describe_modules(model)}"
     )
 
 
@@ -231,14 +229,11 @@ def _nothing_targeted(
         )
     if unmatched and not excluded:
         missing = _missing_entries(spec, names) if spec != ALL_LINEAR else [spec]
-        detail = (
-            _unmatched_detail(model, missing)
-            if missing
-            else f"{settings} leave none of the modules they name"
-        )
+        if missing:
+            return NoMatchingPeftModuleError(_not_found(model, missing))
         return NoMatchingPeftModuleError(
-            f"Target modules {spec!r} not found in the base model. Please check the target "
-            f"modules and try again: {detail}"
+            f"Target modules {spec!r} not found in the base model: {settings} leave none of "
+            "the modules they name"
         )
     return NoMatchingPeftModuleError(
         "No modules were targeted for adaptation. This might be caused by a combination of "
