@@ -85,15 +85,19 @@ def test_peft_class_checks_and_private_reads_on_tilpass_layers_are_noted() -> No
 
 
 @pytest.mark.parametrize(
-    ("owner", "expected"),
-    [("TrainableTokens", report.INTERNALS), ("LoraConv", report.INTERNALS),
-     ("LoraParameters", report.INTERNALS), ("AdaLoraLinear", report.INTERNALS),
-     ("LoraConfig", report.BEHAVIOUR), ("MLP", report.BEHAVIOUR)],
+    ("owner", "attribute", "expected"),
+    [("TrainableTokens", "token_adapter", report.INTERNALS),
+     ("LoraConv", "lora_variant", report.INTERNALS),
+     ("AdaLoraLinear", "ranknum", report.INTERNALS),
+     ("LoraParameters", "embed_dim", report.BEHAVIOUR),  # the wrapped module's own attribute
+     ("ModulesToSave", "weight", report.BEHAVIOUR),
+     ("LoraConfig", "token_adapter", report.BEHAVIOUR),
+     ("MLP", "token_adapter", report.BEHAVIOUR)],
 )  # fmt: skip
-def test_an_attribute_missing_on_any_tilpass_layer_is_peft_s_layer_layout(
-    owner: str, expected: str
+def test_an_attribute_missing_on_a_tilpass_layer_is_peft_s_layer_layout_unless_torch_s(
+    owner: str, attribute: str, expected: str
 ) -> None:
-    record = {"message": f"AttributeError: '{owner}' object has no attribute 'token_adapter'"}
+    record = {"message": f"AttributeError: '{owner}' object has no attribute '{attribute}'"}
     assert report.classify(record) == expected
 
 

@@ -7,7 +7,8 @@ is put in one class by its first error:
 - research variant: a LoRA variant tilpass does not implement (BD-LoRA, VeLoRA, KaSA, ...);
 - needs a model hub: the test reached for a download (the runs are offline);
 - PEFT internals: the test read PEFT's object layout (`model.base_model.model`, a layer's
-  PEFT-only attributes (an attribute missing on any tilpass layer class), the tuner object's
+  PEFT-only attributes (one missing on any tilpass layer class that torch's layers do not
+  have either: `weight` or `embed_dim` missing is tilpass behaviour), the tuner object's
   methods through `model.base_model`, PEFT's own functions handed a tilpass object, PEFT layer
   classes registered with `_register_custom_module`), monkeypatched PEFT's own modules or
   classes (so it checks PEFT's implementation), failed asserting that an object is an instance
@@ -39,7 +40,8 @@ HUB_PATTERNS = re.compile(
 )
 TILPASS_TYPES = ("LoraLinear", "LoraEmbedding", "LoraLayer", "ModulesToSave", "IA3Linear")
 """tilpass's adapter-layer classes (all of them, from tilpass itself, in `layer_classes`): an
-attribute missing on one is an attribute of PEFT's layer classes."""
+attribute missing on one is an attribute of PEFT's layer classes, unless torch's own layers
+have it (`BASE_ATTRIBUTES`)."""
 
 
 def layer_classes() -> frozenset[str]:
@@ -59,7 +61,27 @@ def layer_classes() -> frozenset[str]:
     return frozenset(names)
 
 
+def base_attributes() -> frozenset[str]:
+    """Attribute names of the torch layers adapters wrap (Linear, Embedding, convolutions,
+    MultiheadAttention): a test that reads one on a wrapped module (`embed_dim`, `weight`)
+    uses the module's own API, which a wrapper that lacks it does not offer."""
+    try:
+        from torch import nn
+    except ImportError:
+        return frozenset()
+    layers = (
+        nn.Linear(1, 1),
+        nn.Embedding(1, 1),
+        nn.Conv1d(1, 1, 1),
+        nn.Conv2d(1, 1, 1),
+        nn.Conv3d(1, 1, 1),
+        nn.MultiheadAttention(2, 1),
+    )
+    return frozenset(name for layer in layers for name in dir(layer))
+
+
 LAYER_CLASSES = layer_classes()
+BASE_ATTRIBUTES = base_attributes()
 # `peft_model.model` is PEFT's tuner object's `model` (`model.base_model.model`): its layout.
 INTERNAL_ATTRIBUTES = frozenset({"model"})
 # PEFT's tuner object (`peft_model.base_model`, a `LoraModel`) has these; tilpass's
@@ -99,6 +121,8 @@ def classify(record: dict) -> str:
             return INTERNALS  # a private attribute is PEFT's implementation, never user API
         if owner == "AdaptedModel":  # PEFT's API or an attribute PEFT forwards, but `.model`
             return INTERNALS if attribute in INTERNAL_ATTRIBUTES else BEHAVIOUR
+        if owner in LAYER_CLASSES and attribute in BASE_ATTRIBUTES:
+            return BEHAVIOUR  # the wrapped module's own attribute, not offered by the wrapper
         if owner in LAYER_CLASSES or attribute in INTERNAL_ATTRIBUTES | {"base_model"}:
             return INTERNALS  # a PEFT layer's attributes, or `model.base_model.model`
         if attribute in TUNER_ATTRIBUTES | PRIVATE_HOOKS:
