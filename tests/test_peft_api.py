@@ -382,7 +382,7 @@ def test_status_and_targeted_names() -> None:
     ]
     assert model.prefix == "lora_"
     layers = model.get_layer_status()
-    assert [s.name for s in layers][-1] == "lm_head"
+    assert [s.name for s in layers][-1] == "model.lm_head"  # PEFT's name for it
     q = layers[0]
     assert (q.available_adapters, q.active_adapters, q.enabled) == (
         ["default", "other"],

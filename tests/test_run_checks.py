@@ -54,8 +54,9 @@ def test_target_modules_are_matched_on_the_meta_device(tmp_path: Path) -> None:
     }
     message = check(tmp_path, values, {("lora", "target_modules")})
     assert message.startswith(
-        "command line (--lora.target_modules): lora: target_modules: target_modules entry "
-        "'q_porj' matches no module of LlamaForCausalLM"
+        "command line (--lora.target_modules): lora: target_modules: Target modules ['q_porj'] "
+        "not found in the base model: target_modules entry 'q_porj' matches no module of "
+        "LlamaForCausalLM"
     )
     values["lora"] = {"target_modules": ["q_proj"]}
     check_run(build_config(values), ConfigSources())  # passes without any weights

@@ -152,8 +152,9 @@ def yaml_case(model: Path, train: Path, out: Path, extra: str) -> str:
         (
             "",
             ["--lora.target_modules", "[q_porj]"],
-            "command line (--lora.target_modules): lora: target_modules: target_modules entry "
-            "'q_porj' matches no module of LlamaForCausalLM",
+            "command line (--lora.target_modules): lora: target_modules: Target modules "
+            "['q_porj'] not found in the base model: target_modules entry 'q_porj' matches no "
+            "module of LlamaForCausalLM",
         ),
     ],
 )

@@ -27,6 +27,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+from internals_probes import LayoutProbes, watch_private_functions
 
 # Names PEFT users import from `peft` that tilpass provides under the same name.
 SHIMMED = (
@@ -43,6 +44,8 @@ SHIMMED = (
     "get_base_model_state_dict",
     "set_base_model_state_dict",
     "PeftWarning",
+    "PeftError",
+    "NoMatchingPeftModuleError",
 )
 
 # LoRA fields and test-name fragments of research variants tilpass does not implement.
@@ -233,6 +236,12 @@ _INTERNALS = _InternalsRecorder()
 _FORWARDING = _Forwarding()
 
 
+def _note_internals(reason: str) -> None:
+    """Note that the running test looks at PEFT's implementation (see `internals_probes`)."""
+    if _INTERNALS.current is not None:
+        _INTERNALS.reasons.setdefault(_INTERNALS.current, reason)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     _INTERNALS.current = item.nodeid
@@ -256,6 +265,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[_STATE] = _State(backend, _install_shim() if backend == "tilpass" else [])
     if backend == "tilpass":
         _FORWARDING.install(_INTERNALS)
+        from tilpass.layers import AdapterLayer
+
+        LayoutProbes(_note_internals, AdapterLayer).install()
 
 
 class _State:
@@ -356,6 +368,9 @@ def pytest_collection_modifyitems(
         if wanted:
             state.info[item.nodeid] = {"research": is_research(item)}
     items[:] = keep
+    if state.backend == "tilpass":
+        for module in {id(m): m for m in (getattr(i, "module", None) for i in keep) if m}.values():
+            watch_private_functions(module, _note_internals)
     if drop:
         config.hook.pytest_deselected(items=drop)
 

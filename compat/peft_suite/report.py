@@ -7,10 +7,15 @@ is put in one class by its first error:
 - research variant: a LoRA variant tilpass does not implement (BD-LoRA, VeLoRA, KaSA, ...);
 - needs a model hub: the test reached for a download (the runs are offline);
 - PEFT internals: the test read PEFT's object layout (`model.base_model.model`, a layer's
-  PEFT-only attributes, the tuner object's methods through `model.base_model`, PEFT's own
-  functions handed a tilpass object, PEFT layer classes registered with
-  `_register_custom_module`), monkeypatched PEFT's own modules or classes (so it checks PEFT's
-  implementation), or failed asserting that an object is an instance of one of PEFT's classes;
+  PEFT-only attributes (one missing on any tilpass layer class that torch's layers do not
+  have either: `weight` or `embed_dim` missing is tilpass behaviour), the tuner object's
+  methods through `model.base_model`, PEFT's own functions handed a tilpass object, PEFT layer
+  classes registered with `_register_custom_module`), monkeypatched PEFT's own modules or
+  classes (so it checks PEFT's implementation), failed asserting that an object is an instance
+  of one of PEFT's classes, or was noted by a probe of `internals_probes.py` (PEFT's private
+  functions handed a tilpass object, PEFT's classes looked for among tilpass's layers, private
+  layer attributes read), or looked for a private attribute (`_custom_modules`) on a tilpass
+  object (PEFT's code handed a tilpass config, say);
   not a user's API; an attribute PEFT's model forwards to the base model (`peft_model.lin0`)
   is not counted here: user code reads those; a tensor treated as PEFT's per-adapter
   module (`layer.lora_A["default"].weight`: PEFT keeps an `nn.Linear` per adapter, tilpass the
@@ -37,6 +42,49 @@ HUB_PATTERNS = re.compile(
     re.IGNORECASE,
 )
 TILPASS_TYPES = ("LoraLinear", "LoraEmbedding", "LoraLayer", "ModulesToSave", "IA3Linear")
+"""tilpass's adapter-layer classes (all of them, from tilpass itself, in `layer_classes`): an
+attribute missing on one is an attribute of PEFT's layer classes, unless torch's own layers
+have it (`BASE_ATTRIBUTES`)."""
+
+
+def layer_classes() -> frozenset[str]:
+    """The names of every adapter-layer class tilpass defines (subclasses of `AdapterLayer`,
+    every method registered), or the fixed list where tilpass cannot be imported."""
+    try:
+        import tilpass  # noqa: F401  (registers every method and its layers)
+        from tilpass.layers import AdapterLayer
+    except ImportError:
+        return frozenset(TILPASS_TYPES)
+    names: set[str] = set()
+    todo: list[type] = [AdapterLayer]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return frozenset(names)
+
+
+def base_attributes() -> frozenset[str]:
+    """Attribute names of the torch layers adapters wrap (Linear, Embedding, convolutions,
+    MultiheadAttention): a test that reads one on a wrapped module (`embed_dim`, `weight`)
+    uses the module's own API, which a wrapper that lacks it does not offer."""
+    try:
+        from torch import nn
+    except ImportError:
+        return frozenset()
+    layers = (
+        nn.Linear(1, 1),
+        nn.Embedding(1, 1),
+        nn.Conv1d(1, 1, 1),
+        nn.Conv2d(1, 1, 1),
+        nn.Conv3d(1, 1, 1),
+        nn.MultiheadAttention(2, 1),
+    )
+    return frozenset(name for layer in layers for name in dir(layer))
+
+
+LAYER_CLASSES = layer_classes()
+BASE_ATTRIBUTES = base_attributes()
 # `peft_model.model` is PEFT's tuner object's `model` (`model.base_model.model`): its layout.
 INTERNAL_ATTRIBUTES = frozenset({"model"})
 # PEFT's tuner object (`peft_model.base_model`, a `LoraModel`) has these; tilpass's
@@ -79,9 +127,13 @@ def classify(record: dict) -> str:
     found = MISSING_ATTRIBUTE.search(message)
     if found:
         owner, attribute = found.groups()
+        if attribute.startswith("_") and not attribute.startswith("__"):
+            return INTERNALS  # a private attribute is PEFT's implementation, never user API
         if owner == "AdaptedModel":  # PEFT's API or an attribute PEFT forwards, but `.model`
             return INTERNALS if attribute in INTERNAL_ATTRIBUTES else BEHAVIOUR
-        if owner in TILPASS_TYPES or attribute in INTERNAL_ATTRIBUTES | {"base_model"}:
+        if owner in LAYER_CLASSES and attribute in BASE_ATTRIBUTES:
+            return BEHAVIOUR  # the wrapped module's own attribute, not offered by the wrapper
+        if owner in LAYER_CLASSES or attribute in INTERNAL_ATTRIBUTES | {"base_model"}:
             return INTERNALS  # a PEFT layer's attributes, or `model.base_model.model`
         if attribute in TUNER_ATTRIBUTES | PRIVATE_HOOKS:
             return INTERNALS  # PEFT's tuner object, or PEFT layer classes plugged in

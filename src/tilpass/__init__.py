@@ -13,6 +13,8 @@ from tilpass.config import AdapterConfig, PeftConfig, PeftType
 from tilpass.errors import (
     AdapterFileError,
     AdapterNameError,
+    NoMatchingPeftModuleError,
+    PeftError,
     PeftWarning,
     TargetModulesError,
     TilpassError,
@@ -35,7 +37,9 @@ __all__ = [
     "AdapterNameError",
     "LoraConfig",
     "LoraPromptConfig",
+    "NoMatchingPeftModuleError",
     "PeftConfig",
+    "PeftError",
     "PeftModel",
     "PeftType",
     "PeftWarning",

@@ -214,14 +214,7 @@ class AdapterConfig:
             raise AdapterFileError(f"{path}: not valid JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise AdapterFileError(f"{path}: expected a JSON object, found {type(data).__name__}")
-        if "runtime_config" in data:
-            warnings.warn(
-                f"{path}: The configuration file contains a `runtime_config` key. This is "
-                "ignored. Runtime configurations are only valid at runtime.",
-                stacklevel=2,
-            )
-            del data["runtime_config"]
-        return data
+        return _without_runtime_config(data, path)
 
     @classmethod
     def from_pretrained(
@@ -306,6 +299,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _without_runtime_config(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`data` without a `runtime_config` entry, which PEFT never saves but which may have been
+    written by hand: warned about and dropped, as PEFT does."""
+    if "runtime_config" in data:
+        warnings.warn(
+            f"{path}: The configuration file contains a `runtime_config` key. This is "
+            "ignored. Runtime configurations are only valid at runtime.",
+            stacklevel=3,
+        )
+        del data["runtime_config"]
+    return data
+
+
 def read_config_dict(directory: str | Path, reader: str = "adapter") -> dict[str, Any]:
     """Read and minimally validate `adapter_config.json` in `directory`; `reader` names the
     config class asking, for the message about a file without `peft_type`."""
@@ -330,4 +336,4 @@ def read_config_dict(directory: str | Path, reader: str = "adapter") -> dict[str
             f'{{\'peft_type\'}}. An adapter config names its method, e.g. "peft_type": "LORA"; '
             f"is {directory} an adapter directory?"
         )
-    return data
+    return _without_runtime_config(data, path)

@@ -7,6 +7,10 @@ class TilpassError(Exception):
     """Base class for errors raised by tilpass about user input."""
 
 
+PeftError = TilpassError
+"""PEFT's name for the base of its errors; tilpass's errors are all `TilpassError`s."""
+
+
 class AdapterFileError(TilpassError, ValueError):
     """An adapter directory or file is missing, corrupt, or does not fit the model."""
 
@@ -18,6 +22,11 @@ class ConfigKeysError(AdapterFileError, TypeError):
 
 class TargetModulesError(TilpassError, ValueError):
     """A `target_modules` entry matches nothing, or matches a module tilpass cannot adapt."""
+
+
+class NoMatchingPeftModuleError(TargetModulesError):
+    """An adapter's `target_modules` (or an entry of them) matched no module of the model
+    (PEFT's name, so PEFT code that catches it ports unchanged)."""
 
 
 class AdapterNameError(TilpassError, ValueError, KeyError):

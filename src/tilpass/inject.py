@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from tilpass.config import TargetedConfig
-from tilpass.errors import TargetModulesError
+from tilpass.errors import NoMatchingPeftModuleError, TargetModulesError
 from tilpass.layers import AdapterLayer, is_linear_like
 from tilpass.saved_modules import ModulesToSave
 
@@ -156,7 +156,8 @@ def describe_modules(model: nn.Module) -> str:
 
 
 def find_targets(model: nn.Module, config: TargetedConfig) -> list[str]:
-    """Names of the modules `config` adapts; raises if an entry matches nothing."""
+    """Names of the modules `config` adapts; raises if nothing is left to adapt or if an entry
+    of a list matches nothing."""
     spec = config.target_modules
     if spec is None:
         raise TargetModulesError(
@@ -167,24 +168,12 @@ def find_targets(model: nn.Module, config: TargetedConfig) -> list[str]:
     modules = [(n, m) for n, m in base_modules(model) if n]
     if spec == ALL_LINEAR:
         heads = _output_head_names(model)
-        found = [n for n, m in modules if _is_linear(m) and n not in heads]
+        matched = [n for n, m in modules if _is_linear(m) and n not in heads]
     else:
-        found = [n for n, _ in modules if _matches(n, spec)]
-        entries = [spec] if isinstance(spec, str) else list(spec)
-        missing = [
-            e
-            for e in entries
-            if not any(
-                (_matches(n, e) if isinstance(spec, str) else _name_matches(n, e))
-                for n, _ in modules
-            )
-        ]
-        if missing:
-            raise TargetModulesError(
-                f"target_modules entry {', '.join(map(repr, missing))} matches no module of "
-                f"{type(model).__name__}. Modules by kind: {describe_modules(model)}"
-            )
-    found = [n for n in found if not _matches(n, config.exclude_modules) and _in_layers(n, config)]
+        matched = [n for n, _ in modules if _matches(n, spec)]
+    found = [
+        n for n in matched if not _matches(n, config.exclude_modules) and _in_layers(n, config)
+    ]
     saved = [n for n in found if _in_saved(n, config)]
     if saved:
         warnings.warn(
@@ -194,14 +183,71 @@ def find_targets(model: nn.Module, config: TargetedConfig) -> list[str]:
         )
         found = [n for n in found if n not in saved]
     if not found:
-        raise TargetModulesError(
-            "No modules were targeted for adaptation. This might be caused by a combination of "
-            f"target_modules={spec!r}, exclude_modules={config.exclude_modules!r}, "
-            f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r} and "
-            f"modules_to_save={getattr(config, 'modules_to_save', None)!r}, which leaves no "
-            "module to adapt (a module in modules_to_save is trained whole, not adapted)"
+        raise _nothing_targeted(model, config, [n for n, _ in modules])
+    missing = [] if spec == ALL_LINEAR else _missing_entries(spec, [n for n, _ in modules])
+    if missing:
+        raise NoMatchingPeftModuleError(_not_found(model, missing))
+    if config.exclude_modules and not any(_matches(n, config.exclude_modules) for n in matched):
+        warnings.warn(
+            f"You have passed exclude_modules={config.exclude_modules!r} but no modules were "
+            "excluded. Please check that exclude_modules was set correctly.",
+            stacklevel=4,
         )
     return found
+
+
+def _missing_entries(spec: list[str] | str, names: list[str]) -> list[str]:
+    """The entries of `spec` (a list, or one regex) that match no module name."""
+    if isinstance(spec, str):
+        return [] if any(_matches(n, spec) for n in names) else [spec]
+    return [e for e in spec if not any(_name_matches(n, e) for n in names)]
+
+
+def _not_found(model: nn.Module, entries: list[str]) -> str:
+    """PEFT's words for entries that match nothing, and the modules that do exist."""
+    return (
+        f"Target modules {entries} not found in the base model: target_modules entry "
+        f"{', '.join(map(repr, entries))} matches no module of {type(model).__name__}. "
+        f"Modules by kind: {describe_modules(model)}"
+    )
+
+
+def _nothing_targeted(
+    model: nn.Module, config: TargetedConfig, names: list[str]
+) -> NoMatchingPeftModuleError:
+    """PEFT's error for a config that adapts no module, told apart as PEFT does: every module
+    excluded, none matched, or the matches all excluded (or in modules_to_save)."""
+    spec = config.target_modules
+    excluded = [n for n in names if _matches(n, config.exclude_modules) or _in_saved(n, config)]
+    if spec == ALL_LINEAR:
+        matched: set[str] = set()
+    else:
+        matched = {n for n in names if _matches(n, spec) and _in_layers(n, config)}
+    unmatched = [n for n in names if n not in excluded and n not in matched]
+    settings = (
+        f"target_modules={spec!r}, exclude_modules={config.exclude_modules!r}, "
+        f"layers_to_transform={getattr(config, 'layers_to_transform', None)!r} and "
+        f"modules_to_save={getattr(config, 'modules_to_save', None)!r}"
+    )
+    if excluded and not unmatched:
+        return NoMatchingPeftModuleError(
+            "All modules were excluded. This is likely unintended. Check your "
+            f"`target_modules`, `exclude_modules` and `modules_to_save` configuration: {settings} "
+            "leaves no module to adapt"
+        )
+    if unmatched and not excluded:
+        missing = _missing_entries(spec, names) if spec != ALL_LINEAR else [spec]
+        if missing:
+            return NoMatchingPeftModuleError(_not_found(model, missing))
+        return NoMatchingPeftModuleError(
+            f"Target modules {spec!r} not found in the base model: {settings} leave none of "
+            "the modules they name"
+        )
+    return NoMatchingPeftModuleError(
+        "No modules were targeted for adaptation. This might be caused by a combination of "
+        f"{settings}, which leaves no module to adapt (a module in modules_to_save is trained "
+        "whole, not adapted)"
+    )
 
 
 def warn_unmatched_patterns(config: TargetedConfig, names: list[str]) -> None:

@@ -130,6 +130,14 @@ class AdapterLayer(nn.Module):
     # True: the wrapped module is a block (an MLP) whose own modules other adapters may still
     # target; target search descends into it and `replace_child` swaps them in both places.
     HOLDS_TARGETS: ClassVar[bool] = False
+    # True: a layer beside the method's targets (a modules_to_save copy, trained token rows),
+    # which PEFT does not count among `targeted_module_names`.
+    AUXILIARY: ClassVar[bool] = False
+    STATUS_TYPE: ClassVar[str] = ""
+    """The layer's kind as PEFT's status reports name it ("lora.Linear"); see `status_type`."""
+    STATUS_SUFFIX: ClassVar[str] = ""
+    """Appended to the layer's path in status reports where PEFT reports a layer nested below
+    the module (its trainable tokens sit in `<embedding>.token_adapter`)."""
 
     def __init__(self, base: nn.Module, adopt: bool = True) -> None:
         super().__init__()
@@ -153,6 +161,18 @@ class AdapterLayer(nn.Module):
         self.merged: list[str] = []
         self.disabled = False
         self.training = base.training
+
+    # -- status -----------------------------------------------------------------------------
+    @property
+    def status_type(self) -> str:
+        """This layer's kind as PEFT's `get_layer_status` names it ("lora.Linear"), so status
+        reports read the same in both libraries; the class name unless a layer says otherwise."""
+        return self.STATUS_TYPE or type(self).__name__
+
+    def targeted_parameters(self) -> list[str]:
+        """Names (in the wrapped module) of the parameters this layer adapts directly, as
+        PEFT's `target_parameters` name them; empty for a layer that adapts its module."""
+        return []
 
     # -- the wrapped module -----------------------------------------------------------------
     @property

@@ -313,11 +313,21 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
 
     @property
     def targeted_module_names(self) -> list[str]:
-        """Paths of the modules that carry adapter layers (not `modules_to_save` copies)."""
+        """Paths of the modules `target_modules` adapted (PEFT's list: not `modules_to_save`
+        copies, trained token rows or `target_parameters` owners)."""
         return [
             name
             for name, layer in adapter_layers(self.base_model)
-            if not isinstance(layer, ModulesToSave)
+            if not layer.AUXILIARY and not layer.targeted_parameters()
+        ]
+
+    @property
+    def targeted_parameter_names(self) -> list[str]:
+        """Paths of the parameters adapted directly (LoRA's `target_parameters`), PEFT's."""
+        return [
+            f"{name}.{param}"
+            for name, layer in adapter_layers(self.base_model)
+            for param in layer.targeted_parameters()
         ]
 
     def adapter_layer_list(self) -> list[AdapterLayer]:

@@ -336,6 +336,21 @@ def is_quantized_module(module: nn.Module) -> bool:
     return isinstance(weight, torch.Tensor) and not weight.is_floating_point()
 
 
+BACKEND_NAMES = {"Linear4bit": "bnb 4bit", "Linear8bitLt": "bnb 8bit"}
+"""bitsandbytes' module classes and the backend names PEFT's status reports give them."""
+
+
+def backend_name(module: nn.Module) -> str | None:
+    """The quantization backend of `module` as PEFT's status names it ("bnb 4bit"), or None
+    for a module that is not quantized (or quantized by a library tilpass does not know)."""
+    kind = type(module)
+    if not (kind.__module__ or "").startswith("bitsandbytes"):
+        return None
+    return next(
+        (BACKEND_NAMES[c.__name__] for c in kind.__mro__ if c.__name__ in BACKEND_NAMES), None
+    )
+
+
 def dequantize_weight(module: nn.Module) -> torch.Tensor:
     """The quantized module's weight as a dense (out, in) float tensor (a new tensor).
 

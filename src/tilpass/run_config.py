@@ -145,8 +145,13 @@ def check_quantize(quantize: str, method: str, where: str) -> None:
 
 
 def method_fields(config_class: type[AdapterConfig]) -> list[dataclasses.Field[Any]]:
-    """The fields of a method's config a YAML section sets (the bookkeeping ones left out)."""
-    return [f for f in dataclasses.fields(config_class) if f.name not in BOOKKEEPING]
+    """The fields of a method's config a YAML section sets (the bookkeeping ones and those
+    marked `runtime`, settings for one process that are never saved, left out)."""
+    return [
+        f
+        for f in dataclasses.fields(config_class)
+        if f.name not in BOOKKEEPING and not f.metadata.get("runtime")
+    ]
 
 
 def field_default(f: dataclasses.Field[Any]) -> Any:
@@ -237,7 +242,8 @@ def _build_section(cls: type, values: Any, sources: ConfigSources, section: str)
     if not isinstance(values, dict):
         where = sources.origin(section)
         raise RunConfigError(f"{where}: {section}: expected a mapping of keys, got {values!r}")
-    by_name = {f.name: f for f in dataclasses.fields(cls) if f.name not in BOOKKEEPING}
+    fields = method_fields(cls) if issubclass(cls, AdapterConfig) else dataclasses.fields(cls)
+    by_name = {f.name: f for f in fields if f.name not in BOOKKEEPING}
     unknown = sorted(set(values) - set(by_name), key=str)
     if unknown:
         where = sources.origin(section, str(unknown[0]))

@@ -22,6 +22,8 @@ class ModulesToSave(AdapterLayer):
 
     STORES = ("modules_to_save",)
     MERGEABLE = True  # "merging" keeps the active copy in place of the original (on unwrap)
+    STATUS_TYPE = "ModulesToSaveWrapper"
+    AUXILIARY = True
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__(original, adopt=False)

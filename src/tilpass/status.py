@@ -17,9 +17,10 @@ from torch import nn
 
 from tilpass.inject import adapter_layers
 from tilpass.layers import AdapterLayer
-from tilpass.quantize import BaseStorage, measure_storage
+from tilpass.quantize import BaseStorage, backend_name, measure_storage
 
 if TYPE_CHECKING:
+    from tilpass.config import AdapterConfig
     from tilpass.model import AdaptedModel
 
 Irregular = Literal["irregular"]
@@ -67,10 +68,26 @@ def _agree(values: list[bool | Irregular]) -> bool | Irregular:
     return "irregular"
 
 
-def _root(model: nn.Module) -> nn.Module:
+PEFT_TUNER_PREFIX = "model."
+"""Where PEFT's status puts the base model's modules of a `PeftModel` (its tuner object holds
+the base as `.model`), so layer names read as in PEFT: "model.lin0"."""
+
+
+def _root(model: nn.Module) -> tuple[nn.Module, str]:
+    """The model whose modules carry the layers, and the prefix status names get."""
     from tilpass.model import AdaptedModel
 
-    return model.base_model if isinstance(model, AdaptedModel) else model
+    if isinstance(model, AdaptedModel):
+        return model.base_model, PEFT_TUNER_PREFIX
+    return model, ""
+
+
+def adapter_model_type(configs: dict[str, AdapterConfig]) -> str:
+    """PEFT's `adapter_model_type` for a model with these adapters: its tuner class for their
+    method, named after the config class ("LoraModel" for `LoraConfig`), or "MixedModel" for
+    adapters of several methods."""
+    kinds = {type(config).__name__.removesuffix("Config") for config in configs.values()}
+    return f"{kinds.pop()}Model" if len(kinds) == 1 else "MixedModel"
 
 
 def _layer_status(name: str, layer: AdapterLayer) -> TunerLayerStatus:
@@ -81,21 +98,23 @@ def _layer_status(name: str, layer: AdapterLayer) -> TunerLayerStatus:
         grads[adapter] = _agree([p.requires_grad for p in params])
         devices[adapter] = sorted({p.device.type for p in params})
     return TunerLayerStatus(
-        name=name,
-        module_type=type(layer).__name__,
+        name=name + layer.STATUS_SUFFIX,
+        module_type=layer.status_type,
         enabled=not layer.disabled,
         active_adapters=[a for a in layer.active if a in layer.specs],
         merged_adapters=list(layer.merged),
         requires_grad=grads,
         available_adapters=sorted(layer.specs),
         devices=devices,
+        quantization_backend=backend_name(layer.base_layer),
     )
 
 
 def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     """The status of every adapter layer of `model` (an `AdaptedModel` or a plain model with
     injected layers); raises if it has none."""
-    found = [_layer_status(name, layer) for name, layer in adapter_layers(_root(model))]
+    root, prefix = _root(model)
+    found = [_layer_status(prefix + name, layer) for name, layer in adapter_layers(root)]
     if not found:
         raise ValueError(
             "No adapter layers found in the model, please ensure that it's a PEFT model or that "
@@ -119,9 +138,10 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
     from tilpass.model import AdaptedModel
 
     layers = get_layer_status(model)
-    root = _root(model)
+    root, _ = _root(model)
     enabled = {s.enabled for s in layers}
     active = {tuple(s.active_adapters) for s in layers}
+    backends = {s.quantization_backend for s in layers}
     grads: dict[str, list[bool | Irregular]] = collections.defaultdict(list)
     devices: dict[str, set[str]] = collections.defaultdict(set)
     for status in layers:
@@ -131,14 +151,15 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
             devices[key].update(where)
     if isinstance(model, AdaptedModel):
         peft_types = {n: str(c.PEFT_TYPE) for n, c in model.peft_config.items()}
+        adapters = adapter_model_type(model.peft_config)
         trainable, total = model.get_nb_trainable_parameters()
-    else:
-        peft_types = {}
+    else:  # a plain model with injected layers: PEFT reports no adapter model
+        peft_types, adapters = {}, "None"
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return TunerModelStatus(
         base_model_type=type(root).__name__,
-        adapter_model_type=type(model).__name__,
+        adapter_model_type=adapters,
         peft_types=peft_types,
         trainable_params=trainable,
         total_params=total,
@@ -149,6 +170,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         requires_grad={k: _agree(v) for k, v in grads.items()},
         available_adapters=sorted({a for s in layers for a in s.available_adapters}),
         devices={k: sorted(v) for k, v in devices.items()},
+        quantization_backend=backends.pop() if len(backends) == 1 else "irregular",
     )
 
 

@@ -25,6 +25,7 @@ class AdaLoraLinear(LoraLinear):
     """AdaLoRA over a linear-like module (Linear, GPT-2's Conv1D, quantized linears)."""
 
     STORES = ("lora_A", "lora_B", "lora_E")
+    STATUS_TYPE = "adalora.SVDLinear"
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__(base)

@@ -17,6 +17,7 @@ from tilpass.methods.lora.init import canonical_init, check_init, mutates_base
 from tilpass.methods.lora.layers import AdapterSpec
 from tilpass.methods.lora.parameter import (
     check_parameter_owner,
+    check_same_targets,
     for_parameters,
     parameter_owners,
 )
@@ -25,6 +26,22 @@ from tilpass.methods.lora.unsupported import RESEARCH_FIELDS, check_supported
 
 LOW_RANK = 4
 BIAS_CHOICES = ("none", "all", "lora_only")
+RUNTIME = "runtime"
+"""Metadata flag of config fields that hold settings for this process only: never saved to
+`adapter_config.json` and not run settings (PEFT's `runtime_config`)."""
+
+
+@dataclasses.dataclass
+class LoraRuntimeConfig:
+    """PEFT's settings of a LoRA config that are never saved (`LoraConfig.runtime_config`).
+
+    Attributes:
+        ephemeral_gpu_offload: PEFT copies a CPU-held base weight to the GPU for the
+            DoRA initialisation; tilpass computes on the weight's own device, so it changes
+            nothing here (accepted so PEFT code and configs carry over).
+    """
+
+    ephemeral_gpu_offload: bool = False
 
 
 @dataclasses.dataclass
@@ -84,6 +101,10 @@ class LoraConfig(TargetedConfig):
     ensure_weight_tying: bool = opt(
         False, "Tie the adapters of tied layers (not supported yet: must stay False)."
     )
+    runtime_config: LoraRuntimeConfig = dataclasses.field(
+        default_factory=LoraRuntimeConfig,
+        metadata={"help": "Settings for this process only (never saved).", RUNTIME: True},
+    )
     rank_pattern: dict[str, int] = opt({}, "Per-module rank overrides: {name or regex: r}.")
     alpha_pattern: dict[str, float] = opt({}, "Per-module alpha overrides: {name: alpha}.")
     # PEFT's research variants: accepted only when off, so their files load or are refused.
@@ -103,6 +124,8 @@ class LoraConfig(TargetedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.runtime_config, dict):  # as a JSON or YAML mapping would give it
+            self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
         _check(
             isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
             f"r must be a positive integer, got {self.r!r}",
@@ -164,6 +187,12 @@ class LoraConfig(TargetedConfig):
                 stacklevel=4,
             )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The saved fields: `runtime_config` is left out, as PEFT leaves it out."""
+        out = super().to_dict()
+        out.pop("runtime_config", None)
+        return out
+
     def _warn_low_rank(self) -> None:
         low = [f"r={self.r}"] if self.r < LOW_RANK else []
         low += [f"rank_pattern[{k!r}]={v}" for k, v in self.rank_pattern.items() if v < LOW_RANK]
@@ -207,6 +236,7 @@ class LoraConfig(TargetedConfig):
             return []
         for name in owners:
             check_parameter_owner(model, name, self.target_modules)
+        check_same_targets(model, owners)
         return [
             (name, partial(for_parameters, names=params), self.layer_spec(name, initialize))
             for name, params in owners.items()

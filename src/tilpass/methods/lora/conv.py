@@ -51,6 +51,11 @@ class LoraConv(LoraLayer):
         self.lora_B_bias = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
 
+    @property
+    def status_type(self) -> str:
+        """PEFT's name in status reports: "lora.Conv1d" / "lora.Conv2d" / "lora.Conv3d"."""
+        return f"lora.{type(self.base_layer).__name__}"
+
     # -- adapters ---------------------------------------------------------------------------
     def create(self, name: str, spec: AdapterSpec) -> None:
         """Fresh A and B (Kaiming A and zero B, as PEFT), on the base weight's device."""

@@ -23,6 +23,7 @@ class LoraEmbedding(LoraLayer):
     """LoRA over `nn.Embedding`: y = W[ids] + s * A^T[ids] B^T (A is (r, vocab), B (dim, r))."""
 
     STORES = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    STATUS_TYPE = "lora.Embedding"
     A_KEY = "lora_embedding_A"
     B_KEY = "lora_embedding_B"
 

@@ -329,6 +329,7 @@ class LoraLinear(LoraLayer):
     """
 
     STORES = ("lora_A", "lora_B", "lora_B_bias", "lora_magnitude_vector")
+    STATUS_TYPE = "lora.Linear"
     MIXES_VARIANTS = True
 
     def __init__(self, base: nn.Module) -> None:

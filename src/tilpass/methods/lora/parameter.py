@@ -6,7 +6,9 @@ Such modules use their weights directly (`x @ W` in a batched expert matmul, or 
 `F.multi_head_attention_forward`), so there is no linear layer to hook. The layer runs the
 wrapped module with each targeted parameter replaced by W + dW for that call
 (`torch.func.functional_call`: nothing is written into the module, and gradients reach A
-and B); merging adds dW into W in place.
+and B); merging adds dW into W in place. A parametrized parameter (`torch.nn.utils.parametrize`)
+gets its parametrized value plus dW, as in PEFT, through one more parametrization step added
+for the call; merging into it is refused (its stored tensor is not the weight used).
 
 For a 2-d parameter W (out, in): dW = s B A with A (r, in), B (out, r), as for a Linear.
 For a 3-d parameter W (E, d1, d2) (E experts): A is (E r, d2) and B (d1, E r), interleaved as
@@ -19,12 +21,15 @@ prefixes; a MultiheadAttention's out_proj factors sit under `base_layer.out_proj
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils import parametrize
 
 from tilpass.errors import TargetModulesError
 from tilpass.inject import matches_target
@@ -45,7 +50,7 @@ class ParamTarget:
 
 def target_for(module: nn.Module, path: str, key: str) -> ParamTarget:
     """The target for parameter `path` of `module`, or a ValueError for other shapes."""
-    shape = tuple(module.get_parameter(path).shape)
+    shape = tuple(tensor_at(module, path).shape)
     if len(shape) == 2:
         return ParamTarget(path, key, 1, shape[1], shape[0])
     if len(shape) == 3:  # (E, d1, d2): PEFT swaps in and out for expert weights
@@ -71,6 +76,21 @@ class LoraParameters(AdapterLayer):
         for store in self.STORES:
             setattr(self, store, nn.ParameterDict())
 
+    @property
+    def status_type(self) -> str:
+        """PEFT's name in status reports: its MultiheadAttention layer, or its wrapper of
+        `target_parameters`."""
+        if isinstance(self.base_layer, nn.MultiheadAttention):
+            return "lora.MultiheadAttention"
+        return "lora.ParamWrapper"
+
+    def targeted_parameters(self) -> list[str]:
+        """The parameters `target_parameters` named (none for a MultiheadAttention, which
+        `target_modules` adapts)."""
+        if isinstance(self.base_layer, nn.MultiheadAttention):
+            return []
+        return [t.path for t in self.targets]
+
     def factors(self, i: int) -> tuple[nn.ParameterDict, nn.ParameterDict]:
         """(A, B) dicts of target `i`, keyed by adapter name."""
         return getattr(self, f"lora_A_{i}"), getattr(self, f"lora_B_{i}")
@@ -95,7 +115,7 @@ class LoraParameters(AdapterLayer):
                     f"LoRA on the parameters of {kind} does not support {what} (as in PEFT)"
                 )
         for i, t in enumerate(self.targets):
-            weight = self.base_layer.get_parameter(t.path)
+            weight = tensor_at(self.base_layer, t.path)
             kw: dict[str, Any] = {"device": weight.device, "dtype": weight.dtype}
             a = torch.empty(spec.r * t.experts, t.in_features, **kw)
             b = torch.empty(t.out_features, spec.r * t.experts, **kw)
@@ -129,11 +149,16 @@ class LoraParameters(AdapterLayer):
 
     def adapted_forward(self, x: Any, names: list[str], *args: Any, **kwargs: Any) -> Any:
         params = {}
-        for i, t in enumerate(self.targets):
-            weight = tensor_at(self.base_layer, t.path)
-            delta = sum(self.delta(i, n) for n in names)
-            params[t.path] = weight + delta.to(weight.dtype)
-        return functional_call(self.base_layer, params, (x, *args), kwargs)
+        with contextlib.ExitStack() as stack:
+            for i, t in enumerate(self.targets):
+                delta = sum(self.delta(i, n) for n in names)
+                steps = parametrizations_of(self.base_layer, t.path)
+                if steps is not None:  # after the module's own steps, for this call only
+                    stack.enter_context(_added_step(steps, AddDelta(delta)))
+                    continue
+                weight = tensor_at(self.base_layer, t.path)
+                params[t.path] = weight + delta.to(weight.dtype)
+            return functional_call(self.base_layer, params, (x, *args), kwargs)
 
     @torch.no_grad()
     def merge(self, names: list[str] | None = None) -> None:
@@ -142,7 +167,7 @@ class LoraParameters(AdapterLayer):
             if name not in self.specs or name in self.merged:
                 continue
             for i, t in enumerate(self.targets):
-                weight = self.base_layer.get_parameter(t.path)
+                weight = stored_parameter(self.base_layer, t.path)
                 weight.data += self.delta(i, name).to(weight.dtype)
             self.merged.append(name)
 
@@ -152,13 +177,13 @@ class LoraParameters(AdapterLayer):
         while self.merged:
             name = self.merged.pop()
             for i, t in enumerate(self.targets):
-                weight = self.base_layer.get_parameter(t.path)
+                weight = stored_parameter(self.base_layer, t.path)
                 weight.data -= self.delta(i, name).to(weight.dtype)
 
 
 def for_parameters(module: nn.Module, names: list[str]) -> LoraParameters:
     """LoRA on the parameters `names` of `module`, keyed as PEFT's nested wrappers key them."""
-    order = [n for n, _ in module.named_parameters(recurse=False) if n in names]
+    order = [n for n in own_parameter_names(module) if n in names]
     targets = [
         target_for(module, n, "base_layer." * (len(order) - 1 - i)) for i, n in enumerate(order)
     ]
@@ -177,14 +202,16 @@ def parameter_owners(
     owners: dict[str, list[str]] = {}
     found: set[str] = set()
     for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
+        for param_name in own_parameter_names(module):
             full = f"{module_name}.{param_name}" if module_name else param_name
             hits = [e for e in entries if full == e or full.endswith("." + e)]
             if hits:
                 if not module_name:
                     raise ValueError(
-                        f"target_parameters {hits} name a parameter of the top-level module; "
-                        "only parameters of submodules can be adapted"
+                        "Targeting an nn.Parameter on the top-level module is not supported "
+                        f"(parameter {param_name!r}). target_parameters {hits} name it; only "
+                        "parameters of submodules can be adapted (the module holding the "
+                        "parameter is wrapped in its place)"
                     )
                 owners.setdefault(module_name, []).append(param_name)
                 found.update(hits)
@@ -209,6 +236,77 @@ def check_parameter_owner(
             "which is not a valid target. Make sure that this layer is not also targeted with "
             "`target_modules`: adapt the module there or its parameters here, not both."
         )
+
+
+def own_parameter_names(module: nn.Module) -> list[str]:
+    """The parameters a module holds itself, its parametrized ones included (those live in
+    `module.parametrizations.<name>.original`; reading `module.<name>` runs the
+    parametrization, and LoRA adds its update to that result, as PEFT does)."""
+    names = [n for n, _ in module.named_parameters(recurse=False)]
+    parametrized = getattr(module, "parametrizations", None)
+    if isinstance(parametrized, nn.ModuleDict):
+        names += [n for n in parametrized if n not in names]
+    return names
+
+
+def check_same_targets(model: nn.Module, owners: dict[str, list[str]]) -> None:
+    """PEFT's rule: every adapter on a module's parameters adapts the same set of them (the
+    file keys of each parameter's factors depend on the set), so a module whose layer holds
+    other parameters' adapters refuses a new adapter on a different set."""
+    for name, params in owners.items():
+        layer = model.get_submodule(name)
+        held = layer.targeted_parameters() if isinstance(layer, LoraParameters) else None
+        if held is not None and layer.specs and sorted(held) != sorted(params):
+            raise ValueError(
+                "When using multiple adapters with `target_parameters`, all adapters must "
+                f"target the same set of parameters, but got {[f'{name}.{p}' for p in params]} "
+                f"for the new adapter and {[f'{name}.{p}' for p in held]} for adapter(s) "
+                f"{', '.join(map(repr, layer.specs))}. Target the same parameters, or delete "
+                "those adapters first"
+            )
+
+
+def parametrizations_of(module: nn.Module, path: str) -> parametrize.ParametrizationList | None:
+    """The parametrization steps of the parameter at `path`, or None if it has none."""
+    owner, _, leaf = path.rpartition(".")
+    holder = module.get_submodule(owner) if owner else module
+    if not parametrize.is_parametrized(holder, leaf):
+        return None
+    return holder.parametrizations[leaf]
+
+
+class AddDelta(nn.Module):
+    """A last parametrization step: LoRA's update added to the parametrized weight."""
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta.to(weight.dtype)
+
+
+@contextlib.contextmanager
+def _added_step(steps: parametrize.ParametrizationList, step: nn.Module) -> Iterator[None]:
+    """`step` appended to a parameter's parametrization steps while the block runs (replacing
+    a parametrized weight through `functional_call` would write into its stored tensor)."""
+    steps.append(step)
+    try:
+        yield
+    finally:
+        del steps[len(steps) - 1]
+
+
+def stored_parameter(module: nn.Module, path: str) -> nn.Parameter:
+    """The parameter at `path` that merging writes into; refused for a parametrized one,
+    whose stored tensor is not the weight the module uses."""
+    if parametrizations_of(module, path) is not None:
+        raise NotImplementedError(
+            f"merging LoRA into {path} of {type(module).__name__} is not supported: it is "
+            "parametrized (torch.nn.utils.parametrize), so its stored tensor is not the weight "
+            "the module uses. Keep the adapter unmerged, or unload it"
+        )
+    return module.get_parameter(path)
 
 
 def tensor_at(module: nn.Module, path: str) -> torch.Tensor:

@@ -38,6 +38,9 @@ class TrainableTokens(AdapterLayer):
 
     STORES = ("trainable_tokens_delta",)
     MERGEABLE = True
+    STATUS_TYPE = "TrainableTokensLayer"
+    AUXILIARY = True
+    STATUS_SUFFIX = ".token_adapter"  # PEFT's status names its layer inside the wrapper
 
     def __init__(self, base: nn.Embedding) -> None:
         super().__init__(base)
