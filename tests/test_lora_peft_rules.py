@@ -49,7 +49,8 @@ def test_one_side_matching_nothing_warns_and_the_other_is_adapted() -> None:
     config = lora(target_modules=["foobar"], target_parameters=["linear.weight"])
     with pytest.warns(RuntimeWarning, match=r"target_modules=\{'foobar'\} were set but no module"):
         model = tilpass.get_peft_model(Net(), config)
-    assert model.targeted_module_names == ["linear"]
+    assert model.targeted_module_names == []  # as in PEFT: parameter owners are not modules
+    assert model.targeted_parameter_names == ["linear.weight"]
     config = lora(target_modules=["linear"], target_parameters=["foobar.weight"])
     with pytest.warns(RuntimeWarning, match=r"target_parameters=\['foobar.weight'\] were set"):
         model = tilpass.get_peft_model(Net(), config)
