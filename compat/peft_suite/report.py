@@ -9,7 +9,8 @@ is put in one class by its first error:
 - PEFT internals: the test read PEFT's object layout (`model.base_model.model`, a layer's
   PEFT-only attributes, the tuner object's methods through `model.base_model`, PEFT's own
   functions handed a tilpass object, PEFT layer classes registered with
-  `_register_custom_module`), monkeypatched PEFT's own modules or classes (so it checks PEFT's
+  `_register_custom_module`, a model key in PEFT's in-memory layout such as
+  `lin0.lora_A.default.weight`), monkeypatched PEFT's own modules or classes (so it checks PEFT's
   implementation), or failed asserting that an object is an instance of one of PEFT's classes;
   not a user's API; an attribute PEFT's model forwards to the base model (`peft_model.lin0`)
   is not counted here: user code reads those;
@@ -55,6 +56,11 @@ TUNER_ATTRIBUTES = frozenset(
 # PEFT's custom-layer dispatch takes classes built on PEFT's layer base classes (its internals).
 PRIVATE_HOOKS = frozenset({"_register_custom_module"})
 MISSING_ATTRIBUTE = re.compile(r"'(\w+)' object has no attribute '(\w+)'")
+# PEFT keeps a LoRA factor as an `nn.Linear` in a per-adapter dict, so the model's own state
+# dict and parameter names hold `<path>.lora_A.<adapter>.weight`; tilpass holds the factor
+# itself (`<path>.lora_A.<adapter>`), and adapter files (both libraries) key it
+# `<path>.lora_A.weight`. A missing key of the first form is a read of PEFT's module layout.
+PEFT_FACTOR_KEY = re.compile(r"^KeyError: '[\w.]*\blora_\w+\.\w+\.(weight|bias)'")
 
 
 def classify(record: dict) -> str:
@@ -66,6 +72,8 @@ def classify(record: dict) -> str:
         return HUB
     if record.get("peft_internals"):
         return INTERNALS  # it patched PEFT's code or asserted an object is of a PEFT class
+    if PEFT_FACTOR_KEY.search(message):
+        return INTERNALS  # the model's own keys looked up in PEFT's layout
     found = MISSING_ATTRIBUTE.search(message)
     if found:
         owner, attribute = found.groups()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from tilpass import weight_tying
 from tilpass.config import TargetedConfig
 from tilpass.errors import TargetModulesError
 from tilpass.layers import AdapterLayer, is_linear_like
@@ -242,6 +243,7 @@ def inject(
         The adapted module names.
     """
     select = method.select_targets or find_targets
+    tying = weight_tying.plan_tying(model, config, method)  # may move targets to the embedding
     saved = find_saved(model, getattr(config, "modules_to_save", None))
     for name in saved:
         if isinstance(model.get_submodule(name), CONTAINERS):
@@ -252,7 +254,7 @@ def inject(
             )
     extras = config.extra_layers(model, initialize)
     only_extras = bool(extras) and not getattr(config, "target_modules", None)
-    names = [] if only_extras else select(model, config)
+    names = [] if only_extras else weight_tying.split_tied(tying, select(model, config))
     warn_unmatched_patterns(config, names)
     for name in names:
         layer = _layer_for(model, name, method)
@@ -266,6 +268,9 @@ def inject(
             module = ModulesToSave(module).train(module.training)
             replace_module(model, name, module)
         module.add_adapter(adapter_name, adapter_id, None)
+    if tying is not None:
+        tied = weight_tying.tie(model, tying, method, config, adapter_name, adapter_id, initialize)
+        names += tied
     for entry, factory, spec in extras:
         for name in find_saved(model, [entry]):
             module = model.get_submodule(name)

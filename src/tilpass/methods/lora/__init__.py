@@ -24,7 +24,8 @@ Files: `config.py` (LoraConfig), `layers.py` (the shared base and the Linear lay
 `target_modules` is unset, per model family), `dora.py` (the DoRA variant per layer
 kind), `init.py` (PiSSA, OLoRA and orthogonal initialisation), `unsupported.py` (PEFT's
 research variants, refused), `fused.py` (a Linear layer's adapter and frozen base as one
-autograd node), `weighted.py` (`add_weighted_adapter`: new adapters from
+autograd node), `tying.py` (adapters shared with a tied input embedding),
+`weighted.py` (`add_weighted_adapter`: new adapters from
 weighted combinations of others).
 """
 
@@ -37,6 +38,7 @@ from tilpass.methods.lora.defaults import select_targets
 from tilpass.methods.lora.embedding import LoraEmbedding
 from tilpass.methods.lora.layers import AdapterSpec, LoraLayer, LoraLinear
 from tilpass.methods.lora.parameter import LoraParameters, for_attention
+from tilpass.methods.lora.tying import tie_to_embedding
 from tilpass.methods.lora.weighted import add_weighted_adapter
 from tilpass.methods.registry import Method
 
@@ -66,6 +68,7 @@ METHOD = Method(
     prefix="lora_",
     add_weighted=add_weighted_adapter,
     select_targets=select_targets,
+    tie_layer=tie_to_embedding,
 )
 
 __all__ = [

@@ -43,6 +43,8 @@ class LoraConfig(TargetedConfig):
             modules that use a weight without a linear layer (mixture-of-experts experts).
         trainable_token_indices: token ids whose embedding rows train in full (PEFT's
             TrainableTokens): a list for the input embedding, or {module name: ids}.
+        ensure_weight_tying: an adapter on the input embedding or a layer tied to it
+            (`lm_head`) is shared by all of them, so the tie holds (`weight_tying.py`).
         rank_pattern / alpha_pattern: per-module overrides, keys matched like target_modules.
         Targeting fields (target_modules, ...) are `TargetedConfig`'s.
     """
@@ -76,7 +78,7 @@ class LoraConfig(TargetedConfig):
         None, "Token ids whose embedding rows train in full: [ids] or {embedding name: [ids]}."
     )
     ensure_weight_tying: bool = opt(
-        False, "Tie the adapters of tied layers (not supported yet: must stay False)."
+        False, "Share one adapter between the input embedding and the layers tied to it."
     )
     rank_pattern: dict[str, int] = opt({}, "Per-module rank overrides: {name or regex: r}.")
     alpha_pattern: dict[str, float] = opt({}, "Per-module alpha overrides: {name: alpha}.")
@@ -114,11 +116,6 @@ class LoraConfig(TargetedConfig):
                 f"{self.init_lora_weights!r}",
             )
             _check(not self.use_dora, "lora_bias=True does not work with use_dora=True")
-        if self.ensure_weight_tying:
-            raise NotImplementedError(
-                "ensure_weight_tying=True is not supported by tilpass yet; leave it False (an "
-                "adapter on a tied embedding or output layer then trains on that layer alone)"
-            )
         _check(
             self.bias in BIAS_CHOICES,
             f"bias must be one of {', '.join(map(repr, BIAS_CHOICES))}, got {self.bias!r}: "
