@@ -152,3 +152,51 @@ def test_prepare_updates_the_configs(adapters: dict[str, Path]) -> None:
     layer = model.get_base_model().lin0
     assert layer.lora_A["default"].shape == (8, 10) and layer.lora_B["default"].shape == (12, 8)
     torch.testing.assert_close(outputs(model), outputs(loaded(adapters["r4"])))
+
+
+class GroupedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("prepare", [False, True])
+def test_grouped_convolution_swaps_ranks_block_by_block(tmp_path: Path, prepare: bool) -> None:
+    """A grouped convolution's A rows come in one block per group: a rank-2 adapter swapped
+    into a rank-6 one (or padded to it) keeps each group's rows in that group's block."""
+    x = torch.linspace(-1, 1, 2 * 4 * 5 * 5).reshape(2, 4, 5, 5)
+    dirs = {}
+    for r in (2, 6):
+        torch.manual_seed(r)
+        config = tilpass.LoraConfig(
+            r=r, lora_alpha=r + 1, target_modules=["conv"], init_lora_weights=False
+        )
+        torch.manual_seed(0)
+        model = tilpass.get_peft_model(GroupedConv(), config)
+        model.save_pretrained(tmp_path / f"r{r}")
+        dirs[r] = tmp_path / f"r{r}"
+
+    def fresh(directory: Path) -> nn.Module:
+        torch.manual_seed(0)
+        return tilpass.PeftModel.from_pretrained(GroupedConv(), directory).eval()
+
+    model = fresh(dirs[2])
+    if prepare:
+        tilpass.prepare_model_for_compiled_hotswap(model, target_rank=6)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), fresh(dirs[2])(x))
+        tilpass.hotswap_adapter(model, dirs[6], adapter_name="default")
+        target = dirs[6]
+    else:
+        model = fresh(dirs[6])
+        tilpass.hotswap_adapter(model, dirs[2], adapter_name="default")
+        target = dirs[2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh(target)(x))
+    with pytest.raises(
+        ValueError, match="target rank 7, but the target rank is not divisible by 2"
+    ):
+        tilpass.prepare_model_for_compiled_hotswap(model, target_rank=7)

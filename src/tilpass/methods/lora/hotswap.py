@@ -7,9 +7,10 @@ working) and copies the new adapter's tensors into them, with its rank and alpha
 - a key of the new adapter that the model lacks (a module the loaded one does not adapt) is
   refused, naming it, before anything changes;
 - a tensor the new adapter lacks is zeroed, so that module no longer contributes;
-- a smaller rank is copied into the first rows of A / columns of B, the rest zeroed (the
-  layer keeps its larger rank and the scale s = alpha / r of the new adapter, carried by
-  `AdapterSpec.alpha`); a larger rank replaces the tensors' storage (same Parameters).
+- a smaller rank is copied into the first rows of A / columns of B, the rest zeroed (a
+  grouped convolution's A block by block, one block of rows per group); the layer keeps its
+  larger rank and the scale s = alpha / r of the new adapter, carried by
+  `AdapterSpec.alpha`; a larger rank replaces the tensors' storage (same Parameters).
 
 `prepare_model_for_compiled_hotswap(model, target_rank=R)` pads every LoRA adapter to rank R
 with zeros first (the output is unchanged: the padded rows and columns multiply to zero), so
@@ -172,16 +173,25 @@ def _copy_rank(
     other = [d for d in range(new.dim()) if d != dim]
     if new.dim() != tensor.dim() or any(new.shape[d] != tensor.shape[d] for d in other):
         _copy_same_shape(tensor, new, key)  # raises, naming the shapes
-    if getattr(layer, "groups", 1) > 1:
-        raise ValueError(
-            f"{key}: hot-swapping a grouped convolution's adapter to another rank is not "
-            "supported; swap adapters of the same rank"
-        )
     if new.shape[dim] > tensor.shape[dim]:
         tensor.data = new.clone()  # type: ignore[misc]  # the same Parameter, a larger rank
         return
     tensor.zero_()
-    tensor.narrow(dim, 0, new.shape[dim]).copy_(new)
+    copy_leading(tensor, new, dim, groups_of(layer) if dim == 0 else 1)
+
+
+def groups_of(layer: LoraLayer) -> int:
+    """A convolution's groups (1 for other layers): its B is grouped, so A's rows (rank
+    channels) come in `groups` blocks, one per group."""
+    return int(getattr(layer, "groups", 1))
+
+
+def copy_leading(dst: torch.Tensor, src: torch.Tensor, dim: int, groups: int = 1) -> None:
+    """Copy `src` into the leading part of `dst` along `dim` (the rest untouched); with
+    `groups`, into the leading part of each of the `groups` equal blocks."""
+    size, block = src.shape[dim] // groups, dst.shape[dim] // groups
+    for group in range(groups):
+        dst.narrow(dim, group * block, size).copy_(src.narrow(dim, group * size, size))
 
 
 def prepare_model_for_compiled_hotswap(
@@ -248,10 +258,12 @@ def _check_padding(layer: LoraLayer, name: str, target_rank: int) -> None:
             f"is larger ({spec.r}). This is not possible; pass the largest rank of the adapters "
             "you will swap in."
         )
-    if getattr(layer, "groups", 1) > 1:
+    groups = groups_of(layer)
+    if target_rank % groups:
         raise ValueError(
-            f"Padding a grouped convolution's adapter (groups={getattr(layer, 'groups', 1)}) to "
-            "another rank is not supported by tilpass; swap adapters of the same rank"
+            f"Trying to pad a Conv2d LoRA adapter with groups={groups} to target rank "
+            f"{target_rank}, but the target rank is not divisible by {groups}. Please choose a "
+            f"target rank that is divisible by {groups}."
         )
 
 
@@ -260,15 +272,16 @@ def _pad(layer: LoraLayer, name: str, target_rank: int) -> None:
     spec = layer.specs[name]
     if spec.r == target_rank or type(spec) is not AdapterSpec:
         return
-    for factor, dim in ((layer.lora_a[name], 0), (layer.lora_b[name], 1)):
-        _pad_parameter(factor, dim, target_rank)
+    groups = groups_of(layer)
+    _pad_parameter(layer.lora_a[name], 0, target_rank, groups)
+    _pad_parameter(layer.lora_b[name], 1, target_rank // groups)  # B: (out, r / groups, ...)
     equivalent = spec.scale * (math.sqrt(target_rank) if spec.use_rslora else target_rank)
     layer.specs[name] = dataclasses.replace(spec, r=target_rank, alpha=equivalent)
 
 
-def _pad_parameter(param: nn.Parameter, dim: int, size: int) -> None:
+def _pad_parameter(param: nn.Parameter, dim: int, size: int, groups: int = 1) -> None:
     shape = list(param.shape)
     shape[dim] = size
     padded = param.new_zeros(shape)
-    padded.narrow(dim, 0, param.shape[dim]).copy_(param.detach())
+    copy_leading(padded, param.detach(), dim, groups)
     param.data = padded
