@@ -272,3 +272,36 @@ def test_upcast_half_precision_adapters_stay_tied() -> None:
     assert b_e.dtype == head.lora_A["default"].dtype == torch.float32
     assert head.lora_A["default"].data_ptr() == b_e.data_ptr()
     torch.testing.assert_close(head.lora_A["default"], b_e.T)
+
+
+def test_peft_s_tied_modules_to_save_file_loads(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    settings = {"target_modules": ["linear"], "modules_to_save": ["lm_head"]}
+    theirs = peft.get_peft_model(
+        tied_lm(),
+        peft.LoraConfig(r=4, init_lora_weights=False, ensure_weight_tying=True, **settings),
+    )
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.modules_to_save["default"].weight.add_(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path)
+    ours = tilpass.PeftModel.from_pretrained(tied_lm(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), theirs.eval()(IDS))
+
+
+def test_a_second_adapter_is_tied_to_its_own_embedding_factors() -> None:
+    settings = {"target_modules": ["lm_head"], "ensure_weight_tying": True}
+    model = tilpass.get_peft_model(tied_lm(), config(**settings))
+    model.add_adapter("two", config(**settings))
+    base = model.get_base_model()
+    embed, head = base.model.embed_tokens, base.lm_head
+    for name in ("default", "two"):
+        assert head.lora_A[name].data_ptr() == embed.lora_embedding_B[name].data_ptr()
+    model.set_adapter("two")
+    with torch.no_grad():
+        two = model(IDS)
+    model.delete_adapter("default")
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS), two)

@@ -18,6 +18,7 @@ import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -269,7 +270,10 @@ def inject(
             replace_module(model, name, module)
         module.add_adapter(adapter_name, adapter_id, None)
     if tying is not None:
-        tied = weight_tying.tie(model, tying, method, config, adapter_name, adapter_id, initialize)
+        layer_at = partial(_layer_for, model, method=method)
+        tied = weight_tying.tie(
+            model, tying, method, config, adapter_name, adapter_id, initialize, layer_at
+        )
         names += tied
     for entry, factory, spec in extras:
         for name in find_saved(model, [entry]):

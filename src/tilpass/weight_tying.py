@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -201,15 +202,18 @@ def tie(
     adapter_name: str,
     adapter_id: int,
     initialize: bool,
+    layer_at: Callable[[str], AdapterLayer],
 ) -> list[str]:
-    """Give every tied module the embedding's adapter `adapter_name`; returns their paths."""
+    """Give every tied module the embedding's adapter `adapter_name`; returns their paths.
+    `layer_at(path)` is the method's layer there (the existing one, or a new one wrapping the
+    module), as the injection finds it for a target."""
     source = model.get_submodule(plan.embedding)
     if plan.saved:
         if not isinstance(source, ModulesToSave):
             raise RuntimeError(f"{plan.embedding} should carry a modules_to_save copy by now")
         shared = TiedCopy(source.modules_to_save[adapter_name])
         for name in plan.tied:
-            layer = _wrapped(model, name, ModulesToSave)
+            layer = _saved_layer(model, name)
             layer.add_adapter(adapter_name, adapter_id, shared)
         return []  # whole copies, not adapted modules
     if method.tie_layer is None:  # `plan_tying` plans no such tie
@@ -217,21 +221,22 @@ def tie(
     if not isinstance(source, AdapterLayer) or adapter_name not in source.specs:
         raise RuntimeError(f"{plan.embedding} should carry adapter {adapter_name!r} by now")
     for name in plan.tied:
-        layer = _wrapped(model, name, method.make_layer)
+        layer = layer_at(name)
         layer.add_adapter(adapter_name, adapter_id, config.layer_spec(name, initialize))
         method.tie_layer(layer, source, adapter_name)
         layer.invalidate()
     return list(plan.tied)
 
 
-def _wrapped(model: nn.Module, name: str, factory: Any) -> AdapterLayer:
-    """The adapter layer at `name`, wrapping the module there first if it is a bare one."""
+def _saved_layer(model: nn.Module, name: str) -> ModulesToSave:
+    """The `modules_to_save` layer at `name`, wrapping the module there first (as the
+    injection does for a `modules_to_save` entry)."""
     from tilpass.inject import replace_module  # inject imports this module
 
     module = model.get_submodule(name)
-    if isinstance(module, AdapterLayer):
+    if isinstance(module, ModulesToSave):
         return module
-    layer = factory(module).train(module.training)
+    layer = ModulesToSave(module).train(module.training)
     replace_module(model, name, layer)
     return layer
 
