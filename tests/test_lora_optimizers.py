@@ -135,3 +135,8 @@ def test_lorafa_rslora_argument_must_agree() -> None:
             model, r=8, lora_alpha=8, lr=1e-3, use_rslora=True
         )
     assert math.isclose(optimizer.param_groups[0]["scaling_factor"], 8 / math.sqrt(8))
+
+
+def test_lorafa_optimizer_refuses_groups_without_their_a_factors() -> None:
+    with pytest.raises(ValueError, match="lora_A_index"):
+        tilpass.LoraFAOptimizer([{"params": [nn.Parameter(torch.ones(2))], "names": ["w"]}])

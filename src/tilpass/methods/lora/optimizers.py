@@ -141,16 +141,23 @@ class LoraFAOptimizer(Optimizer):
             "correct_bias": correct_bias,
         }
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            if "lora_A_index" not in group:
+                raise ValueError(
+                    "LoraFAOptimizer needs each param group's `lora_A_index` (for each "
+                    "parameter, the index of its A factor in `params` if it is a LoRA B factor, "
+                    "else None), or every parameter would get plain AdamW; build the optimizer "
+                    "with create_lorafa_optimizer(model, r, lora_alpha, lr)"
+                )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """One AdamW step, with B factors on their projected gradient."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            count = len(group["params"])
             params = group["params"]
-            scales = group.get("scaling_factors", [None] * count)
-            partners = group.get("lora_A_index", [None] * count)
+            scales = group.get("scaling_factors", [None] * len(params))
+            partners = group["lora_A_index"]
             for p, scale, index in zip(params, scales, partners, strict=True):
                 if p.grad is None:
                     continue
