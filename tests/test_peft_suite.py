@@ -53,6 +53,11 @@ import suite  # noqa: E402
          report.BEHAVIOUR),
         ({"message": "AssertionError: assert False", "peft_internals": "monkeypatches PEFT"},
          report.INTERNALS),
+        ({"message": "KeyError: 'base_model.model.lin1.lora_A.default.weight'"},
+         report.INTERNALS),
+        ({"message": "KeyError: 'base_model.model.lin1.lora_A.weight'"}, report.BEHAVIOUR),
+        ({"message": "KeyError: 'base_model.model.lin1.modules_to_save.default.weight'"},
+         report.BEHAVIOUR),
     ],
 )  # fmt: skip
 def test_failures_are_classified(record: dict, expected: str) -> None:

@@ -15,6 +15,7 @@ test drive it the same way:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import json
 import os
@@ -46,7 +47,19 @@ SHIMMED = (
     "PeftWarning",
     "PeftError",
     "NoMatchingPeftModuleError",
+    "PeftModelForCausalLM",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftModelForQuestionAnswering",
 )
+SHIMMED_IN_MODULES = {
+    "peft.optimizers": ("create_loraplus_optimizer", "create_lorafa_optimizer"),
+    "peft.utils.hotswap": ("hotswap_adapter", "prepare_model_for_compiled_hotswap"),
+}
+"""User-facing functions PEFT's users import from a submodule, by module (tilpass has them at
+its top level)."""
 
 # LoRA fields and test-name fragments of research variants tilpass does not implement.
 RESEARCH_KEYS = frozenset(
@@ -99,6 +112,12 @@ def _install_shim() -> list[str]:
         if hasattr(tilpass, name):
             setattr(peft, name, getattr(tilpass, name))
             rebound.append(name)
+    for module_name, names in SHIMMED_IN_MODULES.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            if hasattr(tilpass, name):
+                setattr(module, name, getattr(tilpass, name))
+                rebound.append(f"{module_name}.{name}")
     return rebound
 
 
@@ -127,7 +146,8 @@ class _Forwarding:
                 return module_getattr(model, name)
             except AttributeError:
                 caller = Path(sys._getframe(1).f_code.co_filename)
-                base = model.__dict__["_modules"].get("base_model")
+                # `.get`: a read before `__init__` ran (a wrapped constructor) finds no modules
+                base = model.__dict__.get("_modules", {}).get("base_model")
                 if current.current is None or caller.parent.name != "tests" or base is None:
                     raise
                 if "site-packages" in caller.parts or name in NOT_FORWARDED:

@@ -10,12 +10,13 @@ is put in one class by its first error:
   PEFT-only attributes (one missing on any tilpass layer class that torch's layers do not
   have either: `weight` or `embed_dim` missing is tilpass behaviour), the tuner object's
   methods through `model.base_model`, PEFT's own functions handed a tilpass object, PEFT layer
-  classes registered with `_register_custom_module`), monkeypatched PEFT's own modules or
-  classes (so it checks PEFT's implementation), failed asserting that an object is an instance
-  of one of PEFT's classes, or was noted by a probe of `internals_probes.py` (PEFT's private
-  functions handed a tilpass object, PEFT's classes looked for among tilpass's layers, private
-  layer attributes read), or looked for a private attribute (`_custom_modules`) on a tilpass
-  object (PEFT's code handed a tilpass config, say);
+  classes registered with `_register_custom_module`, a model key in PEFT's in-memory layout
+  such as `lin0.lora_A.default.weight`), monkeypatched PEFT's own modules or classes (so it
+  checks PEFT's implementation), failed asserting that an object is an instance of one of
+  PEFT's classes, or was noted by a probe of `internals_probes.py` (PEFT's private functions
+  handed a tilpass object, PEFT's classes looked for among tilpass's layers, private layer
+  attributes read), or looked for a private attribute (`_custom_modules`) on a tilpass object
+  (PEFT's code handed a tilpass config, say);
   not a user's API; an attribute PEFT's model forwards to the base model (`peft_model.lin0`)
   is not counted here: user code reads those; a tensor treated as PEFT's per-adapter
   module (`layer.lora_A["default"].weight`: PEFT keeps an `nn.Linear` per adapter, tilpass the
@@ -113,6 +114,11 @@ MODULE_ATTRIBUTES = frozenset({"weight", "bias"})
 # An expected message naming one of PEFT's classes asks for PEFT's implementation by name.
 # (Backslashes are dropped first: the pattern may be `re.escape`d and is recorded as a repr.)
 PEFT_CLASS_NAME = re.compile(r"<class 'peft\.")
+# PEFT keeps a LoRA factor as an `nn.Linear` in a per-adapter dict, so the model's own state
+# dict and parameter names hold `<path>.lora_A.<adapter>.weight`; tilpass holds the factor
+# itself (`<path>.lora_A.<adapter>`), and adapter files (both libraries) key it
+# `<path>.lora_A.weight`. A missing key of the first form is a read of PEFT's module layout.
+PEFT_FACTOR_KEY = re.compile(r"^KeyError: '[\w.]*\blora_\w+\.\w+\.(weight|bias)'")
 
 
 def classify(record: dict) -> str:
@@ -124,6 +130,8 @@ def classify(record: dict) -> str:
         return HUB
     if record.get("peft_internals"):
         return INTERNALS  # it patched PEFT's code or asserted an object is of a PEFT class
+    if PEFT_FACTOR_KEY.search(message):
+        return INTERNALS  # the model's own keys looked up in PEFT's layout
     found = MISSING_ATTRIBUTE.search(message)
     if found:
         owner, attribute = found.groups()

@@ -18,10 +18,12 @@ import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from typing import TYPE_CHECKING
 
 from torch import nn
 
+from tilpass import weight_tying
 from tilpass.config import TargetedConfig
 from tilpass.errors import NoMatchingPeftModuleError, TargetModulesError
 from tilpass.layers import AdapterLayer, is_linear_like
@@ -316,6 +318,7 @@ def inject(
         The adapted module names.
     """
     select = method.select_targets or find_targets
+    tying = weight_tying.plan_tying(model, config, method)  # may move targets to the embedding
     saved = find_saved(model, getattr(config, "modules_to_save", None))
     for name in saved:
         if isinstance(model.get_submodule(name), CONTAINERS):
@@ -329,7 +332,7 @@ def inject(
     if only_extras or (extras and _no_module_matched(model, config)):
         names = []
     else:
-        names = select(model, config)
+        names = weight_tying.split_tied(tying, select(model, config))
     warn_unmatched_patterns(config, names)
     for name in names:
         layer = _layer_for(model, name, method)
@@ -343,6 +346,12 @@ def inject(
             module = ModulesToSave(module).train(module.training)
             replace_module(model, name, module)
         module.add_adapter(adapter_name, adapter_id, None)
+    if tying is not None:
+        layer_at = partial(_layer_for, model, method=method)
+        tied = weight_tying.tie(
+            model, tying, method, config, adapter_name, adapter_id, initialize, layer_at
+        )
+        names += tied
     for entry, factory, spec in extras:
         for name in find_saved(model, [entry]):
             module = model.get_submodule(name)

@@ -212,15 +212,10 @@ class AdaptedModel(MergeMixin, FilesMixin, CountingMixin, nn.Module):
 
     def _upcast(self, adapter_name: str) -> None:
         """float16 / bfloat16 adapter tensors -> float32 (the same Parameter objects)."""
-        for layer in self._layers():
-            if isinstance(layer, ModulesToSave):
-                continue  # a whole copy computes in its input's dtype; it keeps the base's
-            changed = False
-            for p in layer.adapter_parameters(adapter_name):
-                if p.dtype in (torch.float16, torch.bfloat16):
-                    p.data = p.data.float()
-                    changed = True
-            if changed:
+        # A whole `modules_to_save` copy computes in its input's dtype; it keeps the base's.
+        layers = [m for m in self._layers() if not isinstance(m, ModulesToSave)]
+        if upcast_to_float32([p for m in layers for p in m.adapter_parameters(adapter_name)]):
+            for layer in layers:
                 layer.invalidate()
 
     def set_requires_grad(self, adapter_names: str | list[str], requires_grad: bool = True) -> None:
@@ -427,10 +422,22 @@ def get_peft_model(
     """Wrap `model` with a new adapter: the base is frozen, the adapter trains.
 
     PEFT's signature. Adapters of different methods mix in one model anyway (`mixed` changes
-    nothing); `autocast_adapter_dtype` keeps float16 / bfloat16 adapters in float32.
+    nothing); `autocast_adapter_dtype` keeps float16 / bfloat16 adapters in float32. As in
+    PEFT, the config's `base_model_name_or_path` becomes the model's own `name_or_path`, with
+    a warning when that replaces a different name.
     """
+    peft_config = copy.copy(peft_config)  # the caller's config stays as it was
+    new_name = model_name_or_path(model)
+    old_name = peft_config.base_model_name_or_path
+    if old_name is not None and old_name != new_name:
+        warnings.warn(
+            f"The PEFT config's `base_model_name_or_path` was renamed from '{old_name}' to "
+            f"'{new_name}'. Please ensure that the correct base model is loaded when loading "
+            "this checkpoint (the name recorded is the model's own `name_or_path`).",
+            stacklevel=2,
+        )
+    peft_config.base_model_name_or_path = new_name
     if revision is not None:
-        peft_config = copy.copy(peft_config)
         peft_config.revision = revision
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         warnings.warn(
@@ -438,7 +445,42 @@ def get_peft_model(
             "the model with a different config, make sure to call `.unload()` before.",
             stacklevel=2,
         )
-    return AdaptedModel(model, peft_config, adapter_name, autocast_adapter_dtype)
+    from tilpass.task_models import TASK_MODELS  # they build on this module
+
+    cls = TASK_MODELS.get(peft_config.task_type or "", AdaptedModel)  # PEFT's class per task
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype)
+
+
+def upcast_to_float32(params: list[nn.Parameter]) -> bool:
+    """float16 / bfloat16 parameters -> float32, in place of their data. Parameters that share
+    storage (a tied layer's views of the embedding's factors) keep sharing it: each storage
+    is converted once and every parameter on it becomes the same view of the new one.
+    Returns whether anything changed."""
+    converted: dict[tuple[torch.device, int], torch.Tensor] = {}
+    changed = False
+    for p in params:
+        if p.dtype not in (torch.float16, torch.bfloat16):
+            continue
+        changed = True
+        storage = p.untyped_storage()
+        if p.is_meta or storage.data_ptr() == 0:  # no data to share (meta, empty)
+            p.data = p.data.float()
+            continue
+        key = (p.device, storage.data_ptr())
+        if key not in converted:
+            whole = torch.empty(0, dtype=p.dtype, device=p.device).set_(storage)
+            converted[key] = whole.float()
+        p.data = converted[key].as_strided(p.shape, p.stride(), p.storage_offset())
+    return changed
+
+
+def model_name_or_path(model: nn.Module) -> str | None:
+    """The name a model was loaded under (a Hugging Face model's `name_or_path`, else its
+    config's), or None for a model built in code."""
+    name = model.__dict__.get("name_or_path") or None
+    if name is None:
+        name = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return None if name is None else str(name)
 
 
 PeftModel = AdaptedModel

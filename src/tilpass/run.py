@@ -40,7 +40,7 @@ from tilpass.data.sources import peek_format
 from tilpass.distributed import DataParallel
 from tilpass.evaluate import evaluate_model
 from tilpass.json_files import dumps_strict
-from tilpass.model import AdaptedModel, get_peft_model
+from tilpass.model import AdaptedModel
 from tilpass.pretrained import (
     DEFAULT_MODEL_ALIASES,
     base_weights_note,
@@ -186,7 +186,7 @@ def prepare_model(model: Any, config: RunConfig) -> Any:
     adapter = copy.deepcopy(config.adapter)
     adapter.task_type = "CAUSAL_LM"
     adapter.base_model_name_or_path = base_model_name(config.model)
-    return get_peft_model(model, adapter)
+    return AdaptedModel(model, adapter)  # keeps that name (get_peft_model takes the model's)
 
 
 def _as_base(model: Any) -> AbstractContextManager[Any]:

@@ -8,6 +8,7 @@ is active; a routed batch runs each copy on its own rows.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -15,6 +16,14 @@ from torch import nn
 
 from tilpass.layers import AdapterLayer
 from tilpass.routing import Plan, current_routing
+
+
+@dataclasses.dataclass(frozen=True)
+class TiedCopy:
+    """The spec of a copy that shares its `weight` with another module's copy (a tied
+    `lm_head` with the input embedding's, under `ensure_weight_tying`)."""
+
+    source: nn.Module
 
 
 class ModulesToSave(AdapterLayer):
@@ -31,8 +40,12 @@ class ModulesToSave(AdapterLayer):
         self.modules_to_save = nn.ModuleDict()
 
     def create(self, name: str, spec: Any) -> None:
-        """Copy the original module as adapter `name`'s trainable version."""
-        clone = copy.deepcopy(self.original_module)
+        """Copy the original module as adapter `name`'s trainable version; a `TiedCopy` spec
+        makes the copy use the source's weight Parameter itself (one tensor, trained once)."""
+        memo: dict[int, Any] = {}
+        if isinstance(spec, TiedCopy):
+            memo[id(self.original_module.weight)] = spec.source.weight
+        clone = copy.deepcopy(self.original_module, memo)
         for p in clone.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = clone

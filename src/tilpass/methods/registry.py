@@ -54,6 +54,9 @@ class Method:
         add_weighted: (adapted model, adapters, weights, new name, combination type, settings:
             `svd_*`, `density`, `majority_sign_method`) -> None, for `add_weighted_adapter`;
             None = the method cannot combine.
+        tie_layer: (layer of a module tied to the input embedding, the embedding's layer,
+            adapter name) -> make the layer use the embedding's adapter tensors, so the tie
+            holds (`ensure_weight_tying`, `weight_tying.py`); None = the method cannot tie.
     """
 
     name: str
@@ -66,6 +69,7 @@ class Method:
     prefix: str = ""
     add_weighted: Callable[..., None] | None = None
     report: Callable[[nn.Module, str], MethodReport | None] | None = None
+    tie_layer: Callable[[Any, Any, str], None] | None = None
 
     @property
     def peft_type(self) -> str:

@@ -26,7 +26,8 @@ kind), `init.py` (PiSSA, OLoRA and orthogonal initialisation), `conversion.py` (
 OLoRA adapter saved as plain LoRA), `layer_checks.py` (PEFT's checks of a layer's settings
 against its module), `unsupported.py` (PEFT's
 research variants, refused), `fused.py` (a Linear layer's adapter and frozen base as one
-autograd node), `weighted.py` (`add_weighted_adapter`: new adapters from
+autograd node), `tying.py` (adapters shared with a tied input embedding),
+`weighted.py` (`add_weighted_adapter`: new adapters from
 weighted combinations of others).
 """
 
@@ -40,6 +41,7 @@ from tilpass.methods.lora.defaults import select_targets
 from tilpass.methods.lora.embedding import LoraEmbedding
 from tilpass.methods.lora.layers import AdapterSpec, LoraLayer, LoraLinear
 from tilpass.methods.lora.parameter import LoraParameters
+from tilpass.methods.lora.tying import tie_to_embedding
 from tilpass.methods.lora.weighted import add_weighted_adapter
 from tilpass.methods.registry import Method
 
@@ -69,6 +71,7 @@ METHOD = Method(
     prefix="lora_",
     add_weighted=add_weighted_adapter,
     select_targets=select_targets,
+    tie_layer=tie_to_embedding,
 )
 
 __all__ = [

@@ -66,6 +66,8 @@ class LoraConfig(TargetedConfig):
             modules that use a weight without a linear layer (mixture-of-experts experts).
         trainable_token_indices: token ids whose embedding rows train in full (PEFT's
             TrainableTokens): a list for the input embedding, or {module name: ids}.
+        ensure_weight_tying: an adapter on the input embedding or a layer tied to it
+            (`lm_head`) is shared by all of them, so the tie holds (`weight_tying.py`).
         rank_pattern / alpha_pattern: per-module overrides, keys matched like target_modules.
         Targeting fields (target_modules, ...) are `TargetedConfig`'s.
     """
@@ -99,7 +101,7 @@ class LoraConfig(TargetedConfig):
         None, "Token ids whose embedding rows train in full: [ids] or {embedding name: [ids]}."
     )
     ensure_weight_tying: bool = opt(
-        False, "Tie the adapters of tied layers (not supported yet: must stay False)."
+        False, "Share one adapter between the input embedding and the layers tied to it."
     )
     runtime_config: LoraRuntimeConfig = dataclasses.field(
         default_factory=LoraRuntimeConfig,
@@ -154,11 +156,6 @@ class LoraConfig(TargetedConfig):
             _check(
                 not self.use_dora,
                 "The argument lora_bias=True is not supported for DoRA, please pass use_dora=False",
-            )
-        if self.ensure_weight_tying:
-            raise NotImplementedError(
-                "ensure_weight_tying=True is not supported by tilpass yet; leave it False (an "
-                "adapter on a tied embedding or output layer then trains on that layer alone)"
             )
         _check(
             self.bias in BIAS_CHOICES,
