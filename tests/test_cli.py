@@ -390,6 +390,7 @@ BOOKKEEPING = {
     "inference_mode",
     "peft_version",
     "peft_type",
+    "runtime_config",  # PEFT's per-process settings, never saved, so not a train setting
 }
 
 

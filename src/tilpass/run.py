@@ -226,19 +226,8 @@ def run(
     for line in banner:
         log(line)
     out = Path(config.output_dir)
-    run_id = claim_output_dir(out, overwrite=overwrite, resume=resume) if dp.is_main else None
-    run_id = dp.share(run_id)  # rank 0 claims the directory, the others learn its run
-    if dp.is_main:
-        save_config(config, out / "config.yaml")
-    model, tokenizer = load_model(config.model, device=dp.world.device())
-    quantized = None
-    if config.quantize is not None:
-        quantized = quantize_model(model, QuantizeConfig(config.quantize)).to_dict()
-        log(quantized["summary"])
-    seed_everything(config.training.seed)  # the adapter's initial weights follow the seed
-    # The adapter goes in before the data and the base evaluation, so that an adapter that
-    # does not fit the model (target_modules matching nothing) stops the run at once.
-    model = prepare_model(model, config)
+    run_id = _claim(config, out, dp, overwrite=overwrite, resume=resume)
+    model, tokenizer, quantized = _build_model(config, dp, log)
     data = load_data(config.data, tokenizer, log)
     before = _base_metrics(model, tokenizer, data, config, log)
     trainable = sum(logical_numel(p) for p in model.parameters() if p.requires_grad)
@@ -292,6 +281,33 @@ def run(
     body = dumps_strict({"before": before, "after": after}, indent=2) + "\n"
     atomic_write_bytes(out / "result.json", body.encode())
     return RunResult(before, after, saved, result, examples)
+
+
+def _claim(
+    config: RunConfig, out: Path, dp: DataParallel, *, overwrite: bool, resume: str | None
+) -> str | None:
+    """Rank 0 claims the output directory and writes the settings; every rank learns the
+    run's id."""
+    run_id = claim_output_dir(out, overwrite=overwrite, resume=resume) if dp.is_main else None
+    run_id = dp.share(run_id)
+    if dp.is_main:
+        save_config(config, out / "config.yaml")
+    return run_id
+
+
+def _build_model(
+    config: RunConfig, dp: DataParallel, log: Any
+) -> tuple[Any, Any, dict[str, Any] | None]:
+    """The base model (quantized if asked) with the run's fresh adapter, its tokenizer, and
+    the quantization summary (None without). The adapter goes in before the data and the base
+    evaluation, so that an adapter that does not fit the model stops the run at once."""
+    model, tokenizer = load_model(config.model, device=dp.world.device())
+    quantized = None
+    if config.quantize is not None:
+        quantized = quantize_model(model, QuantizeConfig(config.quantize)).to_dict()
+        log(quantized["summary"])
+    seed_everything(config.training.seed)  # the adapter's initial weights follow the seed
+    return prepare_model(model, config), tokenizer, quantized
 
 
 def _quiet(*_: Any) -> None:
