@@ -132,6 +132,34 @@ def test_mixed_batch_across_variants_and_sizes_equals_single_runs() -> None:
             torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "names", [["b", "c", "b"], ["c", "__base__", "a", "b"]], ids=["some", "all"]
+)
+def test_mixed_batch_with_some_or_all_adapters_of_a_group(names: list[str]) -> None:
+    """Adapters of one group (same source and non-linearity): a batch that uses only some of
+    them selects their stacked rows, one that uses all reads the whole stack; each row
+    equals a run with its adapter alone."""
+    torch.manual_seed(6)
+    model = tilpass.get_peft_model(tiny_llama(), config(), adapter_name="a")
+    model.add_adapter("b", config(bottleneck_size=3))
+    model.add_adapter("c", config(residual=False, placement="pfeiffer"))
+    for name in ("a", "b", "c"):
+        with torch.no_grad():
+            for param in model.adapter_parameters(name):
+                param.normal_(0, 0.3)
+    x = tokens(batch=len(names), length=4)
+    with torch.no_grad():
+        mixed = model(input_ids=x, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    expected = model(input_ids=x).logits
+            else:
+                model.set_adapter(name)
+                expected = model(input_ids=x).logits
+            torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=1e-5)
+
+
 def test_learned_scale_trains_and_round_trips(tmp_path: Path) -> None:
     model = tilpass.get_peft_model(tiny_llama(), config(scaling="learned"))
     model.train()

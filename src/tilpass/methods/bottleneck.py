@@ -241,14 +241,14 @@ class BottleneckLayer(AdapterLayer):
             if sub is None:
                 continue
             assert sub.present is not None and sub.index is not None
-            rows = stack.row_of_id.to(sub.present.device)[sub.present]  # (G,)
+            down_t, down_b, up_t, up_b, drop = stack.for_present(sub.present)
             source = x if stack.parallel else result
             src = source.reshape(-1, source.shape[-1]).to(flat.dtype)  # (n, in)
             h = src.index_select(0, sub.flat_index).view(*sub.index.shape, src.shape[-1])
-            mid = torch.baddbmm(stack.down_b[rows], h, stack.down_t[rows])  # (G, m, b)
-            mid = stack.act(mid)
-            y = torch.baddbmm(stack.up_b[rows], mid, stack.up_t[rows])  # (G, m, out)
-            y = y - h * stack.drop[rows] if not stack.parallel else y  # residual=False rows
+            mid = stack.act(torch.baddbmm(down_b, h, down_t))  # (G, m, b)
+            y = torch.baddbmm(up_b, mid, up_t)  # (G, m, out)
+            if stack.replaces and not stack.parallel:
+                y = y - h * drop  # residual=False rows: the adapter replaces the output
             mask = sub.mask_as(y.dtype)
             scatter_add_rows(y * mask if mask is not None else y, sub, flat)
         mixed = flat.view(result.shape)
@@ -305,6 +305,7 @@ class BottleneckLayer(AdapterLayer):
             up_t=torch.stack(up_t).to(dtype),
             up_b=torch.stack(up_b).to(dtype),
             drop=torch.tensor(drop, dtype=dtype, device=device).view(-1, 1, 1),
+            replaces=any(drop),
         )
 
     def invalidate(self) -> None:
@@ -324,6 +325,18 @@ class GroupStack:
     up_t: torch.Tensor  # (A, b, out), scale folded in
     up_b: torch.Tensor  # (A, 1, out), scale folded in
     drop: torch.Tensor  # (A, 1, 1): 1 where residual=False (the source is subtracted)
+    replaces: bool  # some adapter of the group has residual=False
+
+    def for_present(self, present: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(down_t, down_b, up_t, up_b, drop) of the adapters `present` (ids in ascending
+        order, as a routing plan lists them). When every adapter of the group occurs these
+        are the stacked tensors themselves: indexing would copy each adapter's weights on
+        every call."""
+        tensors = (self.down_t, self.down_b, self.up_t, self.up_b, self.drop)
+        if present.numel() == len(self.ids):
+            return tensors
+        rows = self.row_of_id.to(present.device)[present]  # (G,)
+        return tuple(t[rows] for t in tensors)
 
 
 def make_layer(module: nn.Module) -> BottleneckLayer:
