@@ -13,12 +13,16 @@ AdaLoRA's whole training step (regulariser, importance scores, masking) is timed
 LoRA step of rank init_r and PEFT's AdaLoRA step (benchmarks/adalora_steps.py;
 `--adalora-only` runs just that).
 
-AdapterHub 1.3 pins transformers 4.57, so its side runs in a virtualenv this script creates
-(`--peer-venv`, default `~/.cache/tilpass/bench-adapterhub-venv`: `pip install adapters==1.3.0`,
-torch reused from this environment) and times the same model with `DoubleSeqBnConfig`
-(Houlsby) and `SeqBnConfig` (Pfeiffer) at the same width (benchmarks/adapterhub_peer.py).
-The two processes cannot interleave, so each library's ratio to its own base model (measured
-interleaved in its own process) is compared.
+Unmerged variants share the base model's weight tensors (see `build_variant`).
+
+AdapterHub 1.3 pins transformers 4.57, so the comparison with it runs in a virtualenv this
+script creates (`--peer-venv`, default `~/.cache/tilpass/bench-adapterhub-venv`:
+`pip install adapters==1.3.0`, torch reused from this environment). There,
+benchmarks/adapterhub_peer.py builds the same model once and puts AdapterHub's
+`DoubleSeqBnConfig` (Houlsby) and `SeqBnConfig` (Pfeiffer) and tilpass's Houlsby and Pfeiffer
+(imported from this checkout, same width, AdapterHub's adapter tensors copied in) over its
+shared weights, checks that the two Houlsby models give the same logits, and times all of
+them interleaved in that one process: `tilpass / AdapterHub` is a per-round ratio.
 
     python benchmarks/methods.py --json methods.json
     python benchmarks/methods.py --quick --rounds 5     # smaller model, a few minutes
@@ -124,13 +128,26 @@ def model_config(quick: bool) -> Any:
     return config
 
 
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy whose parameters are the same tensors (no weight memory copied)."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+
+
 def build_variant(base: torch.nn.Module, variant: Variant, copy_base: bool = True) -> Any:
-    """(A copy of) `base` with the variant's adapter, its tensors perturbed to be non-zero."""
+    """`base` (or a copy) with the variant's adapter, its tensors perturbed to be non-zero.
+
+    An unmerged variant's copy shares `base`'s weight tensors: every variant then reads the
+    same base weights from the same memory, so a ratio to the base model measures the adapter,
+    not where in memory a copy of the weights happened to land (plain copies of one model
+    differ by a few per cent on this benchmark's machine). A merged variant owns a copy.
+    """
     import tilpass
     from tilpass.methods import method_named
 
     config = method_named(variant.method).config_class(**variant.settings)
-    model = tilpass.get_peft_model(copy.deepcopy(base) if copy_base else base, config)
+    if copy_base:
+        base = copy.deepcopy(base) if variant.merged else shared_copy(base)
+    model = tilpass.get_peft_model(base, config)
     with torch.no_grad():
         for param in model.adapter_parameters("default"):
             param.add_(torch.randn_like(param) * 0.02)
@@ -349,16 +366,24 @@ def main() -> None:
     print_adalora(adalora_steps(base, config.vocab_size, args.rounds))
 
 
-def peer_rows(seconds: dict[str, Any], peer: dict[str, Any]) -> tuple[list[list[str]], list[Gate]]:
+def peer_rows(peer: dict[str, Any]) -> tuple[list[list[str]], list[Gate]]:
+    """Rows and gates of the AdapterHub comparison: per shape, both libraries' ratios to the
+    shared base model and tilpass / AdapterHub, all per-round ratios from the peer process."""
     table, gates = [], []
-    for ours, theirs in (("Houlsby", "houlsby"), ("Pfeiffer", "pfeiffer")):
-        for shape, series in seconds.items():
-            mine = per_round_ratio(series[ours], series["base"])
-            other = peer["seconds"][shape]
-            hub = per_round_ratio(other[theirs], other["base"])
-            rel = mine.median / hub.median
-            table.append([ours, shape, str(mine), str(hub), f"{rel:.3f}"])
-            gates.append(Gate(f"{ours} {shape} tilpass / AdapterHub (vs own base)", rel, 1.0, "<="))
+    for label, name in (("Houlsby", "houlsby"), ("Pfeiffer", "pfeiffer")):
+        for shape, series in peer["seconds"].items():
+            mine, theirs = series[f"tilpass {name}"], series[f"AdapterHub {name}"]
+            rel = per_round_ratio(mine, theirs)
+            table.append(
+                [
+                    label,
+                    shape,
+                    str(per_round_ratio(mine, series["base"])),
+                    str(per_round_ratio(theirs, series["base"])),
+                    str(rel),
+                ]
+            )
+            gates.append(Gate(f"{label} {shape} tilpass / AdapterHub", rel.median, 1.0, "<="))
     return table, gates
 
 
@@ -406,8 +431,9 @@ def report(
         f"\nmixed batch 16x1, 8 Houlsby adapters, tokens/s mixed / one: {mixed['one_over_mixed']}"
     )
     if peer is not None:
-        peer_table, peer_gates = peer_rows(seconds, peer)
-        print(f"\nAdapterHub {peer['versions']}\n")
+        peer_table, peer_gates = peer_rows(peer)
+        print(f"\nAdapterHub {peer['versions']}, one process, shared base weights")
+        print(f"logits vs tilpass (max abs diff / max abs): {peer['logit_rel_error']}\n")
         print(
             markdown_table(
                 ["variant", "shape", "tilpass / base", "AdapterHub / base", "tilpass / AdapterHub"],
