@@ -27,7 +27,6 @@ written as JSON:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import sys
@@ -39,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # tilpass, this checkout
 
-from common import interleaved_rounds, package_version, rel_error, timer
+from common import interleaved_rounds, package_version, rel_error, shared_copy, timer
 
 # tilpass placement -> (AdapterHub config class, tilpass activation, same function?)
 PAIRS = {
@@ -49,11 +48,6 @@ PAIRS = {
 # AdapterHub's per-layer module -> the module tilpass wraps for the same slot
 SLOTS = {"attention_adapters": "self_attn.o_proj", "output_adapters": "mlp"}
 TOL = 1e-4
-
-
-def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy whose parameters are the same tensors (no weight memory copied)."""
-    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
 def adapterhub_model(base: torch.nn.Module, width: int) -> torch.nn.Module:

@@ -45,6 +45,7 @@ from common import (
     median,
     per_round_ratio,
     rel_error,
+    shared_copy,
     time_call,
     write_json,
 )
@@ -65,11 +66,6 @@ def build_base() -> nn.Module:
 
     torch.manual_seed(0)
     return LlamaForCausalLM(core_llama_config()).eval()
-
-
-def shared_copy(model: nn.Module) -> nn.Module:
-    """A structural copy whose parameters are the same tensors (no weight memory copied)."""
-    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
 def write_adapter(directory: Path, model: nn.Module, seed: int) -> int:

@@ -10,6 +10,7 @@ the median over rounds of the per-round ratio, never a ratio of medians.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as _dt
 import gc
 import json
@@ -43,6 +44,11 @@ def core_llama_config() -> Any:
         tie_word_embeddings=False,
         torch_dtype=torch.float32,
     )
+
+
+def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy whose parameters are the same tensors (no weight memory copied)."""
+    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
 def time_call(

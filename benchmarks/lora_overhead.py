@@ -19,7 +19,6 @@ merge / unmerge has not drifted the weights).
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import statistics
 import sys
@@ -32,14 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import core_llama_config, machine_info, machine_line, rel_error
+from common import core_llama_config, machine_info, machine_line, rel_error, shared_copy
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy whose parameters are the same tensors (no weight memory copied)."""
-    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
 def build() -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -58,6 +58,7 @@ from common import (
     markdown_table,
     median,
     per_round_ratio,
+    shared_copy,
     time_call,
     timer,
     write_json,
@@ -126,11 +127,6 @@ def model_config(quick: bool) -> Any:
         config.num_hidden_layers, config.num_attention_heads = 4, 8
         config.num_key_value_heads, config.vocab_size = 8, 8000
     return config
-
-
-def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy whose parameters are the same tensors (no weight memory copied)."""
-    return copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
 
 
 def build_variant(base: torch.nn.Module, variant: Variant, copy_base: bool = True) -> Any:

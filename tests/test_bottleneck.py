@@ -110,16 +110,10 @@ def test_mlp_variants_match_float64_reference(settings: dict[str, Any]) -> None:
     torch.testing.assert_close(layer(x), expected, atol=1e-12, rtol=1e-12)
 
 
-def test_mixed_batch_across_variants_and_sizes_equals_single_runs() -> None:
-    """One batch mixes a Houlsby, a parallel, a no-residual and a learned-scale adapter of
-    different widths; each row equals a run with its adapter alone."""
-    torch.manual_seed(5)
-    model = tilpass.get_peft_model(tiny_llama(), config())
-    model.add_adapter("par", config(placement="parallel", bottleneck_size=6))
-    model.add_adapter("nores", config(placement="pfeiffer", residual=False, bottleneck_size=2))
-    model.add_adapter("learned", config(scaling="learned", non_linearity="gelu"))
-    names = ["default", "par", "__base__", "nores", "learned", "par"]
-    x = tokens(batch=len(names), length=5)
+def assert_rows_equal_single_runs(model: Any, names: list[str], length: int) -> None:
+    """A batch routed row by row to `names` ("__base__": no adapter) gives, in each row, what
+    that row's adapter gives alone."""
+    x = tokens(batch=len(names), length=length)
     with torch.no_grad():
         mixed = model(input_ids=x, adapter_names=names).logits
         for i, name in enumerate(names):
@@ -130,6 +124,18 @@ def test_mixed_batch_across_variants_and_sizes_equals_single_runs() -> None:
                 model.set_adapter(name)
                 expected = model(input_ids=x).logits
             torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_across_variants_and_sizes_equals_single_runs() -> None:
+    """One batch mixes a Houlsby, a parallel, a no-residual and a learned-scale adapter of
+    different widths; each row equals a run with its adapter alone."""
+    torch.manual_seed(5)
+    model = tilpass.get_peft_model(tiny_llama(), config())
+    model.add_adapter("par", config(placement="parallel", bottleneck_size=6))
+    model.add_adapter("nores", config(placement="pfeiffer", residual=False, bottleneck_size=2))
+    model.add_adapter("learned", config(scaling="learned", non_linearity="gelu"))
+    names = ["default", "par", "__base__", "nores", "learned", "par"]
+    assert_rows_equal_single_runs(model, names, length=5)
 
 
 @pytest.mark.parametrize(
@@ -147,17 +153,7 @@ def test_mixed_batch_with_some_or_all_adapters_of_a_group(names: list[str]) -> N
         with torch.no_grad():
             for param in model.adapter_parameters(name):
                 param.normal_(0, 0.3)
-    x = tokens(batch=len(names), length=4)
-    with torch.no_grad():
-        mixed = model(input_ids=x, adapter_names=names).logits
-        for i, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    expected = model(input_ids=x).logits
-            else:
-                model.set_adapter(name)
-                expected = model(input_ids=x).logits
-            torch.testing.assert_close(mixed[i], expected[i], atol=1e-5, rtol=1e-5)
+    assert_rows_equal_single_runs(model, names, length=4)
 
 
 def test_learned_scale_trains_and_round_trips(tmp_path: Path) -> None:
