@@ -66,9 +66,11 @@ def adapterhub_model(base: torch.nn.Module, width: int) -> torch.nn.Module:
     return model
 
 
-def hub_tensor(hub: torch.nn.Module, layer: int, slot: str, name: str, key: str) -> torch.Tensor:
-    """One tensor of AdapterHub adapter `name` (key: adapter_down / adapter_up + .weight/.bias)."""
-    part, leaf = key.split(".")
+def hub_tensor(
+    hub: torch.nn.Module, layer: int, slot: str, name: str, part: str, leaf: str
+) -> torch.Tensor:
+    """One tensor of AdapterHub adapter `name`: `part` adapter_down / adapter_up, `leaf`
+    weight / bias."""
     module = hub.get_submodule(f"model.layers.{layer}.{slot}.adapters.{name}.{part}")
     if part == "adapter_down":
         module = module[0]  # Sequential(Linear, activation)
@@ -99,7 +101,7 @@ def copy_adapter(
         for part in ("adapter_down", "adapter_up"):
             for leaf in ("weight", "bias"):
                 target = getattr(getattr(ours, part), leaf)
-                target.copy_(hub_tensor(hub, layer, slot, name, f"{part}.{leaf}"))
+                target.copy_(hub_tensor(hub, layer, slot, name, part, leaf))
 
 
 def check_same_logits(hub: torch.nn.Module, ours: dict[str, Any], vocab: int) -> dict[str, float]:

@@ -65,8 +65,8 @@ class Overhead:
 
     def __init__(self, base: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> None:
         self.base, self.model, self.ids = base, model, ids
-        self.seconds: dict[str, list[float]] = {k: [] for k in ("unmerged", "wrapper", "base")}
-        self.seconds["merged"] = []
+        names = ("unmerged", "wrapper", "base", "merged")
+        self.seconds: dict[str, list[float]] = {k: [] for k in names}
 
     def logits(self, model: torch.nn.Module) -> torch.Tensor:
         with torch.inference_mode():
