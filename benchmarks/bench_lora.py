@@ -2,8 +2,14 @@
 
 A random-weight Llama-style model (hidden 1024, MLP 2816, 8 layers, 16 heads, vocab 32000,
 fp32, seed 0) with LoRA r=16, alpha 32 on q,k,v,o,gate,up,down. Adapters have non-zero B and
-are written once as PEFT-format files; tilpass and PEFT load the same files. The base weights
-are shared by the unmerged models (neither library copies them), the merged models own a copy.
+are written once as PEFT-format files; tilpass and PEFT load the same files. Every model reads
+the same base weight tensors (neither library copies them). The merged model is the base model
+timed while tilpass has merged the adapter into those tensors in place (`merge_adapter` before,
+`unmerge_adapter` after, both untimed): that is what `merge_and_unload` returns, without a
+second copy of the weights whose place in memory alone moves speed by a few per cent. The
+single-adapter forwards run in two phases per round (unmerged: tilpass, PEFT, base; merged:
+merged, tilpass after `merge_adapter`), and a variant's time in a round is the fastest of its
+calls (other work on a shared machine only adds time).
 
 Every comparison runs all its variants in this one process, in interleaved rounds with a
 rotating order, and gates on the median of the per-round ratios (benchmarks/common.py). Each
@@ -36,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
     Gate,
+    Phase,
     Timer,
+    best_timer,
     core_llama_config,
     interleaved_rounds,
     machine_info,
@@ -44,6 +52,7 @@ from common import (
     markdown_table,
     median,
     per_round_ratio,
+    phased_rounds,
     rel_error,
     shared_copy,
     time_call,
@@ -243,17 +252,6 @@ class Bench:
                 self.peft.load_adapter(str(self.dirs[name]), adapter_name=name)
             self.peft.set_adapter(self.names[0])
             self.peft.eval()
-            log("merged models (own weight copies)")
-            merged_src = AdaptedModel(copy.deepcopy(self.base))
-            merged_src.load_adapter(self.dirs[self.names[0]], self.names[0])
-            merged_src.set_adapter(self.names[0])
-            self.merged = merged_src.merge_and_unload().eval()
-            del merged_src
-            self.tp_merged = AdaptedModel(copy.deepcopy(self.base))
-            self.tp_merged.load_adapter(self.dirs[self.names[0]], self.names[0])
-            self.tp_merged.set_adapter(self.names[0])
-            self.tp_merged.merge_adapter()
-            self.tp_merged.eval()
 
     @staticmethod
     def _peek(directory: Path) -> dict[str, torch.Tensor]:
@@ -269,20 +267,33 @@ class Bench:
         for batch, length in a.shapes:
             label = f"{batch}x{length}"
             ids = ids_of(batch, length, seed=batch * 1000 + length)
-            fns = {
+            reps = a.reps if batch * length <= 64 else a.long_reps
+            unmerged = {
                 "tilpass_unmerged": forward_fn(tp, ids),
                 "peft_unmerged": forward_fn(self.peft, ids),
-                "merged": forward_fn(self.merged, ids),
                 "base": forward_fn(self.base, ids),
-                "tilpass_merge_adapter": forward_fn(self.tp_merged, ids),
             }
-            ref = fns["peft_unmerged"]()
-            for key in ("tilpass_unmerged", "merged", "tilpass_merge_adapter"):
-                self.check(f"single {label} {key} vs PEFT", fns[key](), ref)
-            reps = a.reps if batch * length <= 64 else 1
-            timers = {k: (lambda f=f, r=reps: time_call(f, r)) for k, f in fns.items()}
+            merged = {
+                "merged": forward_fn(self.base, ids),
+                "tilpass_merge_adapter": forward_fn(tp, ids),
+            }
+            first = self.check_single(label, tp, unmerged, merged)
+            phases = [
+                Phase({k: best_timer(f, reps) for k, f in unmerged.items()}),
+                Phase(
+                    {k: best_timer(f, reps) for k, f in merged.items()},
+                    enter=tp.merge_adapter,
+                    leave=tp.unmerge_adapter,
+                ),
+            ]
             rounds = a.rounds if batch * length <= 64 else a.long_rounds
-            s = self.rounds(timers, rounds, f"single {label}")
+            log(f"single {label}: 2 phases, 5 variants x {rounds} rounds")
+            s = phased_rounds(
+                phases, rounds, self.args.warmup, lambda m, lb=label: log(f"  single {lb} {m}")
+            )
+            drift = rel_error(unmerged["tilpass_unmerged"](), first)
+            if drift > 1e-5:
+                raise SystemExit(f"merge / unmerge drifted the weights: logits moved {drift:.2e}")
             tokens = batch * length
             r_merged = per_round_ratio(s["tilpass_unmerged"], s["merged"])
             r_peft = per_round_ratio(s["tilpass_unmerged"], s["peft_unmerged"])
@@ -303,6 +314,28 @@ class Bench:
                 },
             }
         self.results["single"] = out
+
+    def check_single(
+        self,
+        label: str,
+        tp: Any,
+        unmerged: dict[str, Callable[[], torch.Tensor]],
+        merged: dict[str, Callable[[], torch.Tensor]],
+    ) -> torch.Tensor:
+        """Every variant's logits against PEFT's, the merged ones with the adapter merged in
+        place; returns tilpass's unmerged logits (to check for drift after timing)."""
+        ref = unmerged["peft_unmerged"]()
+        first = unmerged["tilpass_unmerged"]()
+        self.check(f"single {label} tilpass_unmerged vs PEFT", first, ref)
+        if rel_error(unmerged["base"](), ref) < 1e-3:
+            raise SystemExit("the adapter does not change the logits: nothing would be measured")
+        tp.merge_adapter()
+        try:
+            for key, fn in merged.items():
+                self.check(f"single {label} {key} vs PEFT", fn(), ref)
+        finally:
+            tp.unmerge_adapter()
+        return first
 
     # -- 2. mixed batch of 8 adapters
     def mixed(self) -> None:
@@ -613,6 +646,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rounds", type=int, default=15, help="rounds for 16x1 / 64x1 forwards")
     p.add_argument("--long-rounds", type=int, default=15, help="rounds for the 8x128 forward")
+    p.add_argument("--long-reps", type=int, default=1, help="calls per variant per round (8x128)")
     p.add_argument("--mixed-rounds", type=int, default=9, help="rounds, mixed-batch forwards")
     p.add_argument("--gen-rounds", type=int, default=5, help="rounds, mixed-batch generate")
     p.add_argument("--scale-rounds", type=int, default=9, help="rounds, adapter-count scaling")

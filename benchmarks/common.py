@@ -21,9 +21,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 Timer = Callable[[], float]  # runs one measurement, returns seconds (it may exclude its setup)
 
@@ -65,12 +67,28 @@ def time_call(
     return total / reps
 
 
+def best_time(fn: Callable[[], Any], reps: int = 1) -> float:
+    """The fastest of `reps` calls of `fn`, in seconds: on a shared machine other work only
+    adds time to a call, so the fastest call is the least disturbed measure of its cost."""
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def best_timer(fn: Callable[[], Any], reps: int = 1) -> Timer:
+    """A `Timer` that times `reps` calls of `fn` and returns the fastest."""
+    return lambda: best_time(fn, reps)
+
+
 def timer(fn: Callable[[], Any], reps: int = 1) -> Timer:
     """A `Timer` that times `reps` calls of `fn` and returns the mean."""
     return lambda: time_call(fn, reps)
 
 
-def rotate(names: Sequence[str], round_index: int) -> list[str]:
+def rotate(names: Sequence[T], round_index: int) -> list[T]:
     """`names` rotated left by `round_index` (the order of variants in that round)."""
     k = round_index % max(len(names), 1)
     return [*names[k:], *names[:k]]
@@ -95,6 +113,48 @@ def interleaved_rounds(
         gc.collect()
         for name in rotate(names, r):
             samples[name].append(variants[name]())
+        if progress is not None:
+            progress(f"round {r + 1}/{rounds}")
+    return samples
+
+
+@dataclass
+class Phase:
+    """Variants that are timed while some state holds: `enter` sets it up before them and
+    `leave` undoes it after them, both untimed (for example an adapter merged in place into
+    weights that other variants read unmerged)."""
+
+    variants: dict[str, Timer]
+    enter: Callable[[], Any] | None = None
+    leave: Callable[[], Any] | None = None
+
+    def run(self, round_index: int, samples: dict[str, list[float]]) -> None:
+        if self.enter is not None:
+            self.enter()
+        try:
+            for name in rotate(list(self.variants), round_index):
+                samples[name].append(self.variants[name]())
+        finally:
+            if self.leave is not None:
+                self.leave()
+
+
+def phased_rounds(
+    phases: Sequence[Phase],
+    rounds: int,
+    warmup: int = 1,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, list[float]]:
+    """`interleaved_rounds` for variants split into phases: each round runs every phase once,
+    the phases in an order that rotates from round to round, and so do the variants in each."""
+    samples: dict[str, list[float]] = {name: [] for p in phases for name in p.variants}
+    for r in range(warmup):
+        for phase in phases:
+            phase.run(r, {name: [] for name in phase.variants})
+    for r in range(rounds):
+        gc.collect()
+        for phase in rotate(phases, r):
+            phase.run(r, samples)
         if progress is not None:
             progress(f"round {r + 1}/{rounds}")
     return samples

@@ -1,11 +1,12 @@
 """Where an unmerged LoRA adapter's forward cost goes, on one set of weight tensors.
 
-The core benchmark (bench_lora.py) compares the unmerged model with a merged copy that owns
-its weights. This one removes that copy: the base model, the tilpass model (LoRA r=16, alpha
-32 on q,k,v,o,gate,up,down, non-zero B) and the merged model all read the same weight tensors.
-"merged" is the plain base model timed while the adapter is merged into those tensors in
-place (`merge_adapter` before, `unmerge_adapter` after, both untimed); "wrapper" is the
-tilpass model under `disable_adapter()`, which runs every wrapper but no rank-r product.
+The base model, the tilpass model (LoRA r=16, alpha 32 on q,k,v,o,gate,up,down, non-zero B)
+and the merged model all read the same weight tensors, as in the core benchmark
+(bench_lora.py); this one adds the wrapper-only variant, times single calls over many rounds
+and gives each ratio a bootstrap interval. "merged" is the plain base model timed while the
+adapter is merged into those tensors in place (`merge_adapter` before, `unmerge_adapter`
+after, both untimed); "wrapper" is the tilpass model under `disable_adapter()`, which runs
+every wrapper but no rank-r product.
 Rounds alternate their phase order (unmerged phase first, then merged, or the reverse), and
 each ratio is the median of per-round ratios, with a bootstrap 95% interval of that median.
 
