@@ -7,8 +7,9 @@ and gives each ratio a bootstrap interval. "merged" is the plain base model time
 adapter is merged into those tensors in place (`merge_adapter` before, `unmerge_adapter`
 after, both untimed); "wrapper" is the tilpass model under `disable_adapter()`, which runs
 every wrapper but no rank-r product.
-Rounds alternate their phase order (unmerged phase first, then merged, or the reverse), and
-each ratio is the median of per-round ratios, with a bootstrap 95% interval of that median.
+Rounds alternate their phase order (unmerged phase first, then merged, or the reverse) and
+rotate the order within a phase; each ratio is the median of per-round ratios, with a
+bootstrap 95% interval of that median.
 
 Before timing, merged logits must equal unmerged ones within 1e-4 (relative to the largest
 logit); after timing, the unmerged logits must equal the first ones within 1e-5 (the repeated
@@ -23,16 +24,23 @@ import argparse
 import random
 import statistics
 import sys
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import core_llama_config, machine_info, machine_line, rel_error, shared_copy
+from common import (
+    Phase,
+    core_llama_config,
+    machine_info,
+    machine_line,
+    phased_rounds,
+    rel_error,
+    shared_copy,
+    timer,
+)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -55,19 +63,12 @@ def build() -> tuple[torch.nn.Module, torch.nn.Module]:
     return base, model.eval()
 
 
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 class Overhead:
-    """The four forwards of one input shape and their per-round seconds."""
+    """The four forwards of one input shape, in two phases per round (`common.Phase`)."""
 
     def __init__(self, base: torch.nn.Module, model: torch.nn.Module, ids: torch.Tensor) -> None:
         self.base, self.model, self.ids = base, model, ids
-        names = ("unmerged", "wrapper", "base", "merged")
-        self.seconds: dict[str, list[float]] = {k: [] for k in names}
+        self.seconds: dict[str, list[float]] = {}
 
     def logits(self, model: torch.nn.Module) -> torch.Tensor:
         with torch.inference_mode():
@@ -77,22 +78,17 @@ class Overhead:
         with self.model.disable_adapter():
             return self.logits(self.model)
 
-    def unmerged_phase(self, order: int) -> None:
-        calls = [
-            ("unmerged", lambda: self.logits(self.model)),
-            ("wrapper", self.wrapper),
-            ("base", lambda: self.logits(self.base)),
+    def phases(self) -> list[Phase]:
+        unmerged = {
+            "unmerged": timer(lambda: self.logits(self.model)),
+            "wrapper": timer(self.wrapper),
+            "base": timer(lambda: self.logits(self.base)),
+        }
+        merged = {"merged": timer(lambda: self.logits(self.base))}
+        return [
+            Phase(unmerged),
+            Phase(merged, enter=self.model.merge_adapter, leave=self.model.unmerge_adapter),
         ]
-        k = order % len(calls)
-        for name, fn in calls[k:] + calls[:k]:
-            self.seconds[name].append(timed(fn))
-
-    def merged_phase(self) -> None:
-        self.model.merge_adapter()
-        try:
-            self.seconds["merged"].append(timed(lambda: self.logits(self.base)))
-        finally:
-            self.model.unmerge_adapter()
 
     def check_merged(self) -> torch.Tensor:
         """The unmerged logits, after checking the merged model gives the same."""
@@ -111,17 +107,7 @@ class Overhead:
 
     def run(self, rounds: int) -> None:
         first = self.check_merged()
-        self.unmerged_phase(0)  # warm-up, not recorded
-        self.merged_phase()
-        for values in self.seconds.values():
-            values.clear()
-        for r in range(rounds):
-            if r % 2 == 0:
-                self.unmerged_phase(r // 2)
-                self.merged_phase()
-            else:
-                self.merged_phase()
-                self.unmerged_phase(r // 2)
+        self.seconds = phased_rounds(self.phases(), rounds, warmup=1)
         drift = rel_error(self.logits(self.model), first)
         if drift > 1e-5:
             raise SystemExit(f"merge / unmerge drifted the weights: logits moved by {drift:.2e}")
